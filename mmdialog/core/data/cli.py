@@ -1,0 +1,142 @@
+"""``mmdialog data …`` commands (mounted by the main CLI with
+``app.add_typer(data_app, name="data")``).
+
+Exit codes: 0 = fine; 1 = the data has problems (``check``: bad records or
+files, corrupt or missing images; ``fetch-images``: some downloads failed);
+2 = user error (path not found, bad option, ``--strict`` problem), printed as
+one line on stderr without a stack trace.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mmdialog.core.data.errors import DataError
+
+data_app = typer.Typer(
+    help="Datasets: check PhotoChat / DialogCC / JSONL files, download their photos, convert to JSONL.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_FORMAT_HELP = "auto (detect from content), photochat, dialogcc or jsonl"
+
+
+def _fail(message: str) -> "typer.Exit":
+    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
+    return typer.Exit(code=2)
+
+
+def _load(path: Path, fmt: str, split: Optional[str], strict: bool, image_dir: Optional[Path], **kw):
+    from mmdialog.core.data.loader import FORMATS, load_dialogues
+
+    if fmt not in FORMATS:
+        raise _fail(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    try:
+        return load_dialogues(path, format=fmt, split=split, strict=strict, image_dir=image_dir, **kw)
+    except (DataError, ValueError) as e:
+        raise _fail(str(e)) from None
+
+
+@data_app.command("check")
+def check_cmd(
+    path: Path = typer.Argument(..., help="Data file or folder."),
+    format: str = typer.Option("auto", "--format", "-f", help=_FORMAT_HELP),
+    split: Optional[str] = typer.Option(None, "--split", "-s", help="train, dev (valid) or test; default all."),
+    image_dir: Optional[Path] = typer.Option(None, "--image-dir", "-i", help="Folder of local images."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first problem (exit code 2)."),
+    verify_images: bool = typer.Option(False, "--verify-images", help="Decode every found image."),
+    description_style: str = typer.Option("objects", help="PhotoChat descriptions: objects, raw or sentence."),
+    max_problems: int = typer.Option(20, help="Problems to list (all are counted)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the counts and problems as JSON."),
+) -> None:
+    """Count dialogues, turns, photos, share turns, missing images and bad records."""
+    result = _load(path, format, split, strict, image_dir, verify_images=verify_images,
+                   description_style=description_style)
+    rep = result.report
+    if as_json:
+        payload = dict(rep.counts(), problems=[dict(kind=p.kind, file=p.file, record=p.record,
+                                                    message=p.message) for p in rep.problems])
+        typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
+    else:
+        typer.echo(f"{path}" + (f" (split {split})" if split else ""))
+        typer.echo(rep.format(max_problems=max_problems))
+        if image_dir is None and rep.missing_images:
+            typer.echo("(no --image-dir: photos without a local path count as missing)")
+    bad = not rep.ok or (image_dir is not None and rep.missing_images)
+    raise typer.Exit(code=1 if bad else 0)
+
+
+@data_app.command("fetch-images")
+def fetch_cmd(
+    path: Path = typer.Argument(..., help="Data file or folder whose photo URLs to download."),
+    out: Path = typer.Option(..., "--out", "-o", help="Image folder to download into."),
+    workers: int = typer.Option(8, "--workers", "-w", min=1, max=256, help="Parallel downloads."),
+    retries: int = typer.Option(3, "--retries", "-r", min=0, max=20, help="Retries per URL."),
+    timeout: float = typer.Option(30.0, help="Seconds per request."),
+    backoff: float = typer.Option(1.0, help="First retry delay in seconds (doubles each retry)."),
+    rate_limit: Optional[float] = typer.Option(None, help="Max requests per second (all workers)."),
+    format: str = typer.Option("auto", "--format", "-f", help=_FORMAT_HELP),
+    split: Optional[str] = typer.Option(None, "--split", "-s", help="train, dev (valid) or test; default all."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Download every photo URL to OUT/<sha1(url)[:16]><ext> (resumable, retried)."""
+    from mmdialog.core.data.fetch import fetch_images
+
+    result = _load(path, format, split, False, None)
+    if result.report.bad_records or result.report.bad_files:
+        typer.echo(f"note: {result.report.bad_records} bad record(s), {result.report.bad_files} bad "
+                   "file(s) skipped (run `mmdialog data check` for details)", err=True)
+
+    last = [-1]
+
+    def progress(done: int, total: int) -> None:
+        step = max(1, total // 20)
+        if not quiet and (done == total or done - last[0] >= step):
+            last[0] = done
+            typer.echo(f"\r{done}/{total} urls", nl=done == total, err=True)
+
+    try:
+        rep = fetch_images(result.dialogues, out, workers=workers, retries=retries, timeout=timeout,
+                           backoff=backoff, rate_limit=rate_limit, progress=progress)
+    except OSError as e:
+        raise _fail(f"{out}: {e}") from None
+    typer.echo(rep.summary())
+    for f in rep.failures[:20]:
+        typer.echo(f"failed: {f}")
+    if len(rep.failures) > 20:
+        typer.echo(f"... and {len(rep.failures) - 20} more failures")
+    raise typer.Exit(code=0 if rep.ok else 1)
+
+
+@data_app.command("convert")
+def convert_cmd(
+    path: Path = typer.Argument(..., help="Data file or folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .jsonl file."),
+    format: str = typer.Option("auto", "--format", "-f", help=_FORMAT_HELP),
+    split: Optional[str] = typer.Option(None, "--split", "-s", help="train, dev (valid) or test; default all."),
+    image_dir: Optional[Path] = typer.Option(None, "--image-dir", "-i", help="Resolve photo paths here."),
+    description_style: str = typer.Option("objects", help="PhotoChat descriptions: objects, raw or sentence."),
+) -> None:
+    """Convert PhotoChat / DialogCC / JSONL data to mmdialog JSONL."""
+    from mmdialog.core.data.jsonl import write_jsonl
+
+    result = _load(path, format, split, False, image_dir, description_style=description_style)
+    try:
+        n = write_jsonl(result.dialogues, out)
+    except OSError as e:
+        raise _fail(f"{out}: {e}") from None
+    typer.echo(f"wrote {n} dialogues to {out} ({result.report.bad_records} bad records skipped)")
+
+
+def main() -> None:  # pragma: no cover - for `python -m mmdialog.core.data.cli`
+    data_app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Dialogues → token batches the ``DialogueModel`` accepts.
+
+A sample is one dialogue seen from one speaker, the *agent*: the agent's
+turns are ``assistant`` messages (trained), the other speaker's are ``user``
+messages (context). A photo appears as
+
+* ``[img] description [/img]`` in the agent's turn — the model learns to write
+  it, and its gold photo is the target of the image loss;
+* K ``<image>`` placeholders after it, replaced by the perceiver's K
+  embeddings, so later turns *see* the photo (end-to-end model);
+* for a text perceiver, ``[img] caption [/img]`` in the turn that shares it.
+
+The chat template is applied to the whole dialogue; label positions are the
+characters each assistant message adds to the rendered prefix (its content
+and end-of-turn marker), so any prefix-stable chat template works.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mmdialog.core.data.schema import Dialogue, Photo, Turn
+
+IGNORE = -100
+ImageLoader = Callable[[Path, int], torch.Tensor]  # (path, size) -> (3, size, size) in [0, 1]
+
+
+@dataclass
+class Batch:
+    """Shapes: B samples, T tokens, P perceived photos, N description spans, L ≤ span length."""
+
+    input_ids: torch.Tensor        # (B, T) long; <image> at perceived-photo slots
+    attention_mask: torch.Tensor   # (B, T) long
+    labels: torch.Tensor           # (B, T) long, IGNORE outside the agent's turns
+    photo_slots: torch.Tensor      # (P, 2) long: (sample, first of K positions)
+    photo_pixels: torch.Tensor     # (P, 3, H_p, W_p) float in [0, 1]
+    desc_index: torch.Tensor       # (N,) long: sample of each description span
+    desc_start: torch.Tensor       # (N,) long: first description token (after [img])
+    desc_len: torch.Tensor         # (N,) long
+    desc_pixels: torch.Tensor      # (N, 3, H_g, W_g) float; zeros where missing
+    desc_has_image: torch.Tensor   # (N,) bool: gold photo available for the image loss
+    shares_photo: torch.Tensor     # (B,) bool: the agent shares a photo in this sample
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def to(self, device) -> "Batch":
+        return Batch(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def photo_as_text(description: str) -> str:
+    return f"[img] {description} [/img]"
+
+
+class Collator:
+    """Builds ``Batch`` objects for a given LLM, perceiver and generator."""
+
+    def __init__(self, llm, perceiver, generator_resolution: int, max_length: int,
+                 image_loader: ImageLoader | None = None) -> None:
+        self.llm, self.perceiver = llm, perceiver
+        self.k = perceiver.num_tokens
+        self.gen_res = generator_resolution
+        self.max_length = max_length
+        self.load_image = image_loader or default_image_loader
+
+    # -- messages ---------------------------------------------------------------------------
+    def messages(self, turns: list[Turn], agent: str) -> list[dict[str, str]]:
+        """Chat messages for ``turns`` seen by ``agent``; consecutive turns of one role merge."""
+        msgs: list[dict[str, str]] = []
+        for turn in turns:
+            role = "assistant" if turn.speaker == agent else "user"
+            parts = [turn.text] if turn.text else []
+            for photo in turn.photos:
+                parts.append(self.photo_text(photo, shared_by_agent=role == "assistant"))
+            content = " ".join(parts)
+            if msgs and msgs[-1]["role"] == role:
+                msgs[-1]["content"] += " " + content
+            else:
+                msgs.append({"role": role, "content": content})
+        return msgs
+
+    def photo_text(self, photo: Photo, shared_by_agent: bool) -> str:
+        seen = self.k > 0 and photo.path is not None
+        slots = "<image>" * self.k if seen else ""
+        if shared_by_agent:
+            return photo_as_text(photo.description) + slots
+        if self.k == 0:
+            return photo_as_text(self.perceiver.caption(photo))
+        # A pixel perceiver that has no pixels falls back to the description.
+        return slots or photo_as_text(photo.description)
+
+    # -- one sample --------------------------------------------------------------------------
+    def encode(self, dialogue: Dialogue, agent: str) -> dict:
+        msgs = self.messages(dialogue.turns, agent)
+        text = self.llm.render(msgs)
+        # Character spans each assistant message adds to the rendered prefix.
+        spans, prev = [], 0
+        for i, m in enumerate(msgs):
+            end = len(self.llm.render(msgs[: i + 1]))
+            if m["role"] == "assistant":
+                start = text.find(m["content"], prev)
+                spans.append((start if start >= 0 else prev, end))
+            prev = end
+        enc = self.llm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"][: self.max_length], enc["offset_mapping"][: self.max_length]
+        labels = [i if any(s <= a < e for s, e in spans) else IGNORE for i, (a, _) in zip(ids, offsets)]
+        labels = [IGNORE if i == self.llm.image_token_id else l for i, l in zip(ids, labels)]
+        photos = [p for t in dialogue.turns for p in t.photos]
+        agent_photos = [p for t in dialogue.turns if t.speaker == agent for p in t.photos]
+        return {"ids": ids, "labels": labels, "photos": photos, "agent_photos": agent_photos,
+                "shares": bool(agent_photos)}
+
+    def photo_slots(self, row: list[int], photos: list[Photo]) -> list[tuple[int, Photo]]:
+        """(position, photo) of each run of K <image> ids, in order of the photos with pixels."""
+        seen = iter([p for p in photos if p.path is not None])
+        out, pos = [], 0
+        while self.k and pos < len(row):
+            if row[pos] == self.llm.image_token_id:
+                out.append((pos, next(seen)))
+                pos += self.k
+            else:
+                pos += 1
+        return out
+
+    def prompt(self, turns: list[Turn], agent: str) -> Batch:
+        """A one-sample batch that ends with the agent's generation prompt."""
+        text = self.llm.render(self.messages(turns, agent), add_generation_prompt=True)
+        row = self.llm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        photos = [p for t in turns for p in t.photos]
+        found = self.photo_slots(row, photos)
+        size = self.perceiver.image_size
+        empty = torch.zeros(0, dtype=torch.long)
+        return Batch(
+            input_ids=torch.tensor([row]), attention_mask=torch.ones(1, len(row), dtype=torch.long),
+            labels=torch.full((1, len(row)), IGNORE),
+            photo_slots=torch.tensor([(0, pos) for pos, _ in found], dtype=torch.long).view(-1, 2),
+            photo_pixels=torch.stack([self.load_image(p.path, size) for _, p in found]) if found
+            else torch.zeros(0, 3, size, size),
+            desc_index=empty, desc_start=empty, desc_len=empty,
+            desc_pixels=torch.zeros(0, 3, self.gen_res, self.gen_res),
+            desc_has_image=torch.zeros(0, dtype=torch.bool), shares_photo=torch.zeros(1, dtype=torch.bool))
+
+    # -- batch -------------------------------------------------------------------------------
+    def __call__(self, samples: list[tuple[Dialogue, str]]) -> Batch:
+        encoded = [self.encode(d, a) for d, a in samples]
+        t = max(len(e["ids"]) for e in encoded)
+        pad = self.llm.pad_token_id
+        ids = torch.full((len(encoded), t), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), t), dtype=torch.long)
+        labels = torch.full((len(encoded), t), IGNORE, dtype=torch.long)
+        slots, slot_px, d_idx, d_start, d_len, d_px, d_has = [], [], [], [], [], [], []
+        stats = {"photos_missing": 0, "spans_truncated": 0}
+        for b, e in enumerate(encoded):
+            n = len(e["ids"])
+            ids[b, :n] = torch.tensor(e["ids"])
+            mask[b, :n] = 1
+            labels[b, :n] = torch.tensor(e["labels"])
+            row = e["ids"]
+            for pos, photo in self.photo_slots(row, e["photos"]):
+                if pos + self.k <= n:
+                    slots.append((b, pos))
+                    slot_px.append(self.load_image(photo.path, self.perceiver.image_size))
+                else:  # truncated mid-photo: hide the partial slots
+                    mask[b, pos:n] = 0
+            # Description spans in the agent's (labelled) turns, in order of its photos.
+            agent_photos = iter(e["agent_photos"])
+            opens = [i for i, x in enumerate(row) if x == self.llm.img_open_id and e["labels"][i] != IGNORE]
+            for o in opens:
+                photo = next(agent_photos, None)
+                try:
+                    close = row.index(self.llm.img_close_id, o + 1)
+                except ValueError:
+                    stats["spans_truncated"] += 1
+                    continue
+                d_idx.append(b)
+                d_start.append(o + 1)
+                d_len.append(close - o - 1)
+                has = photo is not None and photo.path is not None
+                stats["photos_missing"] += not has
+                d_has.append(has)
+                d_px.append(self.load_image(photo.path, self.gen_res) if has
+                            else torch.zeros(3, self.gen_res, self.gen_res))
+        p_size = self.perceiver.image_size
+        return Batch(
+            input_ids=ids, attention_mask=mask, labels=labels,
+            photo_slots=torch.tensor(slots, dtype=torch.long).view(-1, 2),
+            photo_pixels=torch.stack(slot_px) if slot_px else torch.zeros(0, 3, p_size, p_size),
+            desc_index=torch.tensor(d_idx, dtype=torch.long), desc_start=torch.tensor(d_start, dtype=torch.long),
+            desc_len=torch.tensor(d_len, dtype=torch.long),
+            desc_pixels=torch.stack(d_px) if d_px else torch.zeros(0, 3, self.gen_res, self.gen_res),
+            desc_has_image=torch.tensor(d_has, dtype=torch.bool),
+            shares_photo=torch.tensor([e["shares"] for e in encoded], dtype=torch.bool),
+            stats=stats)
+
+
+def default_image_loader(path: Path, size: int) -> torch.Tensor:
+    from mmdialog.core.data.images import load_image, to_tensor
+
+    return to_tensor(load_image(path), size)
+
+
+def training_samples(dialogues: list[Dialogue], both_speakers: bool = True) -> list[tuple[Dialogue, str]]:
+    """(dialogue, agent) pairs: every speaker as the agent, or only the sharers."""
+    out = []
+    for d in dialogues:
+        sharers = [t.speaker for t in d.turns if t.photos]
+        agents = d.speakers if both_speakers else list(dict.fromkeys(sharers))
+        out.extend((d, a) for a in agents)
+    return out

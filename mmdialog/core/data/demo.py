@@ -1,0 +1,37 @@
+"""The embedded demo set (no download needed).
+
+``demo/photochat/`` is a verbatim 42-dialogue excerpt of PhotoChat (train 9,
+dev 9, test 24 dialogues; no local images -- they train the text loss).
+``demo/chat.jsonl`` holds 8 short PhotoChat-style dialogues (train 6, dev 1,
+test 1) written for mmdialog, each sharing one real photograph bundled with
+scikit-image; the photo paths (``pkg:skimage/data/…``) are resolved from the
+installed package at load time. See ``demo/README.md`` for sources and licences.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmdialog.core.data.loader import load_dialogues
+from mmdialog.core.data.schema import Dialogue
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_PHOTOCHAT = DEMO_DIR / "photochat"
+DEMO_JSONL = DEMO_DIR / "chat.jsonl"
+
+
+def demo_dialogues(split: str | None = "train", *, photochat: bool = True, photos: bool = True,
+                   description_style: str = "objects", person: str = "drop") -> list[Dialogue]:
+    """The demo dialogues of ``split`` (``"train"``, ``"dev"``, ``"test"``; ``None`` = all).
+
+    ``photochat``: include the PhotoChat excerpt (photos without local files);
+    ``photos``: include the JSONL dialogues whose photos resolve to scikit-image
+    files (their ``Photo.path`` is ``None`` if scikit-image is not installed).
+    The JSONL dialogues come first.
+    """
+    out: list[Dialogue] = []
+    if photos:
+        out += load_dialogues(DEMO_JSONL, format="jsonl", split=split).dialogues
+    if photochat:
+        out += load_dialogues(DEMO_PHOTOCHAT, format="photochat", split=split,
+                              description_style=description_style, person=person).dialogues
+    return out

@@ -1,0 +1,201 @@
+"""``load_dialogues``: any supported file/folder → dialogues + a report."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from mmdialog.core.data import dialogcc, jsonl, photochat
+from mmdialog.core.data.errors import DataError
+from mmdialog.core.data.images import image_index, verify_image
+from mmdialog.core.data.records import (
+    RawRecord, RecordError, collect_files, find_bad_text, iter_records, normalize_split, split_hint,
+)
+from mmdialog.core.data.report import (
+    BAD_RECORD, CORRUPT_IMAGE, MISSING_IMAGE, WARNING, LoadReport, LoadResult,
+)
+from mmdialog.core.data.schema import Dialogue
+
+FORMATS = ("auto", "photochat", "dialogcc", "jsonl")
+
+_DETECTORS: tuple[tuple[str, Callable[[Any], bool]], ...] = (
+    ("jsonl", jsonl.is_jsonl_record),
+    ("dialogcc", dialogcc.is_dialogcc_record),
+    ("photochat", photochat.is_photochat_record),
+)
+_MODULES = {"photochat": photochat, "dialogcc": dialogcc, "jsonl": jsonl}
+
+
+def detect_record_format(rec: Any) -> str | None:
+    """``photochat`` / ``dialogcc`` / ``jsonl`` from a record's keys, or None."""
+    for name, test in _DETECTORS:
+        if test(rec):
+            return name
+    return None
+
+
+def detect_format(path: str | os.PathLike, sample: int = 20) -> str | None:
+    """The format of a file (or of the first data file in a folder), by content."""
+    files = collect_files(Path(path))
+    for f in files:
+        probe = LoadReport()
+        for i, raw in enumerate(iter_records(f, probe)):
+            fmt = detect_record_format(raw.value)
+            if fmt or i >= sample:
+                if fmt:
+                    return fmt
+                break
+    return None
+
+
+def load_dialogues(
+    path: str | os.PathLike,
+    format: str = "auto",
+    split: str | None = None,
+    strict: bool = False,
+    image_dir: str | os.PathLike | None = None,
+    *,
+    verify_images: bool = False,
+    description_style: str = "objects",
+    person: str = "drop",
+    speaker_names: str = "keep",
+    limit: int | None = None,
+) -> LoadResult:
+    """Load dialogues from a PhotoChat / DialogCC / mmdialog-JSONL file or folder.
+
+    Args:
+        path: a data file (``.json``, ``.jsonl``, optionally ``.gz``) or a folder,
+            searched recursively (PhotoChat root ``{train,dev,test}/*.json``,
+            DialogCC ``{train,valid,test}.json``, any ``*.jsonl``).
+        format: ``"auto"`` (default: detected per file from the records' keys),
+            ``"photochat"``, ``"dialogcc"`` or ``"jsonl"``.
+        split: ``"train"``/``"dev"``/``"test"`` (``valid`` = ``dev``): leave out files
+            named for another split (``dev_00.json``, ``test/…``, ``valid.json``)
+            and dialogues whose record says another split. ``None``: everything.
+        strict: raise :class:`DataError` at the first problem (bad file, bad
+            record, missing image when images were asked for, corrupt image)
+            instead of reporting it and skipping.
+        image_dir: folder of local images; photos are matched by id / URL hash
+            (see :mod:`mmdialog.core.data.images`) and ``Photo.path`` is set.
+        verify_images: decode every found image (cheaply); a corrupt one is
+            reported and its ``path`` reset to None.
+        description_style, person: PhotoChat description cleaning
+            (see :mod:`mmdialog.core.data.photochat`).
+        speaker_names: DialogCC speakers, ``"keep"`` names or ``"index"`` → "0", "1", …
+        limit: stop after this many dialogues (for quick looks at big files).
+
+    Returns:
+        :class:`LoadResult` with ``dialogues`` and ``report`` (counts and one
+        problem message per bad file / record / image, naming file and record).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, not {format!r}")
+    photochat.clean_description("", description_style, person)  # validate options early
+    if speaker_names not in dialogcc.SPEAKER_MODES:
+        raise ValueError(f"speaker_names must be one of {dialogcc.SPEAKER_MODES}, not {speaker_names!r}")
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DataError(f"{root}: no such file or folder", file=str(root))
+    want = normalize_split(split)
+    report = LoadReport(strict=strict)
+    files = collect_files(root, want)
+    if not files:
+        what = f" for split {want!r}" if want else ""
+        raise DataError(f"{root}: no data files (.json, .jsonl){what} found", file=str(root))
+    if image_dir is not None and not Path(image_dir).is_dir():
+        raise DataError(f"{image_dir}: image folder does not exist", file=str(image_dir))
+
+    dialogues: list[Dialogue] = []
+    origin: list[str] = []  # data file of each dialogue, for image problems
+    seen_ids: dict[str, str] = {}
+    for f in files:
+        if limit is not None and len(dialogues) >= limit:
+            break
+        report.files += 1
+        hint = split_hint(f, root if root.is_dir() else None)
+        fmt = None if format == "auto" else format
+        for raw in iter_records(f, report):
+            if limit is not None and len(dialogues) >= limit:
+                break
+            if fmt is None:
+                fmt = detect_record_format(raw.value)
+                if fmt is None:
+                    report.add_problem(BAD_RECORD, str(f), raw.label,
+                                       "not a PhotoChat, DialogCC or mmdialog-JSONL record "
+                                       "(no 'dialogue' or 'turns' list); cannot detect the format")
+                    continue
+            d = _parse(fmt, raw, str(f), report, hint, description_style, person, speaker_names)
+            if d is None:
+                continue
+            if want is not None and d.split is not None and d.split != want:
+                continue
+            prev = seen_ids.get(d.id)
+            if prev is not None:
+                report.add_problem(WARNING, str(f), raw.label, f"duplicate dialogue id {d.id!r} "
+                                   f"(first in {prev}); both kept")
+            else:
+                seen_ids[d.id] = str(f)
+            dialogues.append(d)
+            origin.append(str(f))
+    _resolve_images(dialogues, origin, report, image_dir, verify_images)
+    report.count_dialogues(dialogues)
+    return LoadResult(dialogues=dialogues, report=report)
+
+
+def _parse(fmt: str, raw: RawRecord, file: str, report: LoadReport, split: str | None,
+           description_style: str, person: str, speaker_names: str) -> Dialogue | None:
+    module = _MODULES[fmt]
+    kwargs: dict[str, Any] = {}
+    if fmt == "photochat":
+        kwargs = {"description_style": description_style, "person": person}
+    elif fmt == "dialogcc":
+        kwargs = {"speaker_names": speaker_names}
+    rid = module.record_id(raw.value, raw)
+    bad = find_bad_text(raw.value)
+    if bad:
+        report.add_problem(BAD_RECORD, file, rid, f"invalid UTF-8 in {bad}")
+        return None
+    try:
+        d, n_messages = module.parse_record(raw, file=file, report=report, split=split, **kwargs)
+    except RecordError as e:
+        report.add_problem(BAD_RECORD, file, rid, f"{fmt}: {e}")
+        return None
+    report.messages += n_messages
+    return d
+
+
+def _resolve_images(dialogues: list[Dialogue], origin: list[str], report: LoadReport,
+                    image_dir: Any, verify: bool) -> None:
+    index = image_index(image_dir) if image_dir is not None else None
+    checked: dict[Path, str | None] = {}
+    for d, file in zip(dialogues, origin):
+        for t in d.turns:
+            for p in t.photos:
+                given = p.path
+                found = Path(given) if given is not None and Path(given).is_file() else None
+                if found is None and index is not None:
+                    found = index.find(p)
+                if found is None:
+                    p.path = None
+                    if given is not None or index is not None:
+                        label = p.id or p.url or (str(given) if given is not None else "?")
+                        where = f"path {given} does not exist" if given is not None else \
+                            f"not found in {image_dir}"
+                        report.add_problem(MISSING_IMAGE, file, d.id,
+                                           f"image {label}: {where}")
+                    continue
+                if verify:
+                    if found not in checked:
+                        try:
+                            verify_image(found)
+                            checked[found] = None
+                        except DataError as e:
+                            checked[found] = str(e)
+                    if checked[found] is not None:
+                        p.path = None
+                        report.add_problem(CORRUPT_IMAGE, file, d.id, checked[found])
+                        continue
+                p.path = found
+
+
+__all__ = ["FORMATS", "detect_format", "detect_record_format", "load_dialogues"]

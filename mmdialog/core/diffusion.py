@@ -1,0 +1,147 @@
+"""What the Stable Diffusion generators share: loading a diffusers folder,
+running a CLIP text tower on embeddings, and the latent-diffusion ε-loss.
+
+``sd`` and ``sdxl`` (plugins/generators) subclass ``LatentDiffusionGenerator``
+and add only what differs: how text towers become UNet conditioning, and
+which diffusers pipeline samples.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmdialog.core import assets
+from mmdialog.core.checkpoints import resolve_folder
+from mmdialog.core.interfaces import Generator, PromptTokens, TextTower
+from mmdialog.core.vocab import check_bridgeable, tokenize_for_tower
+
+#: Noise schedule of SD 1.x / 2.x (scheduler_config.json of both).
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                   beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                   steps_offset=1, prediction_type="epsilon")
+
+
+def tiny_clip_text_config(hidden: int = 64, **kw: Any) -> dict[str, Any]:
+    """Random-init CLIP text tower over the real 49 408-token CLIP vocabulary."""
+    return dict(vocab_size=49408, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden,
+                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, **kw)
+
+
+def tiny_vae_config() -> dict[str, Any]:
+    # Three blocks: a 64² photo becomes 16² latents, as 512² becomes 64² in SD.
+    return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[32, 64, 64],
+                layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=64,
+                scaling_factor=0.18215)
+
+
+def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast only when needed (diffusers warns on every ``.to(dtype)``)."""
+    return module if dtype == torch.float32 else module.to(dtype)
+
+
+def check_diffusers_folder(path: str, subfolders: list[str], what: str) -> Path:
+    files = ["model_index.json"] + [f"{s}/config.json" for s in subfolders if not s.startswith(("tokenizer", "scheduler"))]
+    files += [f"{s}" for s in subfolders if s.startswith("tokenizer")]
+    files += ["scheduler/scheduler_config.json"]
+    return resolve_folder(path, files, what)
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets.resolve(path))
+    tok.model_max_length = min(tok.model_max_length, 77)
+    return tok
+
+
+def encode_text_tower(model: nn.Module, prompt: PromptTokens, hidden_layer: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a CLIP text tower on (differentiable) token embeddings.
+
+    Returns (hidden (N,S,d), pooled (N,d)). ``hidden_layer=None`` gives the
+    final-layer-normed last layer (SD 1.x/2.x); ``-2`` the penultimate layer
+    without the final norm (SDXL). ``pooled`` is the normed state at the EOS
+    token, like ``CLIPTextModel``'s ``pooler_output``. transformers 5 removed
+    ``.text_model`` from CLIPTextModel and requires ``input_ids`` in forward,
+    so the tower's parts are called directly (research-notes §4.4).
+    """
+    from transformers.masking_utils import create_causal_mask
+
+    tm = getattr(model, "text_model", model)
+    emb = prompt.inputs_embeds.to(tm.embeddings.token_embedding.weight.dtype)
+    h = tm.embeddings(inputs_embeds=emb)                                 # (N, S, d) + positions
+    mask = create_causal_mask(config=tm.config, inputs_embeds=h, attention_mask=None, past_key_values=None)
+    out = tm.encoder(inputs_embeds=h, attention_mask=mask, is_causal=True,
+                     output_hidden_states=hidden_layer is not None)
+    last = tm.final_layer_norm(out.last_hidden_state)
+    eos = tm.config.eos_token_id
+    ids = prompt.input_ids.to(h.device)
+    # The pooled state sits at the first EOS (HF's rule when eos_token_id != 2).
+    pos = (ids == eos).int().argmax(-1) if eos is not None and eos != 2 else ids.argmax(-1)
+    pooled = last[torch.arange(last.shape[0], device=h.device), pos]      # (N, d)
+    hidden = last if hidden_layer is None else out.hidden_states[hidden_layer]
+    return hidden, pooled
+
+
+class LatentDiffusionGenerator(Generator):
+    """VAE + UNet + text tower(s) + scheduler, separately held (diffusers style)."""
+
+    vae: nn.Module
+    unet: nn.Module
+    text_encoders: nn.ModuleList
+    tokenizers: list[Any]
+    train_scheduler: Any
+    sample_scheduler: Any
+
+    def _init_towers(self) -> None:
+        for i, tok in enumerate(self.tokenizers):
+            check_bridgeable(tok, f"generator text tower {i}")
+        self.text_towers = [
+            TextTower(tok, enc.get_input_embeddings(), tok.model_max_length)
+            for tok, enc in zip(self.tokenizers, self.text_encoders)]
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"unet": list(self.unet.parameters()), "vae": list(self.vae.parameters()),
+                "text_encoder": list(self.text_encoders.parameters())}
+
+    @torch.no_grad()
+    def text_prompts(self, texts: list[str]) -> list[PromptTokens]:
+        """Plain-text path (negative prompts, baselines): no gradient."""
+        out = []
+        for tower in self.text_towers:
+            tt = tokenize_for_tower(tower.tokenizer, texts, tower.max_length)
+            ids = tt.input_ids.to(tower.embedding.weight.device)
+            out.append(PromptTokens(ids, tower.embedding(ids).float(), texts))
+        return out
+
+    def unet_conditioning(self, conditioning: Any, batch: int) -> dict[str, Any]:
+        """Keyword arguments for ``unet(...)`` from ``encode``'s result."""
+        raise NotImplementedError
+
+    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        x = (pixels * 2 - 1).to(vae.dtype)                                    # (N, 3, H, W) in [-1, 1]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in vae.parameters())):
+            z = vae.encode(x).latent_dist.sample()                            # (N, 4, H/f, W/f)
+        return z * vae.config.scaling_factor
+
+    def loss(self, conditioning: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """Diffusion loss E‖ε − ε_θ(z_t, t, c)‖² (Ho et al. 2020; v-target when
+        the scheduler predicts v, as SD 2.1-768 does)."""
+        sch = self.train_scheduler
+        z0 = self.latents(pixels)
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, sch.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
+        zt = sch.add_noise(z0, noise, t)
+        if sch.config.prediction_type == "v_prediction":
+            target = sch.get_velocity(z0, noise, t)
+        else:
+            target = noise
+        pred = self.unet(zt, t, **self.unet_conditioning(conditioning, z0.shape[0])).sample
+        return F.mse_loss(pred.float(), target.float())

@@ -1,0 +1,180 @@
+"""The four component contracts. Every plugin subclasses one of these.
+
+Shapes use B = dialogues in the batch, T = LLM tokens, D = LLM width,
+N = photos (or description spans) in the batch, K = query tokens per photo,
+L = description tokens, V = LLM vocabulary (added tokens included),
+S = text-encoder positions (77 for CLIP), d = text-encoder width.
+
+Every component names its parameters in groups (``parameter_groups``); the
+assembler's freeze policy (``core/assembler.py``) decides which groups train.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from mmdialog.core.data.schema import Photo
+
+
+class PluginOptions(BaseModel):
+    """Base of every plugin's options model; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class BuildContext:
+    """What a factory may use: components built before it, and where to cache."""
+
+    llm: "LanguageModel | None" = None
+    generator: "Generator | None" = None
+    cache_dir: str | None = None
+
+
+class Component(nn.Module, ABC):
+    """Common base: an options model, a factory and named parameter groups."""
+
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+
+    @classmethod
+    def from_options(cls, options: PluginOptions, ctx: BuildContext) -> "Component":
+        return cls(options)  # type: ignore[call-arg]
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Group name → parameters; the freeze policy refers to these names."""
+        return {"all": list(self.parameters())}
+
+
+class LanguageModel(Component):
+    """A causal LM that writes replies and ``[img] description [/img]`` spans.
+
+    * ``embed(input_ids (B,T) long) -> (B,T,D)``: differentiable input embeddings.
+    * ``forward(inputs_embeds (B,T,D), attention_mask (B,T)) -> logits (B,T,V)``,
+      float, differentiable w.r.t. the embeddings and trainable parameters.
+    * ``generate(inputs_embeds (1,T,D), attention_mask) -> new ids (1,T')``.
+    * ``render(messages, add_generation_prompt)`` applies the chat template to
+      ``[{"role": "user"|"assistant", "content": str}]`` and returns a string.
+    """
+
+    tokenizer: Any
+    hidden_size: int
+    img_open_id: int   # "[img]"
+    img_close_id: int  # "[/img]"
+    image_token_id: int  # placeholder replaced by a perceiver's K embeddings
+    pad_token_id: int
+
+    @abstractmethod
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                 **options: Any) -> torch.Tensor: ...
+
+    @abstractmethod
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str: ...
+
+
+class Perceiver(Component):
+    """Turns a photo into something the LLM reads.
+
+    ``num_tokens`` K > 0: ``forward(pixels (N,3,H,W) float in [0,1]) -> (N,K,D)``,
+    differentiable; the embeddings replace K placeholder tokens.
+    ``num_tokens == 0``: a text perceiver; ``caption(photo) -> str`` gives the
+    text that stands for the photo (the pipeline baseline). No gradient.
+    """
+
+    num_tokens: int = 0
+    image_size: int = 224
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} is a text perceiver")
+
+    def caption(self, photo: "Photo") -> str:
+        raise NotImplementedError(f"{type(self).__name__} perceives pixels, not captions")
+
+
+@dataclass
+class TextTower:
+    """One text encoder of a generator, as a bridge sees it: its tokenizer
+    (fast, with offsets) and its token-embedding table (V_clip, d)."""
+
+    tokenizer: Any
+    embedding: nn.Embedding
+    max_length: int = 77
+
+
+@dataclass
+class PromptTokens:
+    """A bridge's output for one text tower.
+
+    ``input_ids (N,S)`` are the tower's token ids of the description (exactly
+    what its tokenizer gives for the decoded text); ``inputs_embeds (N,S,d)``
+    equal ``embedding(input_ids)`` in the forward pass and carry the gradient
+    back to the LLM when the bridge is differentiable.
+    """
+
+    input_ids: torch.Tensor
+    inputs_embeds: torch.Tensor
+    texts: list[str] = field(default_factory=list)
+
+
+class Bridge(Component):
+    """Carries description tokens from the LLM to the generator's text towers.
+
+    ``forward(ids (N,L) long, mask (N,L) bool, logits (N,L,V) | None)
+    -> list[PromptTokens]`` one per ``generator.text_towers``. ``ids`` are the
+    description tokens (gold when teacher forcing, generated at inference);
+    ``logits`` are the LLM's predictions *for* those positions. With
+    ``differentiable = True`` the gradient of the prompt embeddings reaches
+    ``logits``; otherwise ``logits`` is ignored.
+    """
+
+    differentiable: bool = False
+
+    @abstractmethod
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor,
+                logits: torch.Tensor | None = None) -> list[PromptTokens]: ...
+
+
+class Generator(Component):
+    """Produces (or retrieves) the shared photo from text-tower inputs.
+
+    * ``text_towers``: the towers a bridge must feed, in order.
+    * ``encode(prompts: list[PromptTokens]) -> conditioning`` (opaque object),
+      differentiable w.r.t. ``inputs_embeds``.
+    * ``loss(conditioning, pixels (N,3,H,W) float in [0,1]) -> scalar`` the
+      training loss (diffusion ε-MSE for Stable Diffusion).
+    * ``generate(conditioning, **options) -> list[PIL.Image]`` for inference.
+    * ``resolution``: side of the square training photos.
+    """
+
+    text_towers: list[TextTower]
+    resolution: int = 512
+
+    @abstractmethod
+    def encode(self, prompts: list[PromptTokens]) -> Any: ...
+
+    @abstractmethod
+    def loss(self, conditioning: Any, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def generate(self, conditioning: Any, **options: Any) -> list["Image.Image"]: ...
+
+
+KINDS: dict[str, type[Component]] = {
+    "llm": LanguageModel,
+    "perceiver": Perceiver,
+    "bridge": Bridge,
+    "generator": Generator,
+}

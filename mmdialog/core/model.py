@@ -1,0 +1,132 @@
+"""DialogueModel: the plain composite of the four components.
+
+Training (teacher forcing, DESIGN.md §1):
+
+    embeddings = LLM.embed(ids), with each photo's K slots ← Perceiver(photo)
+    logits     = LLM(embeddings)                                 # (B, T, V)
+    L_text     = CE(logits[:, :-1], labels[:, 1:])
+    prompts    = Bridge(description ids, logits predicting them)  # per text tower
+    L_img      = Generator.loss(Generator.encode(prompts), gold photo)
+    loss       = L_text + λ · L_img
+
+With the ``gumbel`` bridge, ∂L_img reaches the LLM (and the perceiver)
+through the description logits; with the ``text`` bridge it stops there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmdialog.core.config import Config
+from mmdialog.core.data.collate import IGNORE, Batch, Collator
+from mmdialog.core.data.schema import Turn
+from mmdialog.core.interfaces import Bridge, Generator, LanguageModel, Perceiver
+
+COMPONENTS = ("llm", "perceiver", "bridge", "generator")
+
+
+@dataclass
+class Reply:
+    """What the agent says. ``text`` keeps any ``[img] … [/img]`` markup;
+    ``images`` are the photos produced for ``descriptions``, in order."""
+
+    text: str
+    images: list[Any] = field(default_factory=list)
+    shared: bool = False
+    descriptions: list[str] = field(default_factory=list)
+
+
+class DialogueModel(nn.Module):
+    def __init__(self, llm: LanguageModel, perceiver: Perceiver, bridge: Bridge,
+                 generator: Generator, config: Config) -> None:
+        super().__init__()
+        self.llm, self.perceiver, self.bridge, self.generator = llm, perceiver, bridge, generator
+        self.config = config
+        self.image_loss_weight = config.model.image_loss_weight
+        self.collator = Collator(llm, perceiver, generator.resolution, config.model.max_length)
+
+    def components(self) -> dict[str, nn.Module]:
+        return {name: getattr(self, name) for name in COMPONENTS}
+
+    # -- training -------------------------------------------------------------------------
+    def input_embeddings(self, batch: Batch) -> torch.Tensor:
+        emb = self.llm.embed(batch.input_ids)                                # (B, T, D)
+        if batch.photo_slots.numel():
+            vis = self.perceiver(batch.photo_pixels)                         # (P, K, D)
+            k = vis.shape[1]
+            b = batch.photo_slots[:, :1].expand(-1, k)                       # (P, K)
+            t = batch.photo_slots[:, 1:] + torch.arange(k, device=emb.device)
+            emb = emb.index_put((b.reshape(-1), t.reshape(-1)), vis.reshape(-1, vis.shape[-1]).to(emb.dtype))
+        return emb
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        logits = self.llm(self.input_embeddings(batch), batch.attention_mask)  # (B, T, V)
+        v = logits.shape[-1]
+        text_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, v), batch.labels[:, 1:].reshape(-1),
+                                    ignore_index=IGNORE)
+        image_loss = logits.new_zeros((), dtype=torch.float32)
+        use = batch.desc_has_image
+        if self.image_loss_weight > 0 and bool(use.any()):
+            starts, lens, rows = batch.desc_start[use], batch.desc_len[use], batch.desc_index[use]
+            ar = torch.arange(int(lens.max().clamp(min=1)), device=logits.device)
+            valid = ar[None] < lens[:, None]                                 # (N, L)
+            pos = (starts[:, None] + ar[None]).clamp(max=logits.shape[1] - 1)
+            b = rows[:, None].expand_as(pos)
+            ids = batch.input_ids[b, pos]                                    # (N, L)
+            span_logits = logits[b, pos - 1]                                 # (N, L, V): predictions of ids
+            prompts = self.bridge(ids, valid, span_logits)
+            image_loss = self.generator.loss(self.generator.encode(prompts), batch.desc_pixels[use])
+        return {"loss": text_loss + self.image_loss_weight * image_loss, "text_loss": text_loss.detach(),
+                "image_loss": image_loss.detach(), "image_samples": use.sum()}
+
+    # -- inference ------------------------------------------------------------------------
+    @torch.no_grad()
+    def respond(self, history: list[Turn], agent: str = "assistant", max_new_tokens: int = 64,
+                temperature: float = 0.0, num_beams: int = 1, num_inference_steps: int | None = None,
+                guidance_scale: float | None = None, seed: int | None = None) -> Reply:
+        """Write the agent's next turn after ``history``; draw each described photo."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        device = next(self.parameters()).device
+        batch = self.collator.prompt(history, agent).to(device)
+        new = self.llm.generate(self.input_embeddings(batch), batch.attention_mask, max_new_tokens=max_new_tokens,
+                                temperature=temperature, num_beams=num_beams)[0].tolist()
+        text = self.llm.tokenizer.decode(new, skip_special_tokens=True).strip()
+        spans = description_spans(new, self.llm.img_open_id, self.llm.img_close_id)
+        if not spans:
+            return Reply(text)
+        width = max(len(s) for s in spans)
+        ids = torch.tensor([s + [self.llm.pad_token_id] * (width - len(s)) for s in spans], device=device)
+        mask = torch.tensor([[True] * len(s) + [False] * (width - len(s)) for s in spans], device=device)
+        prompts = self.bridge(ids, mask)
+        images = self.generator.generate(self.generator.encode(prompts), num_inference_steps=num_inference_steps,
+                                         guidance_scale=guidance_scale, seed=seed)
+        return Reply(text, images, True, prompts[0].texts)
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for name, comp in self.components().items():
+            params = {id(p): p for p in comp.parameters()}.values()
+            out[name] = {"params": sum(p.numel() for p in params),
+                         "trainable": sum(p.numel() for p in params if p.requires_grad)}
+        return out
+
+
+def description_spans(ids: list[int], open_id: int, close_id: int) -> list[list[int]]:
+    """Token ids between each ``[img]`` and the next ``[/img]`` (or the end)."""
+    spans, cur = [], None
+    for i in ids:
+        if i == open_id:
+            cur = []
+        elif i == close_id and cur is not None:
+            spans.append(cur)
+            cur = None
+        elif cur is not None:
+            cur.append(i)
+    if cur:  # generation stopped inside a description: use what was written
+        spans.append(cur)
+    return spans

@@ -1,0 +1,110 @@
+"""generator ``sd``: Stable Diffusion 1.5 / 2.1 (Rombach et al. 2022) from a
+local diffusers folder, or tiny random-init components (the embedded default).
+
+One CLIP text tower; its last hidden layer conditions the UNet by cross-
+attention. The paper's generator is SD 2.1-base with the UNet trained and the
+text encoder and VAE frozen.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from mmdialog.core import assets
+from mmdialog.core.diffusion import (_cast, SD_SCHEDULE, LatentDiffusionGenerator, check_diffusers_folder,
+                                     encode_text_tower, load_tokenizer, tiny_clip_text_config,
+                                     tiny_vae_config)
+from mmdialog.core.hookspecs import Plugin, hookimpl
+from mmdialog.core.interfaces import PluginOptions, PromptTokens
+
+TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4,
+                 down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], block_out_channels=[32, 64],
+                 layers_per_block=1, norm_num_groups=32, cross_attention_dim=64,
+                 attention_head_dim=[2, 4], use_linear_projection=True)
+
+
+class SDOptions(PluginOptions):
+    path: str | None = Field(None, description="local diffusers folder (SD 1.5 / 2.1 layout)")
+    tokenizer: str = Field(assets.CLIP_BPE, description="tokenizer for random-init components")
+    text_encoder: dict[str, Any] = Field(default_factory=tiny_clip_text_config)
+    unet: dict[str, Any] = Field(default_factory=lambda: dict(TINY_UNET))
+    vae: dict[str, Any] = Field(default_factory=tiny_vae_config)
+    resolution: int | None = Field(None, gt=0, description="photo side; default from the UNet/VAE")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    num_inference_steps: int = Field(30, gt=0)
+    guidance_scale: float = Field(7.5, ge=0)
+
+
+def load_schedulers(folder=None) -> tuple[Any, Any]:
+    """(DDPM for training, the folder's own scheduler class for sampling)."""
+    import diffusers
+
+    cfg = diffusers.DDPMScheduler.load_config(str(folder), subfolder="scheduler") if folder else \
+        {"_class_name": "DDIMScheduler", **SD_SCHEDULE}
+    sampler = getattr(diffusers, cfg.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
+    return diffusers.DDPMScheduler.from_config(cfg), sampler.from_config(cfg)
+
+
+class SDGenerator(LatentDiffusionGenerator):
+    Options = SDOptions
+
+    def __init__(self, options: SDOptions) -> None:
+        super().__init__()
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        self.options = o = options
+        dtype = getattr(torch, o.dtype)
+        if o.path:
+            folder = check_diffusers_folder(o.path, ["unet", "vae", "text_encoder", "tokenizer"], "generator sd")
+            self.vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", torch_dtype=dtype)
+            self.unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", torch_dtype=dtype)
+            encoder = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", dtype=dtype)
+            self.tokenizers = [load_tokenizer(str(folder / "tokenizer"))]
+        else:
+            folder = None
+            self.vae = _cast(AutoencoderKL(**o.vae), dtype)
+            self.unet = _cast(UNet2DConditionModel(**o.unet), dtype)
+            encoder = CLIPTextModel(CLIPTextConfig(**o.text_encoder)).to(dtype)
+            self.tokenizers = [load_tokenizer(o.tokenizer)]
+        self.text_encoders = nn.ModuleList([encoder])
+        self.train_scheduler, self.sample_scheduler = load_schedulers(folder)
+        if o.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.resolution = o.resolution or self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self._init_towers()
+
+    def encode(self, prompts: list[PromptTokens]) -> torch.Tensor:
+        hidden, _ = encode_text_tower(self.text_encoders[0], prompts[0])
+        return hidden                                                        # (N, 77, d)
+
+    def unet_conditioning(self, conditioning: torch.Tensor, batch: int) -> dict[str, Any]:
+        return {"encoder_hidden_states": conditioning.to(self.unet.dtype)}
+
+    @torch.no_grad()
+    def generate(self, conditioning: torch.Tensor, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, seed: int | None = None, **_: Any):
+        from diffusers import StableDiffusionPipeline
+
+        n = conditioning.shape[0]
+        negative = self.encode(self.text_prompts([""] * n))
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoders[0], tokenizer=self.tokenizers[0], unet=self.unet,
+            scheduler=self.sample_scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        return pipe(prompt_embeds=conditioning.to(self.unet.dtype), negative_prompt_embeds=negative.to(self.unet.dtype),
+                    num_inference_steps=num_inference_steps or self.options.num_inference_steps,
+                    guidance_scale=self.options.guidance_scale if guidance_scale is None else guidance_scale,
+                    height=self.resolution, width=self.resolution, generator=gen).images
+
+
+@hookimpl
+def mmdialog_plugins() -> list[Plugin]:
+    return [Plugin("generator", "sd", SDGenerator, "Stable Diffusion 1.5 / 2.1 (diffusers folder or tiny)")]

@@ -1,0 +1,119 @@
+"""generator ``sdxl``: Stable Diffusion XL (Podell et al. 2023) — two CLIP text
+towers whose penultimate layers are concatenated for cross-attention, plus the
+second tower's projected pooled embedding and the size/crop "time ids" as
+extra UNet conditioning. A bridge feeds both towers."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from mmdialog.core import assets
+from mmdialog.core.diffusion import (_cast, LatentDiffusionGenerator, check_diffusers_folder, encode_text_tower,
+                                     load_tokenizer, tiny_clip_text_config, tiny_vae_config)
+from mmdialog.core.hookspecs import Plugin, hookimpl
+from mmdialog.core.interfaces import PluginOptions, PromptTokens
+from mmdialog.plugins.generators.sd import load_schedulers
+
+TINY_TIME_DIM = 8
+TINY_SDXL_UNET = dict(sample_size=16, in_channels=4, out_channels=4,
+                      down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                      up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], block_out_channels=[32, 64],
+                      layers_per_block=1, norm_num_groups=32, cross_attention_dim=32 + 64,
+                      attention_head_dim=[2, 4], use_linear_projection=True,
+                      addition_embed_type="text_time", addition_time_embed_dim=TINY_TIME_DIM,
+                      projection_class_embeddings_input_dim=32 + 6 * TINY_TIME_DIM,
+                      transformer_layers_per_block=1)
+
+
+class SDXLOptions(PluginOptions):
+    path: str | None = Field(None, description="local diffusers folder (SDXL layout)")
+    tokenizer: str = Field(assets.CLIP_BPE, description="tokenizer for random-init components")
+    text_encoder: dict[str, Any] = Field(default_factory=lambda: tiny_clip_text_config(32))
+    text_encoder_2: dict[str, Any] = Field(default_factory=lambda: tiny_clip_text_config(64, ) | {"projection_dim": 32})
+    unet: dict[str, Any] = Field(default_factory=lambda: dict(TINY_SDXL_UNET))
+    vae: dict[str, Any] = Field(default_factory=tiny_vae_config)
+    resolution: int | None = Field(None, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    num_inference_steps: int = Field(30, gt=0)
+    guidance_scale: float = Field(5.0, ge=0)
+
+
+class SDXLGenerator(LatentDiffusionGenerator):
+    Options = SDXLOptions
+
+    def __init__(self, options: SDXLOptions) -> None:
+        super().__init__()
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        self.options = o = options
+        dtype = getattr(torch, o.dtype)
+        if o.path:
+            folder = check_diffusers_folder(
+                o.path, ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"], "generator sdxl")
+            self.vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", torch_dtype=dtype)
+            self.unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", torch_dtype=dtype)
+            enc1 = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", dtype=dtype)
+            enc2 = CLIPTextModelWithProjection.from_pretrained(str(folder), subfolder="text_encoder_2", dtype=dtype)
+            self.tokenizers = [load_tokenizer(str(folder / "tokenizer")), load_tokenizer(str(folder / "tokenizer_2"))]
+        else:
+            folder = None
+            self.vae = _cast(AutoencoderKL(**o.vae), dtype)
+            self.unet = _cast(UNet2DConditionModel(**o.unet), dtype)
+            enc1 = CLIPTextModel(CLIPTextConfig(**o.text_encoder)).to(dtype)
+            enc2 = CLIPTextModelWithProjection(CLIPTextConfig(**o.text_encoder_2)).to(dtype)
+            tok2 = load_tokenizer(o.tokenizer)
+            tok2.pad_token = "!"  # SDXL's second tokenizer pads with "!" (id 0)
+            self.tokenizers = [load_tokenizer(o.tokenizer), tok2]
+        self.text_encoders = nn.ModuleList([enc1, enc2])
+        self.train_scheduler, self.sample_scheduler = load_schedulers(folder)
+        if o.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.resolution = o.resolution or self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self._init_towers()
+
+    def encode(self, prompts: list[PromptTokens]) -> dict[str, torch.Tensor]:
+        h1, _ = encode_text_tower(self.text_encoders[0], prompts[0], hidden_layer=-2)     # (N, 77, d1)
+        h2, pooled = encode_text_tower(self.text_encoders[1], prompts[1], hidden_layer=-2)  # (N, 77, d2)
+        return {"prompt_embeds": torch.cat([h1, h2], dim=-1),                              # (N, 77, d1+d2)
+                "pooled": self.text_encoders[1].text_projection(pooled)}                   # (N, p)
+
+    def time_ids(self, batch: int, device) -> torch.Tensor:
+        r = self.resolution  # (original size, crop top-left, target size): a centred square crop
+        return torch.tensor([[r, r, 0, 0, r, r]] * batch, device=device, dtype=torch.float32)
+
+    def unet_conditioning(self, conditioning: dict[str, torch.Tensor], batch: int) -> dict[str, Any]:
+        dt = self.unet.dtype
+        pe = conditioning["prompt_embeds"]
+        return {"encoder_hidden_states": pe.to(dt),
+                "added_cond_kwargs": {"text_embeds": conditioning["pooled"].to(dt),
+                                      "time_ids": self.time_ids(batch, pe.device).to(dt)}}
+
+    @torch.no_grad()
+    def generate(self, conditioning: dict[str, torch.Tensor], num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, seed: int | None = None, **_: Any):
+        from diffusers import StableDiffusionXLPipeline
+
+        n = conditioning["prompt_embeds"].shape[0]
+        neg = self.encode(self.text_prompts([""] * n))
+        dt = self.unet.dtype
+        pipe = StableDiffusionXLPipeline(
+            vae=self.vae, text_encoder=self.text_encoders[0], text_encoder_2=self.text_encoders[1],
+            tokenizer=self.tokenizers[0], tokenizer_2=self.tokenizers[1], unet=self.unet,
+            scheduler=self.sample_scheduler, add_watermarker=False)
+        pipe.set_progress_bar_config(disable=True)
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        return pipe(prompt_embeds=conditioning["prompt_embeds"].to(dt), pooled_prompt_embeds=conditioning["pooled"].to(dt),
+                    negative_prompt_embeds=neg["prompt_embeds"].to(dt), negative_pooled_prompt_embeds=neg["pooled"].to(dt),
+                    num_inference_steps=num_inference_steps or self.options.num_inference_steps,
+                    guidance_scale=self.options.guidance_scale if guidance_scale is None else guidance_scale,
+                    height=self.resolution, width=self.resolution, generator=gen).images
+
+
+@hookimpl
+def mmdialog_plugins() -> list[Plugin]:
+    return [Plugin("generator", "sdxl", SDXLGenerator, "Stable Diffusion XL, two text towers (folder or tiny)")]

@@ -1,0 +1,211 @@
+"""llm ``hf``: any Hugging Face causal LM (hub id, local folder or GGUF file),
+with the tokens ``[img]``/``[/img]`` added and LoRA through peft.
+
+New tokens get their own small embedding and output rows
+(``AddedTokenEmbedding`` / ``AddedTokenHead``) instead of resizing the base
+tables: the base rows stay frozen and untouched, only 3×D numbers per table
+train (the reference trains all of ``embed_tokens`` and ``lm_head``; set
+``model.trainable: {llm.embeddings: true}`` for that).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from mmdialog.core import assets
+from mmdialog.core.checkpoints import is_local, require_folder
+from mmdialog.core.errors import ConfigError
+from mmdialog.core.hookspecs import Plugin, hookimpl
+from mmdialog.core.interfaces import BuildContext, LanguageModel, PluginOptions
+
+IMG_OPEN, IMG_CLOSE, IMAGE_TOKEN = "[img]", "[/img]", "<image>"
+
+#: Used when a tokenizer has no chat template of its own.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LoraOptions(PluginOptions):
+    r: int = Field(8, ge=0, description="LoRA rank; 0 disables LoRA")
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+
+
+class HFOptions(PluginOptions):
+    path: str = Field(assets.SMOLLM2, description="hub id, local folder, or folder holding `gguf_file`")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path`")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: LoraOptions = Field(default_factory=LoraOptions)
+    random_weights: bool = Field(False, description="build from config.json with random weights (benchmarks)")
+    config_overrides: dict[str, Any] = Field(default_factory=dict, description="with random_weights")
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+
+
+class AddedTokenEmbedding(nn.Module):
+    """Base embedding for ids < base_vocab, a trainable table for the new ids."""
+
+    def __init__(self, base: nn.Embedding, n_new: int) -> None:
+        super().__init__()
+        self.base = base
+        self.base_vocab = base.num_embeddings
+        # New rows start at the mean embedding (a common, stable init).
+        init = base.weight.detach().float().mean(0, keepdim=True).repeat(n_new, 1)
+        self.new = nn.Parameter(init.to(base.weight.dtype))
+
+    @property
+    def weight(self) -> torch.Tensor:  # generate() and peft look for .weight
+        return self.base.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        is_new = ids >= self.base_vocab
+        out = self.base(ids.clamp(max=self.base_vocab - 1))  # (B, T, D)
+        if is_new.any():
+            out = torch.where(is_new[..., None], self.new[(ids - self.base_vocab).clamp(min=0)], out)
+        return out
+
+
+class AddedTokenHead(nn.Module):
+    """logits = [h·W_baseᵀ, h·W_newᵀ]: the new tokens' output rows, trainable."""
+
+    def __init__(self, base: nn.Linear, n_new: int) -> None:
+        super().__init__()
+        self.base = base
+        init = base.weight.detach().float().mean(0, keepdim=True).repeat(n_new, 1)
+        self.new = nn.Parameter(init.to(base.weight.dtype))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.base(h), h @ self.new.t()], dim=-1)  # (B, T, V_base + n_new)
+
+
+class HFLanguageModel(LanguageModel):
+    Options = HFOptions
+
+    def __init__(self, options: HFOptions) -> None:
+        super().__init__()
+        self.options = options
+        self.tokenizer, base = _load(options)
+        n_before = len(self.tokenizer)
+        self.tokenizer.add_tokens([IMG_OPEN, IMG_CLOSE])
+        self.tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+        n_new = len(self.tokenizer) - n_before
+        emb = base.get_input_embeddings()
+        if emb.num_embeddings != n_before:
+            # Some checkpoints pad the table (e.g. to a multiple of 64): new ids
+            # must start right after the table, so re-map the tokenizer ids.
+            raise ConfigError(f"LLM '{options.path}': tokenizer has {n_before} tokens but the "
+                              f"embedding table {emb.num_embeddings} rows; resize it first")
+        base.set_input_embeddings(AddedTokenEmbedding(emb, n_new))
+        base.set_output_embeddings(AddedTokenHead(base.get_output_embeddings(), n_new))
+        if not getattr(self.tokenizer, "chat_template", None):
+            self.tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if options.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = _with_lora(base, options.lora)
+        self.hidden_size = base.config.hidden_size
+        ids = self.tokenizer.convert_tokens_to_ids
+        self.img_open_id, self.img_close_id = ids(IMG_OPEN), ids(IMG_CLOSE)
+        self.image_token_id = ids(IMAGE_TOKEN)
+        self.pad_token_id = self.tokenizer.pad_token_id
+        self.base_vocab = n_before
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        base = self.base_model
+        emb, head = base.get_input_embeddings(), base.get_output_embeddings()
+        groups: dict[str, list[nn.Parameter]] = {
+            "lora": [p for n, p in self.model.named_parameters() if "lora_" in n],
+            "new_token_rows": [emb.new, head.new],
+            "embeddings": list({id(p): p for p in (emb.base.weight, head.base.weight)}.values()),
+        }
+        taken = {id(p) for ps in groups.values() for p in ps}
+        groups["base"] = [p for p in self.model.parameters() if id(p) not in taken]
+        return groups
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.base_model.get_input_embeddings()(input_ids)  # (B, T, D)
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+        return out.logits  # (B, T, V)
+
+    @torch.no_grad()
+    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                 max_new_tokens: int = 64, temperature: float = 0.0, num_beams: int = 1,
+                 top_p: float = 1.0, **_: Any) -> torch.Tensor:
+        sample = temperature > 0
+        eos = [i for i in {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+               if isinstance(i, int) and i != self.tokenizer.unk_token_id]
+        return self.model.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+            do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
+            num_beams=num_beams, eos_token_id=eos, pad_token_id=self.pad_token_id)
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _load(o: HFOptions) -> tuple[Any, nn.Module]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = assets.resolve(o.path)
+    dtype = DTYPES[o.dtype]
+    kw: dict[str, Any] = {}
+    if o.gguf_file:
+        require_folder(path, [o.gguf_file], "llm (GGUF)")
+        kw["gguf_file"] = o.gguf_file
+    elif is_local(path):
+        require_folder(path, ["config.json"], "llm")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+        if o.random_weights:
+            cfg = AutoConfig.from_pretrained(path, **kw)
+            for k, v in o.config_overrides.items():
+                setattr(cfg, k, v)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=o.attn_implementation)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation=o.attn_implementation, **kw)
+    except OSError as e:
+        raise ConfigError(f"llm '{o.path}' could not be loaded ({str(e).splitlines()[0]}); "
+                          "give a local folder, or a hub id with network access") from None
+    if o.gguf_file:  # GGUF weights arrive de-quantised in float32
+        model = model.to(dtype)
+    return tok, model
+
+
+def _with_lora(model: nn.Module, lora: LoraOptions) -> nn.Module:
+    if lora.r == 0:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in lora.targets if t not in names]
+    if missing:
+        raise ConfigError(f"llm.lora.targets: no module named {', '.join(missing)} in this model")
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                     target_modules=lora.targets, bias="none")
+    return get_peft_model(model, cfg)
+
+
+@hookimpl
+def mmdialog_plugins() -> list[Plugin]:
+    return [Plugin("llm", "hf", HFLanguageModel, "Hugging Face causal LM + LoRA (hub id, folder, GGUF)")]

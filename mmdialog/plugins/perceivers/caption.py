@@ -1,0 +1,35 @@
+"""perceiver ``caption``: the pipeline baseline. A photo enters the dialogue as
+its caption text, ``[img] caption [/img]`` (as in the reference code, where
+context photos are their PhotoChat descriptions). No pixels, no gradient."""
+from __future__ import annotations
+
+from mmdialog.core.data.schema import Photo
+from mmdialog.core.errors import MMDialogError
+from mmdialog.core.hookspecs import Plugin, hookimpl
+from mmdialog.core.interfaces import Perceiver, PluginOptions
+
+
+class CaptionOptions(PluginOptions):
+    pass
+
+
+class CaptionPerceiver(Perceiver):
+    Options = CaptionOptions
+    num_tokens = 0
+
+    def __init__(self, options: CaptionOptions) -> None:
+        super().__init__()
+
+    def parameter_groups(self) -> dict:
+        return {}
+
+    def caption(self, photo: Photo) -> str:
+        if not photo.description:
+            raise MMDialogError("the caption perceiver needs a description for every photo "
+                                "(use --perceiver qformer to read raw pixels)")
+        return photo.description
+
+
+@hookimpl
+def mmdialog_plugins() -> list[Plugin]:
+    return [Plugin("perceiver", "caption", CaptionPerceiver, "photo → its caption text (pipeline baseline)")]
