@@ -90,7 +90,7 @@ def test_malformed_file_does_not_lose_other_files(tmp_path):
 
 def test_non_utf8_file(tmp_path):
     good = json.dumps([GOOD, {**GOOD, "dialogue_id": 1, "dialogue": [_msg("caf\u00e9", 1), _msg("ok")]},
-                       {**GOOD, "dialogue_id": 2}])
+                       {**GOOD, "dialogue_id": 2}], ensure_ascii=False)
     raw = good.encode("utf-8").replace("caf\u00e9".encode(), b"caf\xe9")  # latin-1 byte
     f = tmp_path / "latin.json"
     f.write_bytes(raw)
@@ -162,7 +162,11 @@ def test_unknown_format_and_user_errors(tmp_path):
     empty = tmp_path / "empty.json"
     empty.write_text("  \n")
     r = load_dialogues(empty)
-    assert r.report.bad_files == 1 and "empty file" in str(r.report.problems[0])
+    assert r.report.bad_files == 0 and r.report.warnings == 1 and "empty file" in str(r.report.problems[0])
+    single = tmp_path / "dev_00.json"
+    single.write_text(json.dumps([GOOD]))
+    r = load_dialogues(single, split="train")
+    assert len(r) == 0 and "belong to another split" in r.report.problems[0].message
 
 
 def test_photo_data_without_share_is_a_warning(tmp_path):

@@ -43,7 +43,7 @@ RECORDS = [
 def _check(result):
     rep = result.report
     assert rep.dialogues == 2 and rep.bad_records == 0 and rep.bad_files == 0
-    assert rep.messages == 6 and rep.photos == 4 and rep.share_turns == 2
+    assert rep.messages == 6 and rep.photos == 4 and rep.share_turns == 3
     d = result.by_id()["wow:986"]
     assert d.source == "dialogcc" and d.split == "train"
     assert [t.speaker for t in d.turns] == ["Kitzie", "Bram", "Kitzie"]
@@ -99,6 +99,7 @@ def test_speaker_index_mode(tmp_path):
 def test_dialogcc_bad_images(tmp_path):
     recs = json.loads(json.dumps(RECORDS))
     recs[0]["dialogue"][1]["shared_image"] = [{"foo": 1}]
+    recs[0]["dialogue"][1]["description"] = ""
     recs[1]["dialogue"][0]["shared_image"] = [42]
     f = tmp_path / "valid.json"
     f.write_text(json.dumps(recs))

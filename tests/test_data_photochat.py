@@ -130,3 +130,14 @@ def test_photo_id_is_kept_and_resolves(tmp_path):
     assert p.id == "train/a1a9d7a530eade0b" and p.path == imgs / "a1a9d7a530eade0b.jpg"
     assert r.report.images_found == 1 and r.report.missing_images == 1
     assert sum(1 for x in r.report.problems if x.kind == "missing_image") == 1
+
+
+def test_limit_and_string_user_ids(tmp_path):
+    assert len(load_dialogues(EXCERPT, limit=5)) == 5
+    recs = json.loads((EXCERPT / "train_00.first9.json").read_text())[:1]
+    for m in recs[0]["dialogue"]:
+        m["user_id"] = str(m["user_id"])
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps(recs))
+    d = load_dialogues(f)[0]
+    assert d.speakers == ["1", "0"] and len(d.turns) == 7

@@ -60,6 +60,19 @@ def load_tokenizer(path: str) -> Any:
     return tok
 
 
+def _no_cache_kwarg() -> dict[str, None]:
+    """transformers renamed create_causal_mask's ``past_key_values`` to ``cache`` in 5.x."""
+    import inspect
+
+    from transformers.masking_utils import create_causal_mask
+
+    params = inspect.signature(create_causal_mask).parameters
+    return {"cache": None} if "cache" in params else {"past_key_values": None}
+
+
+_NO_CACHE = _no_cache_kwarg()
+
+
 def encode_text_tower(model: nn.Module, prompt: PromptTokens, hidden_layer: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a CLIP text tower on (differentiable) token embeddings.
@@ -76,16 +89,27 @@ def encode_text_tower(model: nn.Module, prompt: PromptTokens, hidden_layer: int 
     tm = getattr(model, "text_model", model)
     emb = prompt.inputs_embeds.to(tm.embeddings.token_embedding.weight.dtype)
     h = tm.embeddings(inputs_embeds=emb)                                 # (N, S, d) + positions
-    mask = create_causal_mask(config=tm.config, inputs_embeds=h, attention_mask=None, past_key_values=None)
-    out = tm.encoder(inputs_embeds=h, attention_mask=mask, is_causal=True,
-                     output_hidden_states=hidden_layer is not None)
+    mask = create_causal_mask(config=tm.config, inputs_embeds=h, attention_mask=None, **_NO_CACHE)
+    captured: list[torch.Tensor] = []
+    handle = None
+    if hidden_layer is not None:
+        # hidden_states[i] is the output of layer i-1 (index 0 is the embeddings);
+        # transformers 5 encoders no longer take output_hidden_states, so hook it.
+        layer = tm.encoder.layers[hidden_layer + 1 if hidden_layer < -1 else hidden_layer]
+        handle = layer.register_forward_hook(
+            lambda mod, args, output: captured.append(output[0] if isinstance(output, tuple) else output))
+    try:
+        out = tm.encoder(inputs_embeds=h, attention_mask=mask, is_causal=True)
+    finally:
+        if handle is not None:
+            handle.remove()
     last = tm.final_layer_norm(out.last_hidden_state)
     eos = tm.config.eos_token_id
     ids = prompt.input_ids.to(h.device)
     # The pooled state sits at the first EOS (HF's rule when eos_token_id != 2).
     pos = (ids == eos).int().argmax(-1) if eos is not None and eos != 2 else ids.argmax(-1)
     pooled = last[torch.arange(last.shape[0], device=h.device), pos]      # (N, d)
-    hidden = last if hidden_layer is None else out.hidden_states[hidden_layer]
+    hidden = last if hidden_layer is None else captured[-1]
     return hidden, pooled
 
 

@@ -80,8 +80,9 @@ class DialogueModel(nn.Module):
             span_logits = logits[b, pos - 1]                                 # (N, L, V): predictions of ids
             prompts = self.bridge(ids, valid, span_logits)
             image_loss = self.generator.loss(self.generator.encode(prompts), batch.desc_pixels[use])
-        return {"loss": text_loss + self.image_loss_weight * image_loss, "text_loss": text_loss.detach(),
-                "image_loss": image_loss.detach(), "image_samples": use.sum()}
+        # Both parts keep their graphs, so each can be back-propagated alone.
+        return {"loss": text_loss + self.image_loss_weight * image_loss, "text_loss": text_loss,
+                "image_loss": image_loss, "image_samples": use.sum()}
 
     # -- inference ------------------------------------------------------------------------
     @torch.no_grad()

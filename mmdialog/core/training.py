@@ -37,7 +37,7 @@ def read_dialogues(cfg: DataConfig, split: str | None = None) -> tuple[list[Dial
     result = load_dialogues(cfg.path, format=cfg.format, split=split, image_dir=cfg.image_dir)
     if not result.dialogues:
         raise MMDialogError(f"no usable dialogues in {cfg.path}: run `mmdialog data check {cfg.path}`")
-    return result.dialogues, result.report.format().splitlines()[0]
+    return result.dialogues, result.report.headline()
 
 
 class SampleDataset(Dataset):
@@ -83,8 +83,8 @@ class DialogueModule(L.LightningModule):
         out = self.model(batch)
         n = len(batch)
         self.log("loss", out["loss"].detach(), batch_size=n)
-        self.log("text_loss", out["text_loss"], prog_bar=True, batch_size=n)
-        self.log("image_loss", out["image_loss"], prog_bar=True, batch_size=n)
+        self.log("text_loss", out["text_loss"].detach(), prog_bar=True, batch_size=n)
+        self.log("image_loss", out["image_loss"].detach(), prog_bar=True, batch_size=n)
         return out["loss"]
 
     def configure_optimizers(self):

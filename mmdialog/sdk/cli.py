@@ -13,18 +13,14 @@ from typing import Optional
 import typer
 import yaml
 
+from mmdialog.core.data.cli import data_app
 from mmdialog.core.errors import MMDialogError
 
 app = typer.Typer(help="Photo-sharing multimodal dialogue: train, inspect, run.",
                   pretty_exceptions_enable=False, no_args_is_help=True, add_completion=False)
 config_app = typer.Typer(help="Show and check configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-
-
-def _mount_data() -> None:
-    from mmdialog.core.data.cli import data_app
-
-    app.add_typer(data_app, name="data")
+app.add_typer(data_app, name="data")
 
 
 def _parse_sets(sets: list[str]) -> dict:
@@ -117,7 +113,6 @@ def config_show(config: str = CONFIG, llm: Optional[str] = None, perceiver: Opti
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _mount_data()
     try:
         app()
     except MMDialogError as e:

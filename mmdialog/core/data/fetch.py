@@ -24,7 +24,6 @@ import http.client
 import io
 import os
 import random
-import socket
 import threading
 import time
 import urllib.error
@@ -147,7 +146,7 @@ def _download(url: str, timeout: float, max_bytes: int, user_agent: str) -> byte
         raise _Permanent(f"HTTP {code} {e.reason}") from None
     except http.client.IncompleteRead as e:
         raise _Retryable(f"truncated body ({len(e.partial)} bytes received)") from None
-    except (urllib.error.URLError, http.client.HTTPException, socket.timeout, TimeoutError,
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError,
             ConnectionError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise _Retryable(f"{type(e).__name__}: {reason}") from None

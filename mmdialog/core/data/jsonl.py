@@ -88,7 +88,7 @@ def resolve_path(value: str, base: Path | None) -> Path:
         return found if found is not None else Path(value)
     p = Path(value).expanduser()
     if not p.is_absolute() and base is not None:
-        p = base / p
+        p = Path(os.path.normpath(base / p))
     return p
 
 
@@ -201,7 +201,7 @@ def write_jsonl(dialogues: Iterable[Dialogue], path: str | Path, *, relative_pat
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    base = path.parent.resolve() if relative_paths else None
+    base = path.parent.absolute() if relative_paths else None
     n = 0
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:

@@ -108,6 +108,7 @@ def load_dialogues(
     dialogues: list[Dialogue] = []
     origin: list[str] = []  # data file of each dialogue, for image problems
     seen_ids: dict[str, str] = {}
+    other_split = 0
     for f in files:
         if limit is not None and len(dialogues) >= limit:
             break
@@ -128,6 +129,7 @@ def load_dialogues(
             if d is None:
                 continue
             if want is not None and d.split is not None and d.split != want:
+                other_split += 1
                 continue
             prev = seen_ids.get(d.id)
             if prev is not None:
@@ -137,6 +139,9 @@ def load_dialogues(
                 seen_ids[d.id] = str(f)
             dialogues.append(d)
             origin.append(str(f))
+    if other_split and not dialogues:
+        report.add_problem(WARNING, str(root), None, f"all {other_split} dialogue(s) belong to another "
+                           f"split than {want!r}; nothing loaded")
     _resolve_images(dialogues, origin, report, image_dir, verify_images)
     report.count_dialogues(dialogues)
     return LoadResult(dialogues=dialogues, report=report)

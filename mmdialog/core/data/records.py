@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from mmdialog.core.data.report import BAD_FILE, BAD_RECORD, LoadReport
+from mmdialog.core.data.report import BAD_FILE, BAD_RECORD, WARNING, LoadReport
 
 #: Canonical split names. ``valid``/``validation``/``val`` map to ``dev``.
 SPLIT_ALIASES = {
@@ -155,7 +155,7 @@ def iter_records(path: Path, report: LoadReport) -> Iterator[RawRecord]:
         return
     start = _WS.match(text).end()
     if start == len(text):
-        report.add_problem(BAD_FILE, file, None, "empty file")
+        report.add_problem(WARNING, file, None, "empty file (no records)")
         return
     if text[start] == "[":
         yield from _iter_array(text, start, file, report)
@@ -219,12 +219,30 @@ def _iter_array(text: str, pos: int, file: str, report: LoadReport) -> Iterator[
 
 
 def _iter_lines(text: str, file: str, report: LoadReport) -> Iterator[RawRecord]:
+    """JSON lines. If no line parses at all, the file is reported once as a bad file."""
+    parsed: list[RawRecord] = []
+    errors: list[tuple[int, str]] = []
     for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON may hold raw U+2028
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as e:
-            report.add_problem(BAD_RECORD, file, f"line {lineno}", f"invalid JSON ({e.msg} at column {e.colno})")
+            errors.append((lineno, f"invalid JSON ({e.msg} at column {e.colno})"))
             continue
-        yield RawRecord(f"line {lineno}", value)
+        parsed.append(RawRecord(f"line {lineno}", value))
+    if errors and not parsed:
+        lineno, msg = errors[0]
+        report.add_problem(BAD_FILE, file, None, f"not valid JSON or JSON lines: line {lineno}: {msg}")
+        return
+    err = iter(errors)
+    pending = next(err, None)
+    for rec in parsed:  # report bad lines in file order, interleaved with the good ones
+        lineno = int(rec.label.split()[1])
+        while pending is not None and pending[0] < lineno:
+            report.add_problem(BAD_RECORD, file, f"line {pending[0]}", pending[1])
+            pending = next(err, None)
+        yield rec
+    while pending is not None:
+        report.add_problem(BAD_RECORD, file, f"line {pending[0]}", pending[1])
+        pending = next(err, None)

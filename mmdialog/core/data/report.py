@@ -111,10 +111,21 @@ class LoadReport:
         c = self.counts()
         return ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in c.items())
 
+    def headline(self) -> str:
+        """One line: ``42 dialogues (557 messages → 420 turns), 42 photos (0 found), 0 bad records``."""
+        text = (f"{self.dialogues} dialogues ({self.messages} messages → {self.turns} turns), "
+                f"{self.photos} photos in {self.share_turns} share turns ({self.images_found} found locally), "
+                f"{self.bad_records} bad records, {self.bad_files} bad files")
+        if self.corrupt_images:
+            text += f", {self.corrupt_images} corrupt images"
+        return text
+
     def format(self, max_problems: int | None = 20) -> str:
-        """Multi-line human report: one ``name: value`` line per count, then the problems."""
+        """Multi-line human report: :meth:`headline`, one ``name  value`` line per
+        count, then up to ``max_problems`` problems (one line each)."""
         width = max(len(k) for k in self.counts())
-        lines = [f"{k.replace('_', ' '):<{width}}  {v}" for k, v in self.counts().items()]
+        lines = [self.headline()]
+        lines += [f"{k.replace('_', ' '):<{width}}  {v}" for k, v in self.counts().items()]
         shown = self.problems if max_problems is None else self.problems[:max_problems]
         if shown:
             lines.append("problems:")
@@ -122,11 +133,6 @@ class LoadReport:
             if len(self.problems) > len(shown):
                 lines.append(f"  ... and {len(self.problems) - len(shown)} more")
         return "\n".join(lines)
-
-    def merge(self, other: "LoadReport") -> None:
-        for k in ("files", "messages", "bad_records", "bad_files", "warnings", "corrupt_images"):
-            setattr(self, k, getattr(self, k) + getattr(other, k))
-        self.problems.extend(other.problems)
 
 
 @dataclass

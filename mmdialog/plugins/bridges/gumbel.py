@@ -50,7 +50,7 @@ def gumbel_softmax_st(logits: torch.Tensor, tau: float = 1.0, noise: bool = True
     if not hard:
         return y
     one_hot = torch.zeros_like(y).scatter_(-1, y.argmax(-1, keepdim=True), 1.0)
-    return one_hot + y - y.detach()
+    return one_hot + (y - y.detach())  # y − sg(y) is exactly 0: the forward is exactly one-hot
 
 
 def alignment_matrix(tower_offsets: list[tuple[int, int]], llm_spans: list[tuple[int, int]],

@@ -1,0 +1,87 @@
+"""Typed configs: presets, YAML, overrides, and errors that name the field."""
+import pytest
+
+from mmdialog import ConfigError, build, load_config
+from mmdialog.core.config import DEFAULT_TRAINABLE, dump_config
+
+
+@pytest.mark.parametrize("preset", ["tiny", "paper"])
+def test_presets_validate(preset):
+    cfg = load_config(preset)
+    assert cfg.model.perceiver.name == "qformer" and cfg.model.bridge.name == "gumbel"
+
+
+def test_paper_preset_matches_the_reference_recipe():
+    cfg = load_config("paper")
+    lora = cfg.model.llm.options["lora"]
+    assert (lora["r"], lora["alpha"], lora["dropout"]) == (32, 32, 0.1)
+    assert cfg.train.lr == 5e-5 and cfg.train.weight_decay == 0.01 and cfg.train.warmup_steps == 400
+    assert cfg.data.batch_size * cfg.train.accumulate == 16
+
+
+def test_paper_preset_without_checkpoints_fails_before_loading(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="llm 'meta-llama/Llama-2-7b-chat-hf' could not be loaded"):
+        build("paper")
+
+
+def test_switching_a_plugin_drops_the_old_options():
+    cfg = load_config("tiny", bridge="text")
+    assert cfg.model.bridge.name == "text" and cfg.model.bridge.options == {}
+    same = load_config("tiny", bridge={"tau": 0.5})
+    assert same.model.bridge.options["tau"] == 0.5 and same.model.bridge.options["alignment"] == "aligned"
+
+
+def test_yaml_file_with_preset_and_dotted_overrides(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("preset: tiny\ntrain:\n  lr: 0.001\nmodel:\n  bridge: {name: gumbel, alignment: bag}\n")
+    cfg = load_config(f, {"train.max_steps": 7})
+    assert cfg.train.lr == 0.001 and cfg.train.max_steps == 7
+    assert cfg.model.bridge.options["alignment"] == "bag"
+    assert cfg.model.llm.name == "hf"  # the rest comes from the preset
+    assert load_config(dump_config(cfg) and cfg) == cfg
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"train.lr": -1}, "train.lr"),
+    ({"train.lrr": 1}, "train.lrr"),
+    ({"model.image_loss_weight": "heavy"}, "model.image_loss_weight"),
+    ({"model.bridge.tau": 0}, "model.bridge.tau"),
+    ({"model.bridge.alignment": "diagonal"}, "model.bridge.alignment"),
+    ({"model.bridge.tua": 1.0}, "model.bridge.tua"),
+    ({"model.llm.lora.r": "eight"}, "model.llm.lora.r"),
+    ({"data.batch_size": 0}, "data.batch_size"),
+])
+def test_invalid_fields_are_named(overrides, field):
+    with pytest.raises(ConfigError, match=rf"config field '{field}'"):
+        load_config("tiny", overrides)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; available: tiny, paper"):
+        load_config("huge")
+
+
+def test_freeze_policy_is_applied_and_overridable(tiny):
+    assert tiny.trainable_groups == sorted(k for k, v in DEFAULT_TRAINABLE.items() if v)
+    frozen = {n for n, p in tiny.named_parameters() if not p.requires_grad}
+    assert any("vae" in n for n in frozen) and any("text_encoders" in n for n in frozen)
+    assert any(n.startswith("perceiver.vision") for n in frozen)
+    trainable = {n for n, p in tiny.named_parameters() if p.requires_grad}
+    assert all(("lora_" in n or n.endswith(".new") or n.startswith(("generator.unet", "perceiver.projection")))
+               for n in trainable)
+    assert tiny.summary()["llm"]["trainable"] < 0.01 * tiny.summary()["llm"]["params"]
+
+
+def test_freeze_policy_override_and_typo():
+    m = build("tiny", overrides={"model.trainable": {"generator.unet": False, "perceiver.qformer": True}})
+    assert "generator.unet" not in m.trainable_groups and "perceiver.qformer" in m.trainable_groups
+    assert not any(p.requires_grad for p in m.generator.parameters())
+    with pytest.raises(ConfigError, match=r"model\.trainable\.generator\.unett.*no such parameter group"):
+        build("tiny", overrides={"model.trainable": {"generator.unett": True}})

@@ -1,0 +1,55 @@
+"""DialogueModel inference and batching on the embedded default."""
+import torch
+
+from mmdialog import Photo, Reply, Turn
+from mmdialog.core.data.collate import IGNORE
+from mmdialog.core.model import description_spans
+
+
+def test_respond_writes_a_reply_and_perceives_history_photos(tiny, cat_photo):
+    history = [Turn("user", "look at my cat", [Photo(description="a cat", path=cat_photo)]),
+               Turn("assistant", "she is lovely"), Turn("user", "what colour is she?")]
+    batch = tiny.collator.prompt(history, "assistant")
+    assert batch.photo_slots.tolist() == [[0, batch.photo_slots[0, 1].item()]]
+    assert (batch.input_ids[0] == tiny.llm.image_token_id).sum() == tiny.perceiver.num_tokens
+    reply = tiny.respond(history, max_new_tokens=12, seed=0)
+    assert isinstance(reply, Reply) and reply.text and isinstance(reply.shared, bool)
+    assert reply.shared == bool(reply.images)
+    again = tiny.respond(history, max_new_tokens=12, seed=0)
+    assert again.text == reply.text
+
+
+def test_description_spans():
+    o, c = 100, 101
+    assert description_spans([1, o, 5, 6, c, 2, o, 7, c], o, c) == [[5, 6], [7]]
+    assert description_spans([1, o, 5, 6], o, c) == [[5, 6]]   # cut off by max tokens
+    assert description_spans([1, c, 2], o, c) == []
+
+
+def test_batch_marks_descriptions_labels_and_missing_photos(tiny, cat_dialogue):
+    cat_dialogue.turns[1].photos.append(Photo(description="my old cat", path=None))  # photo file missing
+    b = tiny.collator([(cat_dialogue, "1"), (cat_dialogue, "0")])
+    assert b.desc_index.tolist() == [0, 0]           # only the agent's own photos are described
+    assert b.desc_has_image.tolist() == [False, True] and b.stats["photos_missing"] == 1
+    tok = tiny.llm.tokenizer
+    spans = [tok.decode(b.input_ids[0, s:s + n]) for s, n in zip(b.desc_start.tolist(), b.desc_len.tolist())]
+    assert spans == [" my old cat ", " a tabby cat lying on a wooden floor "]
+    # labels cover the agent's turns only, never the image placeholders
+    lab = b.labels[0]
+    assert (lab[b.input_ids[0] == tiny.llm.image_token_id] == IGNORE).all()
+    trained = tok.decode(b.input_ids[0][lab != IGNORE])
+    assert "good! I just adopted a cat" in trained and "so cute" not in trained
+    # speaker 0 sees speaker 1's photo as K perceived embeddings, not as text
+    assert b.photo_slots[:, 0].tolist() == [0, 1]
+    assert "tabby" not in tok.decode(b.input_ids[1])
+    out = tiny(b)
+    assert torch.isfinite(out["loss"]) and out["image_samples"] == 1
+
+
+def test_caption_perceiver_reads_descriptions_as_text(cat_dialogue):
+    from mmdialog import build
+
+    m = build("tiny", perceiver="caption", bridge="text")
+    b = m.collator([(cat_dialogue, "0")])
+    assert b.photo_slots.numel() == 0
+    assert "[img] a tabby cat lying on a wooden floor [/img]" in m.llm.tokenizer.decode(b.input_ids[0])
