@@ -378,23 +378,13 @@ def test_image_metrics_small_samples_and_determinism():
 # --------------------------------------------------------------------------- #
 
 
-def _bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     out = tmp_path_factory.mktemp("tiny_clip")
+    from mmdialog.core.assets import _bytes_to_unicode
+
     chars = list(_bytes_to_unicode().values())
     merges = ["t h", "th e</w>", "d o", "do g</w>", "c a", "ca t</w>"]
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]

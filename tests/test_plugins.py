@@ -1,11 +1,9 @@
 """Plugins: built-ins and a third-party package found through its entry point."""
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from mmdialog import ConfigError, PluginError, build
 from mmdialog.core.registry import Registry, default_registry

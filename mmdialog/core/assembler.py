@@ -36,7 +36,8 @@ def build(config: str | Path | dict[str, Any] | Config = "tiny", /,
     for kind in ("llm", "generator", "perceiver", "bridge"):
         plugin = reg.get(kind, getattr(cfg.model, kind).name)
         built[kind] = plugin.factory.from_options(options[kind], ctx)
-        setattr(ctx, kind, built[kind]) if kind in ("llm", "generator") else None
+        if kind in ("llm", "generator"):  # later factories depend on these two
+            setattr(ctx, kind, built[kind])
     model = DialogueModel(built["llm"], built["perceiver"], built["bridge"], built["generator"], cfg)
     apply_freeze_policy(model, cfg.model.trainable)
     return model

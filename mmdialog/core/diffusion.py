@@ -45,6 +45,16 @@ def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module if dtype == torch.float32 else module.to(dtype)
 
 
+def load_schedulers(folder: Path | None = None) -> tuple[Any, Any]:
+    """(DDPM for training, the folder's own scheduler class for sampling)."""
+    import diffusers
+
+    cfg = diffusers.DDPMScheduler.load_config(str(folder), subfolder="scheduler") if folder else \
+        {"_class_name": "DDIMScheduler", **SD_SCHEDULE}
+    sampler = getattr(diffusers, cfg.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
+    return diffusers.DDPMScheduler.from_config(cfg), sampler.from_config(cfg)
+
+
 def check_diffusers_folder(path: str, subfolders: list[str], what: str) -> Path:
     files = ["model_index.json"] + [f"{s}/config.json" for s in subfolders if not s.startswith(("tokenizer", "scheduler"))]
     files += [f"{s}" for s in subfolders if s.startswith("tokenizer")]
@@ -122,6 +132,22 @@ class LatentDiffusionGenerator(Generator):
     tokenizers: list[Any]
     train_scheduler: Any
     sample_scheduler: Any
+
+    def _init_image_parts(self, folder: Path | None, options: Any, dtype: torch.dtype) -> None:
+        """VAE, UNet and schedulers from a diffusers folder, or random-init from the options."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        if folder is not None:
+            self.vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", torch_dtype=dtype)
+            self.unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", torch_dtype=dtype)
+        else:
+            self.vae = _cast(AutoencoderKL(**options.vae), dtype)
+            self.unet = _cast(UNet2DConditionModel(**options.unet), dtype)
+        self.train_scheduler, self.sample_scheduler = load_schedulers(folder)
+        if options.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.resolution = options.resolution or self.unet.config.sample_size * factor
 
     def _init_towers(self) -> None:
         for i, tok in enumerate(self.tokenizers):

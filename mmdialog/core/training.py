@@ -6,8 +6,6 @@ distribution code lives here.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import tempfile
 from pathlib import Path

@@ -28,7 +28,6 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from mmdialog.core.hookspecs import Plugin, hookimpl
 from mmdialog.core.interfaces import Bridge, BuildContext, PluginOptions, PromptTokens, TextTower

@@ -14,7 +14,7 @@ from pydantic import Field
 from torch import nn
 
 from mmdialog.core import assets
-from mmdialog.core.diffusion import (_cast, SD_SCHEDULE, LatentDiffusionGenerator, check_diffusers_folder,
+from mmdialog.core.diffusion import (LatentDiffusionGenerator, check_diffusers_folder,
                                      encode_text_tower, load_tokenizer, tiny_clip_text_config,
                                      tiny_vae_config)
 from mmdialog.core.hookspecs import Plugin, hookimpl
@@ -40,43 +40,25 @@ class SDOptions(PluginOptions):
     guidance_scale: float = Field(7.5, ge=0)
 
 
-def load_schedulers(folder=None) -> tuple[Any, Any]:
-    """(DDPM for training, the folder's own scheduler class for sampling)."""
-    import diffusers
-
-    cfg = diffusers.DDPMScheduler.load_config(str(folder), subfolder="scheduler") if folder else \
-        {"_class_name": "DDIMScheduler", **SD_SCHEDULE}
-    sampler = getattr(diffusers, cfg.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
-    return diffusers.DDPMScheduler.from_config(cfg), sampler.from_config(cfg)
-
-
 class SDGenerator(LatentDiffusionGenerator):
     Options = SDOptions
 
     def __init__(self, options: SDOptions) -> None:
         super().__init__()
-        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
         self.options = o = options
         dtype = getattr(torch, o.dtype)
-        if o.path:
-            folder = check_diffusers_folder(o.path, ["unet", "vae", "text_encoder", "tokenizer"], "generator sd")
-            self.vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", torch_dtype=dtype)
-            self.unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", torch_dtype=dtype)
+        folder = check_diffusers_folder(o.path, ["unet", "vae", "text_encoder", "tokenizer"], "generator sd") \
+            if o.path else None
+        self._init_image_parts(folder, o, dtype)
+        if folder:
             encoder = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", dtype=dtype)
             self.tokenizers = [load_tokenizer(str(folder / "tokenizer"))]
         else:
-            folder = None
-            self.vae = _cast(AutoencoderKL(**o.vae), dtype)
-            self.unet = _cast(UNet2DConditionModel(**o.unet), dtype)
             encoder = CLIPTextModel(CLIPTextConfig(**o.text_encoder)).to(dtype)
             self.tokenizers = [load_tokenizer(o.tokenizer)]
         self.text_encoders = nn.ModuleList([encoder])
-        self.train_scheduler, self.sample_scheduler = load_schedulers(folder)
-        if o.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        self.resolution = o.resolution or self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._init_towers()
 
     def encode(self, prompts: list[PromptTokens]) -> torch.Tensor:

@@ -11,11 +11,10 @@ from pydantic import Field
 from torch import nn
 
 from mmdialog.core import assets
-from mmdialog.core.diffusion import (_cast, LatentDiffusionGenerator, check_diffusers_folder, encode_text_tower,
+from mmdialog.core.diffusion import (LatentDiffusionGenerator, check_diffusers_folder, encode_text_tower,
                                      load_tokenizer, tiny_clip_text_config, tiny_vae_config)
 from mmdialog.core.hookspecs import Plugin, hookimpl
 from mmdialog.core.interfaces import PluginOptions, PromptTokens
-from mmdialog.plugins.generators.sd import load_schedulers
 
 TINY_TIME_DIM = 8
 TINY_SDXL_UNET = dict(sample_size=16, in_channels=4, out_channels=4,
@@ -47,33 +46,25 @@ class SDXLGenerator(LatentDiffusionGenerator):
 
     def __init__(self, options: SDXLOptions) -> None:
         super().__init__()
-        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
         self.options = o = options
         dtype = getattr(torch, o.dtype)
-        if o.path:
-            folder = check_diffusers_folder(
-                o.path, ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"], "generator sdxl")
-            self.vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", torch_dtype=dtype)
-            self.unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", torch_dtype=dtype)
+        folder = check_diffusers_folder(
+            o.path, ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"], "generator sdxl") \
+            if o.path else None
+        self._init_image_parts(folder, o, dtype)
+        if folder:
             enc1 = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", dtype=dtype)
             enc2 = CLIPTextModelWithProjection.from_pretrained(str(folder), subfolder="text_encoder_2", dtype=dtype)
             self.tokenizers = [load_tokenizer(str(folder / "tokenizer")), load_tokenizer(str(folder / "tokenizer_2"))]
         else:
-            folder = None
-            self.vae = _cast(AutoencoderKL(**o.vae), dtype)
-            self.unet = _cast(UNet2DConditionModel(**o.unet), dtype)
             enc1 = CLIPTextModel(CLIPTextConfig(**o.text_encoder)).to(dtype)
             enc2 = CLIPTextModelWithProjection(CLIPTextConfig(**o.text_encoder_2)).to(dtype)
             tok2 = load_tokenizer(o.tokenizer)
             tok2.pad_token = "!"  # SDXL's second tokenizer pads with "!" (id 0)
             self.tokenizers = [load_tokenizer(o.tokenizer), tok2]
         self.text_encoders = nn.ModuleList([enc1, enc2])
-        self.train_scheduler, self.sample_scheduler = load_schedulers(folder)
-        if o.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        self.resolution = o.resolution or self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._init_towers()
 
     def encode(self, prompts: list[PromptTokens]) -> dict[str, torch.Tensor]:

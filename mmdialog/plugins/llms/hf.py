@@ -9,7 +9,6 @@ train (the reference trains all of ``embed_tokens`` and ``lm_head``; set
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -20,7 +19,7 @@ from mmdialog.core import assets
 from mmdialog.core.checkpoints import is_local, require_folder
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.hookspecs import Plugin, hookimpl
-from mmdialog.core.interfaces import BuildContext, LanguageModel, PluginOptions
+from mmdialog.core.interfaces import LanguageModel, PluginOptions
 
 IMG_OPEN, IMG_CLOSE, IMAGE_TOKEN = "[img]", "[/img]", "<image>"
 
