@@ -79,13 +79,19 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(400, ge=0)
     accumulate: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    precision: str = Field("32-true", description="Lightning precision: 32-true, bf16-mixed, bf16-true, 16-mixed")
+    precision: str = Field("auto", description="Lightning precision: auto (bf16-mixed where supported, "
+                                               "else 32-true), 32-true, bf16-mixed, bf16-true, 16-mixed")
     accelerator: str = "auto"
     devices: int | str = "auto"
     num_nodes: int = Field(1, gt=0)
     strategy: str = Field("auto", description="auto, ddp, fsdp, deepspeed")
     out_dir: str = "runs/mmdialog"
     log_every: int = Field(1, gt=0)
+    checkpoint_every: int = Field(100, gt=0, description="optimizer steps between checkpoints (last.ckpt)")
+    gradient_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
+    fused_optimizer: bool = Field(True, description="fused AdamW kernel where all parameters are on GPU")
+    deterministic: bool = Field(True, description="reseed every step from (seed, step, rank): "
+                                                  "resumed runs repeat uninterrupted ones")
 
 
 class Config(_Strict):

@@ -19,6 +19,7 @@ BUILTIN_MODULES = (
     "mmdialog.plugins.bridges.text",
     "mmdialog.plugins.generators.sd",
     "mmdialog.plugins.generators.sdxl",
+    "mmdialog.plugins.generators.library",
 )
 
 

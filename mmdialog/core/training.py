@@ -1,19 +1,32 @@
 """Lightning training: a LightningModule around ``DialogueModel`` and a data
-module that turns dialogues into (dialogue, agent) samples and batches.
+module of (dialogue, agent) samples.
 
-Scale (devices, nodes, DDP/FSDP/DeepSpeed, precision) is Lightning's; no
-distribution code lives here.
+Scale — devices, nodes, DDP / FSDP / DeepSpeed, precision — is Lightning's;
+no distribution code lives here. What is ours:
+
+* checkpoints hold only trainable weights + the full config + optimizer and
+  scheduler state, written atomically (temp file + rename);
+* deterministic mode reseeds every step from (seed, step, rank), and the
+  sampler's order depends only on (seed, epoch), so a resumed run repeats an
+  uninterrupted one exactly;
+* a non-finite loss stops the run with its step number and keeps the last
+  good checkpoint; Ctrl-C saves a checkpoint; out-of-memory says which flags
+  reduce memory.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmdialog.core.config import Config, DataConfig, dump_config
 from mmdialog.core.data.collate import Batch, training_samples
@@ -22,6 +35,11 @@ from mmdialog.core.errors import MMDialogError
 from mmdialog.core.model import DialogueModel
 
 DEMO = "embedded:demo"
+CONFIG_KEY = "mmdialog_config"
+
+
+class TrainingError(MMDialogError):
+    """A run that had to stop (non-finite loss, out of memory)."""
 
 
 def read_dialogues(cfg: DataConfig, split: str | None = None) -> tuple[list[Dialogue], str]:
@@ -34,7 +52,8 @@ def read_dialogues(cfg: DataConfig, split: str | None = None) -> tuple[list[Dial
         return dialogues, f"embedded demo ({split or 'train'}): {len(dialogues)} dialogues"
     result = load_dialogues(cfg.path, format=cfg.format, split=split, image_dir=cfg.image_dir)
     if not result.dialogues:
-        raise MMDialogError(f"no usable dialogues in {cfg.path}: run `mmdialog data check {cfg.path}`")
+        raise MMDialogError(f"no usable dialogues in {cfg.path} (split {split}): "
+                            f"run `mmdialog data check {cfg.path}`")
     return result.dialogues, result.report.headline()
 
 
@@ -49,10 +68,62 @@ class SampleDataset(Dataset):
         return self.samples[i]
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation that depends only on (seed, epoch): a resumed run sees the
+    same order as an uninterrupted one. Lightning calls ``set_epoch``."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position inside the epoch is saved in checkpoints.
+
+    ``training_step`` marks each batch consumed; on resume the first
+    ``consumed`` batches of the (seeded, hence identical) epoch order are
+    skipped, so a run resumed mid-epoch sees exactly the batches it would
+    have seen (Lightning restarts non-stateful loaders from the epoch start).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.consumed = 0
+        self._skip = 0
+
+    def mark_consumed(self) -> None:
+        self.consumed += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # A checkpoint taken after the epoch's last batch resumes at a new epoch.
+        self._skip = state["consumed"] if state["consumed"] < len(self) else 0
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        self.consumed = skip
+        it = super().__iter__()
+        for _ in range(skip):
+            next(it, None)
+        return it
+
+
 class DialogueDataModule(L.LightningDataModule):
     def __init__(self, config: Config, collator) -> None:
         super().__init__()
         self.cfg = config.data
+        self.seed = config.model.seed
         self.collator = collator
         self.summary = ""
 
@@ -61,36 +132,84 @@ class DialogueDataModule(L.LightningDataModule):
         self.train_set = SampleDataset(training_samples(dialogues, self.cfg.both_speakers))
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True,
+        return ResumableLoader(self.train_set, batch_size=self.cfg.batch_size,
+                          sampler=EpochShuffleSampler(len(self.train_set), self.seed),
                           collate_fn=self.collator, num_workers=self.cfg.num_workers,
                           persistent_workers=self.cfg.num_workers > 0)
 
 
+def trainable_names(model: DialogueModel) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
 class DialogueModule(L.LightningModule):
+    """Optimises the trainable groups of a ``DialogueModel`` (see the freeze policy)."""
+
+    strict_loading = False  # checkpoints hold only trainable weights
+
     def __init__(self, model: DialogueModel) -> None:
         super().__init__()
         self.model = model
         self.train_cfg = model.config.train
+        self.seed = model.config.model.seed
+        self.sample_log: list[str] = []
 
     def transfer_batch_to_device(self, batch: Batch, device, dataloader_idx: int) -> Batch:
         return batch.to(device)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        if self.train_cfg.deterministic:
+            # Noise, timesteps and dropout depend on (seed, step, rank, micro-batch) only.
+            torch.manual_seed(hash((self.seed, self.global_step, self.global_rank, batch_idx)) % 2**62)
         if hasattr(self.model.bridge, "set_step"):
             self.model.bridge.set_step(self.global_step)
         out = self.model(batch)
+        if not torch.isfinite(out["loss"]):
+            raise TrainingError(
+                f"loss became {out['loss'].item()} at step {self.global_step} (text {out['text_loss'].item():.4g}, "
+                f"image {out['image_loss'].item():.4g}); the last good checkpoint is kept in "
+                f"{self.train_cfg.out_dir}/checkpoints — lower --lr or use --precision 32-true, then --resume")
+        self.sample_log.extend(batch.ids)
+        loader = self.trainer.train_dataloader
+        if isinstance(loader, ResumableLoader):
+            loader.mark_consumed()
         n = len(batch)
         self.log("loss", out["loss"].detach(), batch_size=n)
         self.log("text_loss", out["text_loss"].detach(), prog_bar=True, batch_size=n)
         self.log("image_loss", out["image_loss"].detach(), prog_bar=True, batch_size=n)
+        self.log("image_samples", out["image_samples"].float(), batch_size=n, reduce_fx="sum")
         return out["loss"]
 
     def configure_optimizers(self):
+        t = self.train_cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.train_cfg.lr, weight_decay=self.train_cfg.weight_decay)
-        warm = self.train_cfg.warmup_steps
+        fused = t.fused_optimizer and all(p.is_cuda for p in params)
+        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+        warm = t.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = {"model." + n for n in trainable_names(self.model)}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[CONFIG_KEY] = dump_config(self.model.config)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to a temporary file in the same folder, then rename: a crash
+    mid-write never leaves a half-written checkpoint under the real name."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 class LossHistory(L.Callback):
@@ -118,20 +237,105 @@ def save_trainable(model: DialogueModel, path: str | Path) -> Path:
     return path
 
 
-def train(model: DialogueModel, progress: bool = True) -> dict[str, Any]:
-    """Train ``model`` per its config; return the loss history and where weights went."""
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(trainable weights by parameter name, config YAML) of a ``trainable.pt``
+    or a Lightning ``.ckpt`` written by ``mmdialog train``."""
+    path = Path(path)
+    if not path.is_file():
+        raise MMDialogError(f"checkpoint {path} does not exist; give a trainable.pt or checkpoints/last.ckpt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or not a torch file
+        raise MMDialogError(f"checkpoint {path} cannot be read ({type(e).__name__}); is it complete?") from None
+    if "trainable" in ckpt and "config" in ckpt:
+        return ckpt["trainable"], ckpt["config"]
+    if "state_dict" in ckpt and CONFIG_KEY in ckpt:
+        return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}, ckpt[CONFIG_KEY]
+    raise MMDialogError(f"{path} is not an mmdialog checkpoint (no trainable weights + config)")
+
+
+def load_trainable(model: DialogueModel, weights: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    unknown = [k for k in weights if k not in params]
+    if unknown:
+        raise MMDialogError(f"checkpoint weight '{unknown[0]}' has no place in this model; "
+                            "was it trained with another config?")
+    with torch.no_grad():
+        for k, v in weights.items():
+            params[k].copy_(v)
+
+
+def weights_digest(model: DialogueModel) -> str:
+    """SHA-1 of the trainable weights, for comparing runs and ranks."""
+    h = hashlib.sha1()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            h.update(n.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def resolve_precision(precision: str) -> str:
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def train(model: DialogueModel, progress: bool = True, resume: str | bool | None = None) -> dict[str, Any]:
+    """Train ``model`` per its config. Returns the loss history and output paths.
+
+    ``resume``: True → ``out_dir/checkpoints/last.ckpt``; a path → that file.
+    """
     cfg = model.config
     t = cfg.train
+    out = Path(t.out_dir)
+    ckpt_dir = out / "checkpoints"
+    ckpt_path = None
+    if resume:
+        ckpt_path = str(ckpt_dir / "last.ckpt") if resume is True else str(resume)
+        if not Path(ckpt_path).is_file():
+            raise MMDialogError(f"nothing to resume: {ckpt_path} does not exist")
     history = LossHistory()
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=t.checkpoint_every,
+                                 save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=False)
+    callbacks: list[L.Callback] = [history, checkpoint]
+    loggers = [L.pytorch.loggers.CSVLogger(out, name="logs")]
+    try:
+        loggers.append(L.pytorch.loggers.TensorBoardLogger(out, name="tensorboard"))
+    except ModuleNotFoundError:  # tensorboard / tensorboardX not installed
+        pass
+    if t.deterministic:
+        L.seed_everything(cfg.model.seed, workers=True, verbose=False)
     trainer = L.Trainer(
-        max_steps=t.max_steps, accumulate_grad_batches=t.accumulate, precision=t.precision,
+        max_steps=t.max_steps, accumulate_grad_batches=t.accumulate, precision=resolve_precision(t.precision),
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-        default_root_dir=t.out_dir, log_every_n_steps=t.log_every, enable_checkpointing=False,
-        enable_progress_bar=progress, enable_model_summary=False, callbacks=[history],
-        logger=L.pytorch.loggers.CSVLogger(t.out_dir, name="logs"))
+        default_root_dir=out, log_every_n_steps=t.log_every, callbacks=callbacks, logger=loggers,
+        enable_progress_bar=progress, enable_model_summary=False, gradient_clip_val=t.gradient_clip or None,
+        plugins=[AtomicCheckpointIO()], use_distributed_sampler=True)
+    module = DialogueModule(model)
     data = DialogueDataModule(cfg, model.collator)
-    trainer.fit(DialogueModule(model), datamodule=data)
-    out = {"data": data.summary, "steps": trainer.global_step, "history": history.rows}
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    except Exception as e:
+        if _is_oom(e):
+            raise TrainingError(
+                f"out of memory at step {trainer.global_step}: try --batch-size 1 with --accumulate, "
+                "--gradient-checkpointing, --precision bf16-mixed, or --set model.max_length=256") from None
+        raise
+    result: dict[str, Any] = {"data": data.summary, "steps": trainer.global_step, "history": history.rows,
+                              "interrupted": trainer.interrupted}
+    if trainer.interrupted:  # Ctrl-C: Lightning stopped cleanly, keep the work done
+        trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    manifest = {"rank": trainer.global_rank, "steps": trainer.global_step, "samples": module.sample_log,
+                "weights_sha1": weights_digest(model)}
+    (out / f"manifest_rank{trainer.global_rank}.json").write_text(json.dumps(manifest))
     if trainer.is_global_zero:
-        out["weights"] = str(save_trainable(model, Path(t.out_dir) / "trainable.pt"))
-    return out
+        result["weights"] = str(save_trainable(model, out / "trainable.pt"))
+        result["checkpoint"] = str(ckpt_dir / "last.ckpt")
+    return result

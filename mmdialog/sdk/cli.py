@@ -62,6 +62,8 @@ def train(
     num_nodes: Optional[int] = typer.Option(None),
     strategy: Optional[str] = typer.Option(None, help="auto, ddp, fsdp, deepspeed"),
     out_dir: Optional[str] = typer.Option(None),
+    gradient_checkpointing: bool = typer.Option(False, help="recompute LLM and UNet activations (less memory)"),
+    resume: Optional[str] = typer.Option(None, help="'last' (out_dir/checkpoints/last.ckpt) or a .ckpt path"),
     sets: list[str] = SET,
     quiet: bool = typer.Option(False, help="no progress bar"),
 ) -> None:
@@ -70,7 +72,9 @@ def train(
         "data.path": data, "train.max_steps": max_steps, "data.batch_size": batch_size, "train.lr": lr,
         "train.accumulate": accumulate, "train.precision": precision,
         "train.devices": int(devices) if devices and devices.isdigit() else devices,
-        "train.num_nodes": num_nodes, "train.strategy": strategy, "train.out_dir": out_dir})
+        "train.num_nodes": num_nodes, "train.strategy": strategy, "train.out_dir": out_dir,
+        **({"model.llm.gradient_checkpointing": True, "model.generator.gradient_checkpointing": True}
+           if gradient_checkpointing else {})})
     from mmdialog.core.assembler import build
     from mmdialog.core.training import train as run
 
@@ -79,13 +83,16 @@ def train(
                f"generator={m.generator.name}", err=True)
     model = build(cfg)
     typer.echo(f"trainable groups: {', '.join(model.trainable_groups)}", err=True)
-    result = run(model, progress=not quiet)
+    result = run(model, progress=not quiet, resume=True if resume == "last" else resume)
     typer.echo(f"data: {result['data']}")
     for row in result["history"]:
         typer.echo(f"step {row['step']:>4}  text_loss {row.get('text_loss', float('nan')):.4f}  "
                    f"image_loss {row.get('image_loss', float('nan')):.4f}")
+    if result["interrupted"]:
+        typer.echo(f"interrupted at step {result['steps']}; continue with --resume last", err=True)
     if "weights" in result:
         typer.echo(f"trainable weights: {result['weights']}")
+        typer.echo(f"checkpoint: {result['checkpoint']}")
 
 
 @app.command()

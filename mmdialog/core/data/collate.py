@@ -44,6 +44,7 @@ class Batch:
     desc_has_image: torch.Tensor   # (N,) bool: gold photo available for the image loss
     shares_photo: torch.Tensor     # (B,) bool: the agent shares a photo in this sample
     stats: dict[str, int] = field(default_factory=dict)
+    ids: list[str] = field(default_factory=list)  # "dialogue_id@agent" of each sample
 
     def to(self, device) -> "Batch":
         return Batch(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
@@ -194,7 +195,7 @@ class Collator:
             desc_pixels=torch.stack(d_px) if d_px else torch.zeros(0, 3, self.gen_res, self.gen_res),
             desc_has_image=torch.tensor(d_has, dtype=torch.bool),
             shares_photo=torch.tensor([e["shares"] for e in encoded], dtype=torch.bool),
-            stats=stats)
+            stats=stats, ids=[f"{d.id}@{a}" for d, a in samples])
 
 
 def default_image_loader(path: Path, size: int) -> torch.Tensor:

@@ -1,0 +1,320 @@
+"""Self-contained model folders: ``export`` a training checkpoint, ``load`` it back.
+
+An exported folder holds only what training changed; the base checkpoints
+(the LLM, BLIP-2, Stable Diffusion) stay references — a hub id, a local
+folder or an ``embedded:`` asset named in the config — as peft adapters do::
+
+    OUT_DIR/
+      mmdialog.json              format, versions, parameter count
+      config.yaml                the full, validated Config (base checkpoints by reference)
+      model.safetensors          the trainable weights, by DialogueModel parameter name
+      tokenizer_additions.json   the tokens added to the LLM's tokenizer, with their ids
+      README.md                  a model card: components, training config, metrics
+      metrics.json               (when metrics were given)
+
+``load`` rebuilds the model with ``mmdialog.build(config)`` — same seed, so
+random-init components come out identical — and copies the weights on top.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mmdialog.core.config import PRESETS, Config, dump_config, load_config
+from mmdialog.core.errors import ConfigError
+from mmdialog.core.model import DialogueModel
+
+FORMAT = "mmdialog-export"
+FORMAT_VERSION = 1
+MANIFEST, CONFIG, WEIGHTS, TOKENS, CARD, METRICS = (
+    "mmdialog.json", "config.yaml", "model.safetensors", "tokenizer_additions.json", "README.md", "metrics.json")
+REQUIRED = (MANIFEST, CONFIG, WEIGHTS, TOKENS)
+CONFIG_KEY = "mmdialog_config"  # the extra key of Lightning checkpoints written by `mmdialog train`
+
+
+# -- reading training checkpoints ---------------------------------------------------------------
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        pass
+    try:  # Lightning checkpoints may hold plain Python objects (hyper-parameters, loop state)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ConfigError(f"checkpoint '{path}' cannot be read ({type(e).__name__}); "
+                          "is it a complete .pt/.ckpt file?") from None
+
+
+def read_checkpoint(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
+    """(trainable weights by parameter name, config YAML, metrics) of a training checkpoint.
+
+    Accepts ``trainable.pt`` (``{"trainable", "config"}``), a Lightning ``.ckpt``
+    (``state_dict`` under ``model.`` + ``mmdialog_config``), or a run folder
+    holding either (``trainable.pt``, else ``checkpoints/last.ckpt``).
+    Metrics come from the checkpoint's ``metrics`` key or a ``metrics.json``
+    beside it.
+    """
+    path = Path(ckpt).expanduser()
+    if path.is_dir():
+        found = [p for p in (path / "trainable.pt", path / "checkpoints" / "last.ckpt") if p.is_file()]
+        if not found:
+            raise ConfigError(f"checkpoint folder '{path}' has no trainable.pt or checkpoints/last.ckpt; "
+                              "give the file written by `mmdialog train`")
+        path = found[0]
+    elif not path.exists():
+        raise ConfigError(f"checkpoint '{path}' does not exist; give the trainable.pt or .ckpt "
+                          "written by `mmdialog train`")
+    data = _torch_load(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{path}' is not an mmdialog checkpoint (no trainable weights + config)")
+    if "trainable" in data and "config" in data:
+        weights, config = data["trainable"], data["config"]
+    elif "state_dict" in data and (CONFIG_KEY in data or CONFIG_KEY in (data.get("hyper_parameters") or {})):
+        config = data.get(CONFIG_KEY) or data["hyper_parameters"][CONFIG_KEY]
+        weights = {k.removeprefix("model."): v for k, v in data["state_dict"].items()}
+    else:
+        raise ConfigError(f"'{path}' is not an mmdialog checkpoint: expected 'trainable' + 'config' "
+                          f"(trainable.pt) or 'state_dict' + '{CONFIG_KEY}' (Lightning .ckpt)")
+    if not isinstance(config, str):
+        config = yaml.safe_dump(config, sort_keys=False)
+    metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
+    side = path.parent / METRICS
+    if not metrics and side.is_file():
+        metrics = _read_json(side, "metrics")
+    return {k: v for k, v in weights.items() if torch.is_tensor(v)}, config, metrics
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{what} file '{path}' is not valid JSON: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} file '{path}' must hold a JSON object")
+    return data
+
+
+def _config_from_yaml(text: str, where: str, **components: Any) -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: config is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: config must be a mapping with 'model', 'data', 'train'")
+    return load_config(raw, **components)
+
+
+# -- writing ----------------------------------------------------------------------------------
+def save_pretrained(model: DialogueModel, out_dir: str | Path, metrics: dict[str, Any] | None = None,
+                    *, overwrite: bool = True) -> Path:
+    """Write ``model``'s trainable weights, config, tokenizer additions and card to ``out_dir``."""
+    weights = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return _write(weights, model.config, _token_additions(model), out_dir, metrics, overwrite)
+
+
+def export(ckpt: str | Path, out_dir: str | Path, metrics: dict[str, Any] | str | Path | None = None,
+           *, overwrite: bool = False) -> Path:
+    """Turn a training checkpoint into a self-contained folder (see the module docs).
+
+    The model is rebuilt once, to check that every weight has its place and to
+    record the tokenizer additions the weights were trained with.
+    """
+    weights, config_yaml, ckpt_metrics = read_checkpoint(ckpt)
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output folder '{out}' is not empty; choose a new folder (or --force)")
+    if isinstance(metrics, (str, Path)):
+        metrics = _read_json(Path(metrics).expanduser(), "metrics")
+    config = _config_from_yaml(config_yaml, f"checkpoint '{ckpt}'")
+    from mmdialog.core.assembler import build
+
+    model = build(config)
+    _load_weights(model, weights, f"checkpoint '{ckpt}'")
+    return save_pretrained(model, out, {**ckpt_metrics, **(metrics or {})}, overwrite=True)
+
+
+def _token_additions(model: DialogueModel) -> dict[str, Any]:
+    llm = model.llm
+    tok = llm.tokenizer
+    added = {t: i for t, i in sorted(tok.get_added_vocab().items(), key=lambda kv: kv[1])
+             if i >= getattr(llm, "base_vocab", len(tok))}
+    return {"base_vocab": getattr(llm, "base_vocab", None), "added_tokens": added,
+            "img_open": tok.convert_ids_to_tokens(llm.img_open_id),
+            "img_close": tok.convert_ids_to_tokens(llm.img_close_id),
+            "image_token": tok.convert_ids_to_tokens(llm.image_token_id)}
+
+
+def _write(weights: dict[str, torch.Tensor], config: Config, tokens: dict[str, Any], out_dir: str | Path,
+           metrics: dict[str, Any] | None, overwrite: bool) -> Path:
+    from safetensors.torch import save_file
+
+    from mmdialog import __version__
+
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output '{out}' exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output folder '{out}' is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        tensors = {n: t.detach().to("cpu").contiguous() for n, t in weights.items()}
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        (tmp / CONFIG).write_text(dump_config(config), encoding="utf-8")
+        (tmp / TOKENS).write_text(json.dumps(tokens, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "mmdialog_version": __version__,
+                    "torch_version": torch.__version__.split("+")[0], "weights": WEIGHTS,
+                    "num_tensors": len(tensors), "num_parameters": sum(t.numel() for t in tensors.values())}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if metrics:
+            (tmp / METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n", encoding="utf-8")
+        (tmp / CARD).write_text(model_card(config, manifest, metrics or {}), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)  # the folder appears complete, or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def model_card(config: Config, manifest: dict[str, Any], metrics: dict[str, Any]) -> str:
+    m = config.model
+    bases = {kind: getattr(m, kind).options.get("path") for kind in ("llm", "perceiver", "generator")}
+    front = {"library_name": "mmdialog", "tags": ["photo-sharing", "multimodal-dialogue", "mmdialog"],
+             "base_model": [b for b in bases.values() if b and not str(b).startswith("embedded:")] or None}
+    lines = ["---", yaml.safe_dump({k: v for k, v in front.items() if v}, sort_keys=False).strip(), "---", "",
+             "# mmdialog model", "",
+             "A photo-sharing dialogue agent (Guo et al., arXiv 2408.08650, as implemented by mmdialog): "
+             "it chats, decides when to share a photo, and produces it.", "",
+             "## Components", "", "| component | plugin | base checkpoint (by reference) |", "|---|---|---|"]
+    for kind in ("llm", "perceiver", "bridge", "generator"):
+        spec = getattr(m, kind)
+        base = bases.get(kind) or ("random-init / built-in" if kind != "bridge" else "-")
+        if kind == "generator" and spec.options.get("fallback"):
+            base = f"{base}; fallback: {spec.options['fallback'].get('name')}"
+        lines.append(f"| {kind} | `{spec.name}` | `{base}` |")
+    lines += ["", f"This folder holds only the trainable weights ({manifest['num_tensors']} tensors, "
+              f"{manifest['num_parameters']:,} parameters, `{WEIGHTS}`); the base checkpoints above are "
+              "loaded from where the config points (a hub id, a local folder, or an asset embedded in "
+              "mmdialog's dependencies).", "", "## Use", "", "```python", "import mmdialog", "",
+              "session = mmdialog.load(\"path/to/this/folder\").session(seed=0)",
+              "reply = session.send(\"what did you do this weekend?\")",
+              "print(reply.text, reply.images)", "```", "",
+              "```bash", "mmdialog chat path/to/this/folder", "mmdialog serve path/to/this/folder", "```", ""]
+    lines += ["## Metrics", ""]
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"]
+        for k, v in metrics.items():
+            lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    else:
+        lines.append("No evaluation metrics were recorded for this checkpoint.")
+    lines += ["", "## Training config", "", "```yaml", dump_config(config).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+# -- loading ----------------------------------------------------------------------------------
+def check_folder(path: str | Path) -> Path:
+    """Fail with one line unless ``path`` is a complete exported folder."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"model '{p}' does not exist; give a folder written by `mmdialog export` "
+                          f"(or a preset: {', '.join(PRESETS)})")
+    if not p.is_dir():
+        raise ConfigError(f"model '{p}' is a file, not an exported folder; "
+                          "run `mmdialog export CKPT OUT_DIR` first")
+    missing = [f for f in REQUIRED if not (p / f).is_file()]
+    if missing:
+        raise ConfigError(f"model folder '{p}' is missing {', '.join(missing)}; "
+                          "is it a folder written by `mmdialog export`?")
+    manifest = _read_json(p / MANIFEST, "manifest")
+    if manifest.get("format") != FORMAT:
+        raise ConfigError(f"model folder '{p}': {MANIFEST} is not an mmdialog export manifest")
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise ConfigError(f"model folder '{p}' was written by a newer mmdialog "
+                          f"({manifest.get('mmdialog_version')}); upgrade mmdialog to load it")
+    return p
+
+
+def _remap(name: str, params: dict[str, Any]) -> str:
+    """A generator weight saved with or without a ``library`` wrapper around it."""
+    if name in params or not name.startswith("generator."):
+        return name
+    rest = name[len("generator."):]
+    for cand in (f"generator.fallback.{rest}", "generator." + rest.removeprefix("fallback.")):
+        if cand in params:
+            return cand
+    return name
+
+
+def _load_weights(model: DialogueModel, weights: dict[str, torch.Tensor], where: str) -> None:
+    params = dict(model.named_parameters())
+    mapped = {_remap(k, params): v for k, v in weights.items()}
+    unknown = [k for k in mapped if k not in params]
+    if unknown:
+        raise ConfigError(f"{where}: weight '{unknown[0]}' has no place in the model its config builds "
+                          f"({len(unknown)} such); was it written with other plugins?")
+    bad = [k for k, v in mapped.items() if tuple(v.shape) != tuple(params[k].shape)]
+    if bad:
+        raise ConfigError(f"{where}: weight '{bad[0]}' has shape {tuple(mapped[bad[0]].shape)}, the model "
+                          f"expects {tuple(params[bad[0]].shape)}; is the base checkpoint the same?")
+    with torch.no_grad():
+        for k, v in mapped.items():
+            params[k].copy_(v.to(params[k].dtype))
+
+
+def _check_tokens(model: DialogueModel, saved: dict[str, Any], where: str) -> None:
+    now = _token_additions(model)["added_tokens"]
+    for token, idx in (saved.get("added_tokens") or {}).items():
+        if now.get(token) != idx:
+            raise ConfigError(f"{where}: token '{token}' had id {idx} in training but {now.get(token)} "
+                              "now; the LLM's tokenizer differs from the one it was trained with")
+
+
+def load(path: str | Path = "tiny", *, generator: str | dict[str, Any] | None = None,
+         device: str | torch.device | None = None) -> DialogueModel:
+    """Restore a model from a folder written by ``export`` / ``save_pretrained``.
+
+    A preset name (``"tiny"``) or a training checkpoint (``trainable.pt``,
+    ``.ckpt``, run folder) is accepted too. ``generator`` swaps the generator
+    (e.g. ``{"name": "library", "fallback": {"name": "sd"}}``); trained
+    generator weights follow it into a ``library`` wrapper's fallback.
+    """
+    from mmdialog.core.assembler import build
+
+    components = {"generator": generator} if generator is not None else {}
+    text = str(path)
+    if text in PRESETS or (text.endswith((".yaml", ".yml")) and Path(text).is_file()):
+        model = build(text, **components)
+    elif Path(text).expanduser().is_file() or (Path(text).is_dir() and not (Path(text) / MANIFEST).exists()
+                                               and ((Path(text) / "trainable.pt").exists()
+                                                    or (Path(text) / "checkpoints").is_dir())):
+        weights, config_yaml, _ = read_checkpoint(text)
+        model = build(_config_from_yaml(config_yaml, f"checkpoint '{text}'", **components))
+        _load_weights(model, weights, f"checkpoint '{text}'")
+    else:
+        folder = check_folder(text)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        tokens = _read_json(folder / TOKENS, "tokenizer additions")
+        config = _config_from_yaml((folder / CONFIG).read_text(encoding="utf-8"), f"model folder '{folder}'",
+                                   **components)
+        try:
+            weights = load_file(str(folder / WEIGHTS))
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"model folder '{folder}': {WEIGHTS} cannot be read ({e}); "
+                              "is the folder complete?") from None
+        model = build(config)
+        _check_tokens(model, tokens, f"model folder '{folder}'")
+        _load_weights(model, weights, f"model folder '{folder}'")
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model

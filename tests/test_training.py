@@ -1,0 +1,79 @@
+"""Training: checkpoints (trainable-only, atomic), exact resume, bad runs."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmdialog import build
+from mmdialog.core.training import TrainingError, read_checkpoint, train, weights_digest
+
+DEMO = Path(__file__).resolve().parents[1] / "mmdialog" / "core" / "data" / "demo" / "chat.jsonl"
+
+
+def make(out_dir, steps, **over):
+    # 6 sharer-side samples, batch 2: three optimizer steps per epoch
+    return build("tiny", overrides={"data.path": str(DEMO), "data.split": "train", "data.both_speakers": False,
+                                    "train.max_steps": steps, "train.out_dir": str(out_dir),
+                                    "train.checkpoint_every": 1, "train.warmup_steps": 2, "train.lr": 1e-3,
+                                    **over})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    model = make(out, 5)
+    result = train(model, progress=False)
+    return out, model, result
+
+
+def test_checkpoint_holds_only_trainable_weights_and_config(uninterrupted):
+    out, model, result = uninterrupted
+    assert result["steps"] == 5 and len(result["history"]) == 5
+    assert all(r["image_loss"] > 0 for r in result["history"])  # every sample shares a real photo
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {k.removeprefix("model.") for k in ckpt["state_dict"]} == trainable
+    assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
+    weights, config = read_checkpoint(out / "checkpoints" / "last.ckpt")
+    assert "generator:" not in config or "name: sd" in config
+    size_mb = (out / "checkpoints" / "last.ckpt").stat().st_size / 2**20
+    assert size_mb < 60  # the 135M-parameter base LLM is not in it (~540 MB in fp32)
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    assert (out / "trainable.pt").exists()
+    assert list((out / "logs").rglob("metrics.csv"))
+
+
+@pytest.mark.parametrize("first", [3, 2])  # at an epoch boundary, and mid-epoch
+def test_resume_reaches_the_same_weights(tmp_path, uninterrupted, first):
+    _, full, _ = uninterrupted
+    train(make(tmp_path, first), progress=False)
+    resumed = make(tmp_path, 5)
+    result = train(resumed, progress=False, resume=True)
+    assert result["steps"] == 5
+    assert weights_digest(resumed) == weights_digest(full)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    from mmdialog import MMDialogError
+
+    with pytest.raises(MMDialogError, match="nothing to resume"):
+        train(make(tmp_path, 1), progress=False, resume=True)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
+    model = make(tmp_path, 6)
+    train(model, progress=False)  # a good run leaves checkpoints/last.ckpt at step 6
+    good = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+    bad = make(tmp_path, 9)
+    with torch.no_grad():
+        bad.generator.vae.encoder.conv_in.weight.fill_(float("nan"))  # frozen: not restored by resume
+    with pytest.raises(TrainingError, match=r"loss became nan at step 6 .*last good checkpoint"):
+        train(bad, progress=False, resume=True)
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == good
+
+
+def test_manifest_records_samples_and_weights(uninterrupted):
+    out, model, _ = uninterrupted
+    m = json.loads((out / "manifest_rank0.json").read_text())
+    assert len(m["samples"]) == 10 and m["weights_sha1"] == weights_digest(model)
