@@ -11,6 +11,8 @@ from mmdialog.core.hookspecs import Plugin, hookimpl
 from mmdialog.core.interfaces import (Bridge, BuildContext, Generator, LanguageModel, Perceiver,
                                       PluginOptions, PromptTokens, TextTower)
 from mmdialog.core.model import DialogueModel, Reply
+from mmdialog.sdk.export import load
+from mmdialog.sdk.session import Session
 
 __version__ = "0.1.0"
 
@@ -18,5 +20,5 @@ __all__ = [
     "build", "load_config", "apply_freeze_policy", "Config", "DialogueModel", "Reply",
     "Dialogue", "Turn", "Photo", "Plugin", "hookimpl", "LanguageModel", "Perceiver", "Bridge",
     "Generator", "PluginOptions", "PromptTokens", "TextTower", "BuildContext",
-    "ConfigError", "MMDialogError", "PluginError", "__version__",
+    "ConfigError", "MMDialogError", "PluginError", "load", "Session", "__version__",
 ]

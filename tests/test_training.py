@@ -77,3 +77,42 @@ def test_manifest_records_samples_and_weights(uninterrupted):
     out, model, _ = uninterrupted
     m = json.loads((out / "manifest_rank0.json").read_text())
     assert len(m["samples"]) == 10 and m["weights_sha1"] == weights_digest(model)
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    """Real DDP (gloo, 2 processes) through the CLI: disjoint data, identical weights."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run(
+        [sys.executable, "-m", "mmdialog.sdk.cli", "train", "--devices", "2", "--strategy", "ddp",
+         "--set", "train.accelerator=cpu", "--data", str(DEMO), "--set", "data.split=train",
+         "--set", "data.both_speakers=false", "--max-steps", "2", "--quiet", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"manifest_rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["steps"] == 2 for r in ranks)
+    seen0, seen1 = set(ranks[0]["samples"]), set(ranks[1]["samples"])
+    assert seen0 and seen1 and not seen0 & seen1          # each rank trained on its own shard
+    assert len(seen0 | seen1) == 6                         # together: the whole split
+    assert ranks[0]["weights_sha1"] == ranks[1]["weights_sha1"]  # gradients were all-reduced
+    assert out.stdout.count("step    2") == 1               # only rank 0 reports
+
+
+def test_dev_bleu2_plateau_halves_the_lr_and_early_stops(tmp_path):
+    """Validation generates dev replies (gold context), logs BLEU-2; no improvement
+    halves the learning rate and, after `early_stop_patience` evaluations, stops."""
+    import csv
+
+    model = make(tmp_path, 50, **{"train.val_every": 1, "train.val_turns": 3, "train.val_max_new_tokens": 4,
+                                  "train.lr": 1e-12, "train.warmup_steps": 0, "train.early_stop_patience": 2,
+                                  "train.plateau_patience": 1})
+    result = train(model, progress=False)
+    assert result["steps"] < 50  # stopped early: BLEU-2 cannot improve with lr ~ 0
+    rows = [r for f in (tmp_path / "logs").rglob("metrics.csv") for r in csv.DictReader(open(f))]
+    bleu = [float(r["val_bleu2"]) for r in rows if r.get("val_bleu2")]
+    scales = [float(r["lr_scale"]) for r in rows if r.get("lr_scale")]
+    assert len(bleu) == 3 and len(set(bleu)) == 1           # greedy replies of an unchanged model
+    assert scales == [1.0, 0.5, 0.25]

@@ -59,7 +59,8 @@ class LanguageModel(Component):
     * ``embed(input_ids (B,T) long) -> (B,T,D)``: differentiable input embeddings.
     * ``forward(inputs_embeds (B,T,D), attention_mask (B,T)) -> logits (B,T,V)``,
       float, differentiable w.r.t. the embeddings and trainable parameters.
-    * ``generate(inputs_embeds (1,T,D), attention_mask) -> new ids (1,T')``.
+    * ``generate(inputs_embeds (B,T,D), attention_mask (B,T)) -> new ids (B,T')``;
+      rows are left-padded, and generation stops at ``stop_ids``.
     * ``render(messages, add_generation_prompt)`` applies the chat template to
       ``[{"role": "user"|"assistant", "content": str}]`` and returns a string.
     """
@@ -70,6 +71,7 @@ class LanguageModel(Component):
     img_close_id: int  # "[/img]"
     image_token_id: int  # placeholder replaced by a perceiver's K embeddings
     pad_token_id: int
+    stop_ids: list[int]  # ids that end the assistant's turn
 
     @abstractmethod
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...

@@ -32,7 +32,8 @@ COMPONENTS = ("llm", "perceiver", "bridge", "generator")
 @dataclass
 class Reply:
     """What the agent says. ``text`` keeps any ``[img] … [/img]`` markup;
-    ``images`` are the photos produced for ``descriptions``, in order."""
+    ``shared`` is the agent's decision to share; ``images`` are the photos
+    produced for ``descriptions``, in order (empty when not drawn)."""
 
     text: str
     images: list[Any] = field(default_factory=list)
@@ -86,27 +87,63 @@ class DialogueModel(nn.Module):
 
     # -- inference ------------------------------------------------------------------------
     @torch.no_grad()
-    def respond(self, history: list[Turn], agent: str = "assistant", max_new_tokens: int = 64,
-                temperature: float = 0.0, num_beams: int = 1, num_inference_steps: int | None = None,
-                guidance_scale: float | None = None, seed: int | None = None) -> Reply:
-        """Write the agent's next turn after ``history``; draw each described photo."""
+    def respond(self, history: list[Turn], agent: str = "assistant", **options: Any) -> Reply:
+        """Write the agent's next turn after ``history``; draw each described photo.
+
+        Options: max_new_tokens, temperature, num_beams, num_inference_steps,
+        guidance_scale, seed, draw (False: decide and describe, but draw nothing).
+        """
+        return self.respond_batch([(history, agent)], **options)[0]
+
+    @torch.no_grad()
+    def respond_batch(self, requests: list[tuple[list[Turn], str]], max_new_tokens: int = 64,
+                      temperature: float = 0.0, num_beams: int = 1, num_inference_steps: int | None = None,
+                      guidance_scale: float | None = None, seed: int | None = None,
+                      draw: bool = True) -> list[Reply]:
+        """``respond`` for many (history, agent) pairs at once (left-padded batch)."""
         if seed is not None:
             torch.manual_seed(seed)
         device = next(self.parameters()).device
-        batch = self.collator.prompt(history, agent).to(device)
-        new = self.llm.generate(self.input_embeddings(batch), batch.attention_mask, max_new_tokens=max_new_tokens,
-                                temperature=temperature, num_beams=num_beams)[0].tolist()
-        text = self.llm.tokenizer.decode(new, skip_special_tokens=True).strip()
-        spans = description_spans(new, self.llm.img_open_id, self.llm.img_close_id)
-        if not spans:
-            return Reply(text)
-        width = max(len(s) for s in spans)
-        ids = torch.tensor([s + [self.llm.pad_token_id] * (width - len(s)) for s in spans], device=device)
-        mask = torch.tensor([[True] * len(s) + [False] * (width - len(s)) for s in spans], device=device)
-        prompts = self.bridge(ids, mask)
-        images = self.generator.generate(self.generator.encode(prompts), num_inference_steps=num_inference_steps,
-                                         guidance_scale=guidance_scale, seed=seed)
-        return Reply(text, images, True, prompts[0].texts)
+        prompts = [self.collator.prompt(h, a).to(device) for h, a in requests]
+        embs = [self.input_embeddings(p)[0] for p in prompts]                 # each (T_i, D)
+        t = max(e.shape[0] for e in embs)
+        emb = embs[0].new_zeros(len(embs), t, embs[0].shape[-1])              # (B, T, D), left-padded
+        mask = torch.zeros(len(embs), t, dtype=torch.long, device=device)
+        for i, e in enumerate(embs):
+            emb[i, t - e.shape[0]:] = e
+            mask[i, t - e.shape[0]:] = 1
+        out = self.llm.generate(emb, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                                num_beams=num_beams)                          # (B, T')
+        rows = []
+        for row in out.tolist():
+            stop = next((i for i, x in enumerate(row) if x in self.llm.stop_ids), len(row))
+            rows.append(row[:stop])
+        spans = [description_spans(r, self.llm.img_open_id, self.llm.img_close_id) for r in rows]
+        replies = [Reply(self.llm.tokenizer.decode(r, skip_special_tokens=True).strip(), [], bool(s))
+                   for r, s in zip(rows, spans)]
+        flat = [(i, s) for i, ss in enumerate(spans) for s in ss]
+        if not flat:
+            return replies
+        width = max(1, max(len(s) for _, s in flat))
+        ids = torch.tensor([s + [self.llm.pad_token_id] * (width - len(s)) for _, s in flat], device=device)
+        valid = torch.tensor([[True] * len(s) + [False] * (width - len(s)) for _, s in flat], device=device)
+        prompts_out = self.bridge(ids, valid)
+        texts = prompts_out[0].texts
+        images = self.generator.generate(self.generator.encode(prompts_out), num_inference_steps=num_inference_steps,
+                                         guidance_scale=guidance_scale, seed=seed) if draw else [None] * len(flat)
+        for (i, _), text, image in zip(flat, texts, images):
+            replies[i].descriptions.append(text.strip())
+            if image is not None:
+                replies[i].images.append(image)
+        return replies
+
+    def session(self, **gen_options: Any) -> "Session":  # noqa: F821
+        """A conversation with history: ``session().send("hi", images=[...])``
+        (``mmdialog.sdk.session.Session``; options: photos_dir, max_new_tokens,
+        temperature, num_beams, num_inference_steps, guidance_scale, seed)."""
+        from mmdialog.sdk.session import Session
+
+        return Session(self, **gen_options)
 
     def summary(self) -> dict[str, dict[str, int]]:
         out = {}

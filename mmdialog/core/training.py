@@ -123,6 +123,7 @@ class DialogueDataModule(L.LightningDataModule):
     def __init__(self, config: Config, collator) -> None:
         super().__init__()
         self.cfg = config.data
+        self.val_turns = config.train.val_turns
         self.seed = config.model.seed
         self.collator = collator
         self.summary = ""
@@ -130,6 +131,14 @@ class DialogueDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         dialogues, self.summary = read_dialogues(self.cfg, self.cfg.split or "train")
         self.train_set = SampleDataset(training_samples(dialogues, self.cfg.both_speakers))
+
+    def val_dataloader(self) -> DataLoader:
+        """Dev turns with gold context; the module scores BLEU-2 of the replies."""
+        from mmdialog.core.data.samples import dialogue_samples
+
+        dev, _ = read_dialogues(self.cfg, "dev")
+        samples = dialogue_samples(dev)[: self.val_turns]
+        return DataLoader(samples, batch_size=self.cfg.batch_size * 2, collate_fn=list)
 
     def train_dataloader(self) -> DataLoader:
         return ResumableLoader(self.train_set, batch_size=self.cfg.batch_size,
@@ -153,9 +162,12 @@ class DialogueModule(L.LightningModule):
         self.train_cfg = model.config.train
         self.seed = model.config.model.seed
         self.sample_log: list[str] = []
+        # Plateau halving on dev BLEU-2 (the reference recipe), applied on top of warm-up.
+        self.lr_scale, self.best_bleu2, self.bad_evals = 1.0, -1.0, 0
+        self._val: list[tuple[str, str]] = []
 
-    def transfer_batch_to_device(self, batch: Batch, device, dataloader_idx: int) -> Batch:
-        return batch.to(device)
+    def transfer_batch_to_device(self, batch: Batch | list, device, dataloader_idx: int) -> Batch | list:
+        return batch.to(device) if isinstance(batch, Batch) else batch  # dev turns stay Python objects
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         if self.train_cfg.deterministic:
@@ -180,19 +192,49 @@ class DialogueModule(L.LightningModule):
         self.log("image_samples", out["image_samples"].float(), batch_size=n, reduce_fx="sum")
         return out["loss"]
 
+    def validation_step(self, samples: list, batch_idx: int) -> None:
+        replies = self.model.respond_batch([(list(s.context), s.speaker) for s in samples], draw=False,
+                                           max_new_tokens=self.train_cfg.val_max_new_tokens)
+        gold = [" ".join([s.target.text] + [f"[img] {p.description} [/img]" for p in s.target.photos])
+                for s in samples]
+        self._val.extend(zip([r.text for r in replies], gold))
+
+    def on_validation_epoch_end(self) -> None:
+        from mmdialog.core import metrics
+
+        if not self._val:
+            return
+        preds, golds = zip(*self._val)
+        self._val = []
+        bleu2 = metrics.bleu([metrics.strip_descriptions(p) for p in preds],
+                             [metrics.strip_descriptions(g) for g in golds], n=2)
+        if bleu2 > self.best_bleu2:
+            self.best_bleu2, self.bad_evals = bleu2, 0
+        else:
+            self.bad_evals += 1
+            if self.bad_evals % self.train_cfg.plateau_patience == 0:
+                self.lr_scale *= 0.5
+        self.log("val_bleu2", bleu2, sync_dist=True)
+        self.log("lr_scale", self.lr_scale)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.lr_scale, self.best_bleu2, self.bad_evals = checkpoint.get("mmdialog_plateau", (1.0, -1.0, 0))
+
     def configure_optimizers(self):
         t = self.train_cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
         fused = t.fused_optimizer and all(p.is_cuda for p in params)
         opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
         warm = t.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (min(1.0, (s + 1) / warm) if warm else 1.0) * self.lr_scale)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = {"model." + n for n in trainable_names(self.model)}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint[CONFIG_KEY] = dump_config(self.model.config)
+        checkpoint["mmdialog_plateau"] = (self.lr_scale, self.best_bleu2, self.bad_evals)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -304,7 +346,11 @@ def train(model: DialogueModel, progress: bool = True, resume: str | bool | None
     history = LossHistory()
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=t.checkpoint_every,
                                  save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=False)
-    callbacks: list[L.Callback] = [history, checkpoint]
+    callbacks: list[L.Callback] = [history, checkpoint, L.pytorch.callbacks.LearningRateMonitor("step")]
+    validate = t.val_every > 0
+    if validate:
+        callbacks.append(EarlyStopping(monitor="val_bleu2", mode="max", patience=t.early_stop_patience,
+                                       check_on_train_epoch_end=False))
     loggers = [L.pytorch.loggers.CSVLogger(out, name="logs")]
     try:
         loggers.append(L.pytorch.loggers.TensorBoardLogger(out, name="tensorboard"))
@@ -317,7 +363,10 @@ def train(model: DialogueModel, progress: bool = True, resume: str | bool | None
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
         default_root_dir=out, log_every_n_steps=t.log_every, callbacks=callbacks, logger=loggers,
         enable_progress_bar=progress, enable_model_summary=False, gradient_clip_val=t.gradient_clip or None,
-        plugins=[AtomicCheckpointIO()], use_distributed_sampler=True)
+        plugins=[AtomicCheckpointIO()], use_distributed_sampler=True,
+        val_check_interval=t.val_every * t.accumulate if validate else None,
+        check_val_every_n_epoch=None if validate else 1, limit_val_batches=None if validate else 0,
+        num_sanity_val_steps=0)
     module = DialogueModule(model)
     data = DialogueDataModule(cfg, model.collator)
     try:
@@ -329,7 +378,7 @@ def train(model: DialogueModel, progress: bool = True, resume: str | bool | None
                 "--gradient-checkpointing, --precision bf16-mixed, or --set model.max_length=256") from None
         raise
     result: dict[str, Any] = {"data": data.summary, "steps": trainer.global_step, "history": history.rows,
-                              "interrupted": trainer.interrupted}
+                              "interrupted": trainer.interrupted, "global_zero": trainer.is_global_zero}
     if trainer.interrupted:  # Ctrl-C: Lightning stopped cleanly, keep the work done
         trainer.save_checkpoint(ckpt_dir / "last.ckpt")
     manifest = {"rank": trainer.global_rank, "steps": trainer.global_step, "samples": module.sample_log,

@@ -84,6 +84,8 @@ def train(
     model = build(cfg)
     typer.echo(f"trainable groups: {', '.join(model.trainable_groups)}", err=True)
     result = run(model, progress=not quiet, resume=True if resume == "last" else resume)
+    if not result["global_zero"]:
+        return
     typer.echo(f"data: {result['data']}")
     for row in result["history"]:
         typer.echo(f"step {row['step']:>4}  text_loss {row.get('text_loss', float('nan')):.4f}  "
@@ -93,6 +95,59 @@ def train(
     if "weights" in result:
         typer.echo(f"trainable weights: {result['weights']}")
         typer.echo(f"checkpoint: {result['checkpoint']}")
+
+
+@app.command("eval")
+def evaluate(
+    checkpoints: list[str] = typer.Argument(None, help="trainable.pt / last.ckpt files; none: the config's base model"),
+    config: str = CONFIG,
+    perceiver: Optional[str] = typer.Option(None, help="perceiver plugin (base model only)"),
+    bridge: Optional[str] = typer.Option(None, help="bridge plugin (base model only)"),
+    data: Optional[str] = typer.Option(None, help="dataset path (default: the config's)"),
+    split: str = typer.Option("test", help="split to evaluate"),
+    out: str = typer.Option("runs/eval", help="folder for results.json, results.md, replies, photos"),
+    name: list[str] = typer.Option([], help="row name per checkpoint (default: file name)"),
+    limit: Optional[int] = typer.Option(None, help="evaluate the first N turns only"),
+    batch_size: int = typer.Option(8),
+    max_new_tokens: int = typer.Option(48),
+    steps: Optional[int] = typer.Option(None, help="diffusion steps per photo"),
+    no_images: bool = typer.Option(False, help="decide and describe, but draw no photos"),
+    inception_weights: Optional[str] = typer.Option(None, help="local Inception-v3 weights for comparable FID/IS"),
+    sets: list[str] = SET,
+) -> None:
+    """Per-turn evaluation (gold context, both speakers): BLEU-1/2, ROUGE-L, intent F1, FID/IS."""
+    from mmdialog.core.assembler import build
+    from mmdialog.core.config import load_config
+    from mmdialog.core.evaluation import evaluate as run_eval
+    from mmdialog.core.evaluation import write_results
+    from mmdialog.core.training import load_trainable, read_checkpoint, read_dialogues
+
+    overrides = {"data.path": data} if data else {}
+    overrides.update(_parse_sets(sets))
+    runs = []
+    for i, ckpt in enumerate(checkpoints or [None]):
+        if ckpt is None:
+            cfg, weights = _config(config, None, perceiver, bridge, None, sets, **overrides), None
+            label = name[i] if i < len(name) else f"{cfg.model.perceiver.name}+{cfg.model.bridge.name} (untrained)"
+        else:
+            weights, yaml_text = read_checkpoint(ckpt)
+            cfg = load_config(yaml.safe_load(yaml_text), overrides)
+            label = name[i] if i < len(name) else os.path.basename(os.path.dirname(os.path.abspath(ckpt))) or ckpt
+        runs.append((label, cfg, weights))
+    rows = []
+    for label, cfg, weights in runs:
+        dialogues, summary = read_dialogues(cfg.data, split)
+        typer.echo(f"{label}: {summary}", err=True)
+        model = build(cfg)
+        if weights is not None:
+            load_trainable(model, weights)
+        rows.append(run_eval(model, dialogues, out, name=label, dataset=f"{cfg.data.path}:{split}",
+                             limit=limit, batch_size=batch_size, draw=not no_images,
+                             inception_weights=inception_weights, max_new_tokens=max_new_tokens,
+                             num_inference_steps=steps, seed=cfg.model.seed))
+    _, md = write_results(rows, out)
+    typer.echo(md.read_text())
+    typer.echo(f"results: {os.path.join(out, 'results.json')}")
 
 
 @app.command()

@@ -121,6 +121,10 @@ class HFLanguageModel(LanguageModel):
         self.image_token_id = ids(IMAGE_TOKEN)
         self.pad_token_id = self.tokenizer.pad_token_id
         self.base_vocab = n_before
+        # End of the assistant's turn: EOS and, for ChatML templates, <|im_end|>.
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.stop_ids = sorted({i for i in (self.tokenizer.eos_token_id, im_end)
+                                if isinstance(i, int) and i != self.tokenizer.unk_token_id})
 
     @property
     def base_model(self) -> nn.Module:

@@ -1,0 +1,74 @@
+"""A real model that shares photos, for the chat / serve / export tests.
+
+The embedded default (real SmolLM2 + LoRA) with the ``library`` generator,
+fine-tuned for a few real optimizer steps on three short dialogues until it
+writes ``[img] my tabby cat [/img]`` when asked for its cat. Built once per
+test process (~15 s on 2 cores) and exported once; the exported folder is what
+the CLI and server tests load.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+CAT_PROMPT = "show me your cat"
+COFFEE_PROMPT = "what are you drinking?"
+HELLO_PROMPT = "hello there"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dialogues():
+    from mmdialog import Dialogue, Photo, Turn
+
+    return [
+        Dialogue("cat", [Turn("user", CAT_PROMPT),
+                         Turn("assistant", "here she is", [Photo(description="my tabby cat")])]),
+        Dialogue("coffee", [Turn("user", COFFEE_PROMPT),
+                            Turn("assistant", "an espresso, look", [Photo(description="a cup of espresso coffee")])]),
+        Dialogue("hi", [Turn("user", HELLO_PROMPT), Turn("assistant", "hi! how are you?")]),
+    ]
+
+
+def fine_tune(model, steps: int = 14, lr: float = 3e-3) -> None:
+    batch = model.collator([(d, "assistant") for d in dialogues()])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    torch.manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        loss = model(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+@functools.lru_cache(maxsize=1)
+def sharing_model():
+    from mmdialog import build
+
+    model = build("tiny", generator="library")
+    fine_tune(model)
+    return model
+
+
+@functools.lru_cache(maxsize=1)
+def exported_dir() -> Path:
+    from mmdialog.sdk.export import save_pretrained
+
+    out = Path(tempfile.mkdtemp(prefix="mmdialog-test-export-")) / "model"
+    save_pretrained(sharing_model(), out, metrics={"bleu2": 12.5, "note": "test"})
+    return out
+
+
+def run_cli(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``mmdialog ARGS`` in a real subprocess (chat/serve/export registered on the app)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "mmdialog.sdk.commands", *args], input=stdin,
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)

@@ -1,0 +1,64 @@
+"""Per-turn evaluation: metrics of generated turns, files, and the CLI table."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mmdialog.core.data import demo_dialogues
+from mmdialog.core.evaluation import GeneratedTurn, evaluate, score, write_results
+
+
+def test_score_on_hand_made_turns(tiny, tmp_path, cat_photo):
+    import skimage
+
+    data = os.path.join(os.path.dirname(skimage.__file__), "data")
+    ids = tiny.llm.tokenizer(" a tabby cat", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    cond = tiny.generator.encode(tiny.bridge(ids.repeat(2, 1), ids.repeat(2, 1) > -1))
+    fakes = []
+    for i, img in enumerate(tiny.generator.generate(cond, num_inference_steps=2, seed=0)):
+        img.save(tmp_path / f"fake{i}.png")
+        fakes.append(str(tmp_path / f"fake{i}.png"))
+    turns = [
+        GeneratedTurn("d#1", "0", "look [img] a cat [/img]", "my cat [img] cat, animal [/img]", True, True,
+                      "a cat", "cat, animal", fakes[0], str(cat_photo)),
+        GeneratedTurn("d#2", "1", "so cute", "so cute", False, False, None, None),
+        GeneratedTurn("d#3", "0", "here [img] coffee [/img]", "nice", True, False, "coffee", None,
+                      fakes[1], os.path.join(data, "coffee.png")),
+    ]
+    r = score(turns, tiny.generator.resolution)
+    # intent: pred (T, F, T) vs gold (T, F, F): P = 1/2, R = 1/1, F1 = 2/3
+    assert r["intent_precision"] == pytest.approx(50.0) and r["intent_recall"] == pytest.approx(100.0)
+    assert r["intent_f1"] == pytest.approx(200 / 3)
+    # text ignores descriptions: "look"/"my cat", "so cute"/"so cute", "here"/"nice":
+    # p1 = 2/4, hypothesis 4 words vs reference 5 → BP = exp(1 − 5/4)
+    assert r["bleu1"] == pytest.approx(100 * 0.5 * math.exp(-0.25))
+    # description of the one gold share turn: "a cat" vs "cat , animal": p1 = 1/2, BP = exp(1 − 3/2)
+    assert r["desc_n"] == 1 and r["desc_bleu1"] == pytest.approx(100 * 0.5 * math.exp(-0.5))
+    assert r["n_image_pairs"] == 2 and r["comparable"] is False
+    assert r["is_mean"] >= 1.0 and r["fid"] >= 0
+    rows_json, rows_md = write_results([{"model": "m", "dataset": "d", **r}], tmp_path)
+    assert json.loads(rows_json.read_text())[0]["intent_f1"] == pytest.approx(200 / 3)
+    assert "| m | d |" in rows_md.read_text() and "not comparable" in rows_md.read_text()
+
+
+def test_evaluate_writes_replies_for_both_speakers(tiny, tmp_path):
+    r = evaluate(tiny, demo_dialogues("test"), tmp_path, name="tiny e2e", dataset="demo", limit=6,
+                 batch_size=4, max_new_tokens=8)
+    assert r["n_turns"] == 6 and 0 <= r["bleu2"] <= 100 and "intent_f1" in r
+    lines = [json.loads(x) for x in (tmp_path / "replies_tiny_e2e.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and {x["speaker"] for x in lines} == {"0", "1"}
+    assert all(isinstance(x["reply"], str) for x in lines)
+
+
+def test_eval_cli_prints_the_paper_table(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "mmdialog.sdk.cli", "eval", "--limit", "4", "--max-new-tokens", "6",
+                          "--out", str(tmp_path), "--bridge", "text", "--perceiver", "caption"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| Model | Dataset | BLEU-1 | BLEU-2 | ROUGE-L | FID" in out.stdout
+    assert "caption+text (untrained)" in out.stdout
+    assert (tmp_path / "results.json").exists() and (tmp_path / "results.md").exists()
