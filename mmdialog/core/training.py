@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -254,6 +255,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.remove(tmp)
 
 
+class SaveOnInterrupt(L.Callback):
+    """Ctrl-C: Lightning stops and exits; first write a checkpoint of the work done."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.interrupted = False
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            self.interrupted = True
+            trainer.save_checkpoint(self.path)
+
+
+class Throughput(L.Callback):
+    """Samples per second in the progress bar (Lightning's bar adds ETA)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pl_module.log("samples_s", len(batch) / max(time.perf_counter() - self.start, 1e-9), prog_bar=True,
+                      batch_size=len(batch))
+
+
 class LossHistory(L.Callback):
     """Keeps each optimizer step's logged losses (for the CLI summary)."""
 
@@ -346,7 +371,9 @@ def train(model: DialogueModel, progress: bool = True, resume: str | bool | None
     history = LossHistory()
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=t.checkpoint_every,
                                  save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=False)
-    callbacks: list[L.Callback] = [history, checkpoint, L.pytorch.callbacks.LearningRateMonitor("step")]
+    interrupt = SaveOnInterrupt(ckpt_dir / "last.ckpt")
+    callbacks: list[L.Callback] = [history, checkpoint, interrupt, Throughput(),
+                                   L.pytorch.callbacks.LearningRateMonitor("step")]
     validate = t.val_every > 0
     if validate:
         callbacks.append(EarlyStopping(monitor="val_bleu2", mode="max", patience=t.early_stop_patience,
@@ -371,6 +398,9 @@ def train(model: DialogueModel, progress: bool = True, resume: str | bool | None
     data = DialogueDataModule(cfg, model.collator)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    except SystemExit:
+        if not interrupt.interrupted:
+            raise
     except Exception as e:
         if _is_oom(e):
             raise TrainingError(
@@ -378,9 +408,7 @@ def train(model: DialogueModel, progress: bool = True, resume: str | bool | None
                 "--gradient-checkpointing, --precision bf16-mixed, or --set model.max_length=256") from None
         raise
     result: dict[str, Any] = {"data": data.summary, "steps": trainer.global_step, "history": history.rows,
-                              "interrupted": trainer.interrupted, "global_zero": trainer.is_global_zero}
-    if trainer.interrupted:  # Ctrl-C: Lightning stopped cleanly, keep the work done
-        trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+                              "interrupted": interrupt.interrupted, "global_zero": trainer.is_global_zero}
     manifest = {"rank": trainer.global_rank, "steps": trainer.global_step, "samples": module.sample_log,
                 "weights_sha1": weights_digest(model)}
     (out / f"manifest_rank{trainer.global_rank}.json").write_text(json.dumps(manifest))

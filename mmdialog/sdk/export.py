@@ -197,6 +197,8 @@ def model_card(config: Config, manifest: dict[str, Any], metrics: dict[str, Any]
     for kind in ("llm", "perceiver", "bridge", "generator"):
         spec = getattr(m, kind)
         base = bases.get(kind) or ("random-init / built-in" if kind != "bridge" else "-")
+        if kind == "generator" and spec.name == "library":
+            base = spec.options.get("folder") or "embedded photo library (scikit-image)"
         if kind == "generator" and spec.options.get("fallback"):
             base = f"{base}; fallback: {spec.options['fallback'].get('name')}"
         lines.append(f"| {kind} | `{spec.name}` | `{base}` |")

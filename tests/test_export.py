@@ -1,0 +1,85 @@
+"""Save / load: a trained model exported to a folder comes back identical."""
+import json
+
+import pytest
+import torch
+import yaml
+
+import mmdialog
+from mmdialog import ConfigError
+from mmdialog.sdk.export import _remap, export, load
+from sharing_model import CAT_PROMPT, exported_dir, sharing_model
+
+
+def test_exported_folder_is_self_contained_and_reloads_identically():
+    model, folder = sharing_model(), exported_dir()
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md", "config.yaml", "metrics.json", "mmdialog.json", "model.safetensors", "tokenizer_additions.json"]
+    manifest = json.loads((folder / "mmdialog.json").read_text())
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert manifest["num_tensors"] == len(trainable)
+    tokens = json.loads((folder / "tokenizer_additions.json").read_text())
+    assert list(tokens["added_tokens"]) == ["[img]", "[/img]", "<image>"] and tokens["img_open"] == "[img]"
+    card = (folder / "README.md").read_text()
+    assert "library_name: mmdialog" in card and "| bleu2 | 12.5 |" in card and "name: library" in card
+    # base checkpoints stay references: the folder holds only the trained 0.7 M parameters
+    assert (folder / "model.safetensors").stat().st_size < 4_000_000
+    assert yaml.safe_load((folder / "config.yaml").read_text())["model"]["llm"]["path"] == "embedded:smollm2-135m-instruct"
+
+    loaded = mmdialog.load(folder)
+    params = dict(loaded.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in trainable.items())
+    a = model.session(seed=0, max_new_tokens=20).send(CAT_PROMPT)
+    b = loaded.session(seed=0, max_new_tokens=20).send(CAT_PROMPT)
+    assert a.text == b.text and a.shared and b.descriptions == a.descriptions == ["my tabby cat"]
+    assert a.images[0].tobytes() == b.images[0].tobytes()
+
+
+def test_export_reads_trainable_pt_and_lightning_checkpoints(tmp_path):
+    from mmdialog.core.training import save_trainable
+
+    model = sharing_model()
+    pt = save_trainable(model, tmp_path / "run" / "trainable.pt")
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps({"rougeL": 0.25}))
+    out = export(tmp_path / "run", tmp_path / "from-pt")                       # a run folder
+    assert "| rougeL | 0.25 |" in (out / "README.md").read_text()
+    # a Lightning checkpoint: state_dict holds trainable params under "model.", config under mmdialog_config
+    data = torch.load(pt, weights_only=True)
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in data["trainable"].items()}, "epoch": 3,
+                "mmdialog_config": data["config"], "hyper_parameters": {}}, ckpt)
+    out2 = export(ckpt, tmp_path / "from-ckpt", metrics={"bleu1": 30.0})
+    from safetensors.torch import load_file
+    w1, w2 = load_file(str(out / "model.safetensors")), load_file(str(out2 / "model.safetensors"))
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert json.loads((out2 / "metrics.json").read_text()) == {"bleu1": 30.0}
+    with pytest.raises(ConfigError, match="is not empty"):
+        export(ckpt, tmp_path / "from-ckpt")
+
+
+def test_bad_folders_and_checkpoints_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "nowhere")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.yaml").write_text("model: {}")
+    with pytest.raises(ConfigError, match=r"is missing mmdialog.json, model.safetensors"):
+        load(tmp_path / "half")
+    broken = tmp_path / "broken"
+    import shutil
+    shutil.copytree(exported_dir(), broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ConfigError, match="model.safetensors cannot be read"):
+        load(broken)
+    (tmp_path / "junk.pt").write_bytes(b"\x00junk")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        export(tmp_path / "junk.pt", tmp_path / "out")
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="not an mmdialog checkpoint"):
+        export(tmp_path / "other.pt", tmp_path / "out")
+
+
+def test_generator_weights_follow_a_library_wrapper():
+    params = {"generator.fallback.unet.w": 0, "generator.unet.v": 0, "llm.x": 0}
+    assert _remap("generator.unet.w", params) == "generator.fallback.unet.w"     # sd → library,sd
+    assert _remap("generator.fallback.unet.v", params) == "generator.unet.v"     # library,sd → sd
+    assert _remap("llm.x", params) == "llm.x"
