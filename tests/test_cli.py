@@ -15,8 +15,10 @@ def run(*args, timeout=600):
                           env=env, timeout=timeout)
 
 
-def test_train_end_to_end_prints_both_losses(tmp_path):
-    out = run("train", "--perceiver", "qformer", "--bridge", "gumbel", "--max-steps", "3", "--quiet",
+@pytest.mark.parametrize("perceiver, bridge", [("qformer", "gumbel"), ("caption", "text")])
+def test_train_prints_both_losses(tmp_path, perceiver, bridge):
+    """The end-to-end model and the pipeline baseline train with the same command."""
+    out = run("train", "--perceiver", perceiver, "--bridge", bridge, "--max-steps", "3", "--quiet",
               "--data", str(DEMO / "chat.jsonl"), "--out-dir", str(tmp_path), "--set", "data.both_speakers=false")
     assert out.returncode == 0, out.stderr[-2000:]
     steps = [line for line in out.stdout.splitlines() if line.startswith("step")]
