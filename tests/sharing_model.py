@@ -72,3 +72,44 @@ def run_cli(*args: str, stdin: str | None = None, timeout: int = 300) -> subproc
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-m", "mmdialog.sdk.commands", *args], input=stdin,
                           capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+class ServerThread:
+    """A real uvicorn server on a free 127.0.0.1 port, in a background thread."""
+
+    def __init__(self, app) -> None:
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+@functools.lru_cache(maxsize=1)
+def shared_server():
+    """One server for the HTTP and browser tests (small limits, to test them)."""
+    from mmdialog.sdk.server import Limits, create_app
+
+    out = Path(tempfile.mkdtemp(prefix="mmdialog-test-serve-"))
+    limits = Limits(max_body_bytes=3 * 2**20, max_image_bytes=2**20, max_images=2, max_messages=6,
+                    max_new_tokens=32, max_queue=1)
+    app = create_app(sharing_model(), out, limits, seed=0, max_new_tokens=20)
+    return ServerThread(app), app

@@ -11,6 +11,25 @@ from mmdialog.core.data import demo_dialogues
 from mmdialog.core.evaluation import GeneratedTurn, evaluate, score, write_results
 
 
+def _tiny_clip_folder(folder):
+    """A random-init CLIP in the real folder layout, with the real CLIP tokenizer."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from mmdialog.core import assets
+
+    tok = AutoTokenizer.from_pretrained(assets.clip_tokenizer_folder())
+    cfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                      num_attention_heads=2, bos_token_id=49406, eos_token_id=49407,
+                                      pad_token_id=49407),
+                     vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+                                        num_hidden_layers=1, num_attention_heads=2), projection_dim=16)
+    CLIPModel(cfg).save_pretrained(folder)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                     crop_size={"height": 32, "width": 32}),
+                  tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
 def test_score_on_hand_made_turns(tiny, tmp_path, cat_photo):
     import skimage
 
@@ -28,7 +47,9 @@ def test_score_on_hand_made_turns(tiny, tmp_path, cat_photo):
         GeneratedTurn("d#3", "0", "here [img] coffee [/img]", "nice", True, False, "coffee", None,
                       fakes[1], os.path.join(data, "coffee.png")),
     ]
-    r = score(turns, tiny.generator.resolution)
+    clip = _tiny_clip_folder(tmp_path / "clip")
+    r = score(turns, tiny.generator.resolution, clip_model=str(clip))
+    assert 0 <= r["clip_score"] <= 100
     # intent: pred (T, F, T) vs gold (T, F, F): P = 1/2, R = 1/1, F1 = 2/3
     assert r["intent_precision"] == pytest.approx(50.0) and r["intent_recall"] == pytest.approx(100.0)
     assert r["intent_f1"] == pytest.approx(200 / 3)

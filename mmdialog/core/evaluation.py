@@ -65,8 +65,11 @@ def generate_turns(model: DialogueModel, samples: list[TurnSample], image_dir: P
     return out
 
 
-def score(turns: list[GeneratedTurn], resolution: int, inception_weights: str | None = None) -> dict[str, Any]:
-    """All metrics of one model's generated turns."""
+def score(turns: list[GeneratedTurn], resolution: int, inception_weights: str | None = None,
+          clip_model: str | None = None) -> dict[str, Any]:
+    """All metrics of one model's generated turns. ``clip_model``: a local CLIP
+    folder; adds the CLIP score of each generated photo against the description
+    it was drawn from."""
     preds, golds = [t.reply for t in turns], [t.gold for t in turns]
     result: dict[str, Any] = {"n_turns": len(turns), **metrics.text_scores(preds, golds)}
     try:
@@ -88,19 +91,33 @@ def score(turns: list[GeneratedTurn], resolution: int, inception_weights: str | 
         im.update_real(torch.stack([to_tensor(load_image(t.gold_image), resolution) for t in pairs]))
         im.update_fake(torch.stack([to_tensor(load_image(t.image), resolution) for t in pairs]))
         result.update(im.compute())
+    drawn = [t for t in turns if t.image and t.description]
+    if clip_model and drawn:
+        from PIL import Image
+        from transformers import CLIPModel, CLIPProcessor
+
+        from mmdialog.core.checkpoints import require_folder
+
+        folder = require_folder(clip_model, ["config.json"], "--clip-model")
+        model, processor = CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
+        with torch.no_grad():
+            result["clip_score"] = metrics.clip_score([Image.open(t.image).convert("RGB") for t in drawn],
+                                                      [t.description for t in drawn], model, processor)
     return result
 
 
 def evaluate(model: DialogueModel, dialogues: list[Dialogue], out_dir: str | Path, name: str = "model",
              dataset: str = "", limit: int | None = None, batch_size: int = 8, draw: bool = True,
-             inception_weights: str | None = None, **options: Any) -> dict[str, Any]:
+             inception_weights: str | None = None, clip_model: str | None = None,
+             **options: Any) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     samples = dialogue_samples(dialogues)[:limit]
     model.eval()
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
     turns = generate_turns(model, samples, out / "images" / slug if draw else None, batch_size, **options)
-    result = {"model": name, "dataset": dataset, **score(turns, model.generator.resolution, inception_weights)}
+    result = {"model": name, "dataset": dataset,
+              **score(turns, model.generator.resolution, inception_weights, clip_model)}
     with open(out / f"replies_{slug}.jsonl", "w", encoding="utf-8") as f:
         for t in turns:
             f.write(json.dumps(asdict(t), ensure_ascii=False) + "\n")

@@ -113,6 +113,7 @@ def evaluate(
     steps: Optional[int] = typer.Option(None, help="diffusion steps per photo"),
     no_images: bool = typer.Option(False, help="decide and describe, but draw no photos"),
     inception_weights: Optional[str] = typer.Option(None, help="local Inception-v3 weights for comparable FID/IS"),
+    clip_model: Optional[str] = typer.Option(None, help="local CLIP folder: adds the CLIP score of shared photos"),
     sets: list[str] = SET,
 ) -> None:
     """Per-turn evaluation (gold context, both speakers): BLEU-1/2, ROUGE-L, intent F1, FID/IS."""
@@ -143,7 +144,8 @@ def evaluate(
             load_trainable(model, weights)
         rows.append(run_eval(model, dialogues, out, name=label, dataset=f"{cfg.data.path}:{split}",
                              limit=limit, batch_size=batch_size, draw=not no_images,
-                             inception_weights=inception_weights, max_new_tokens=max_new_tokens,
+                             inception_weights=inception_weights, clip_model=clip_model,
+                             max_new_tokens=max_new_tokens,
                              num_inference_steps=steps, seed=cfg.model.seed))
     _, md = write_results(rows, out)
     typer.echo(md.read_text())
