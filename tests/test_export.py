@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 import yaml
+from sharing_model import CAT_PROMPT, exported_dir, sharing_model
 
 import mmdialog
 from mmdialog import ConfigError
 from mmdialog.sdk.export import _remap, export, load
-from sharing_model import CAT_PROMPT, exported_dir, sharing_model
 
 
 def test_exported_folder_is_self_contained_and_reloads_identically():

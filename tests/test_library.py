@@ -7,7 +7,11 @@ import torch
 
 from mmdialog import ConfigError, load_config
 from mmdialog.core.interfaces import BuildContext, PromptTokens
-from mmdialog.plugins.generators.library import LibraryGenerator, LibraryOptions, caption_from_name
+from mmdialog.plugins.generators.library import (
+    LibraryGenerator,
+    LibraryOptions,
+    caption_from_name,
+)
 
 
 @pytest.fixture()

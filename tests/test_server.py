@@ -7,7 +7,6 @@ import json
 import httpx
 import pytest
 from PIL import Image
-
 from sharing_model import CAT_PROMPT, HELLO_PROMPT, shared_server
 
 
@@ -73,7 +72,7 @@ def test_images_as_base64_and_as_multipart_uploads(server, cat_photo):
 def test_requests_are_validated_with_4xx_json_errors(server, cat_photo):
     client, _ = server
     user = {"role": "user", "content": "hi"}
-    post = lambda body: client.post("/v1/chat", json=body)  # noqa: E731
+    post = lambda body: client.post("/v1/chat", json=body)
     assert "messages" in error_of(post({"messages": []}), 422)
     assert "limit is 6" in error_of(post({"messages": [user] * 7}), 422)
     assert "last message" in error_of(post({"messages": [user, {"role": "assistant", "content": "x"}]}), 422)
@@ -83,7 +82,7 @@ def test_requests_are_validated_with_4xx_json_errors(server, cat_photo):
     assert "limit is 4000" in error_of(post({"messages": [{"role": "user", "content": "a" * 4001}]}), 422)
     assert "not a photo this server shared" in error_of(post({"messages": [
         {"role": "assistant", "content": "x", "photos": [{"url": "/files/../../etc/passwd"}]}, user]}), 422)
-    with_image = lambda b64: post({"messages": [{**user, "images": [b64]}]})  # noqa: E731
+    with_image = lambda b64: post({"messages": [{**user, "images": [b64]}]})
     assert "not valid base64" in error_of(with_image("%%%not base64"), 400)
     assert "is GIF" in error_of(with_image(png_b64(cat_photo, "GIF")), 415)
     assert "not a PNG, JPEG or WebP" in error_of(with_image(base64.b64encode(b"hello world").decode()), 415)

@@ -3,10 +3,10 @@ import warnings
 
 import pytest
 from PIL import Image
+from sharing_model import CAT_PROMPT, HELLO_PROMPT, sharing_model
 
 from mmdialog import MMDialogError, Session, Turn
 from mmdialog.sdk.session import HistoryTruncatedWarning, ImageError, strip_markup
-from sharing_model import CAT_PROMPT, HELLO_PROMPT, sharing_model
 
 
 def test_history_is_kept_and_shared_photos_come_back_as_files(tmp_path):

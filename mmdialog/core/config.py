@@ -145,6 +145,18 @@ def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[keys[-1]] = value
 
 
+def chain_spec(names: str) -> dict[str, Any]:
+    """``"library,sd"`` → ``{"name": "library", "fallback": {"name": "sd"}}``: each
+    plugin falls back to the next (e.g. retrieve a photo, else draw one)."""
+    parts = [n.strip() for n in names.split(",")]
+    if not all(parts):
+        raise ConfigError(f"'{names}': give plugin names separated by commas, e.g. library,sd")
+    spec: dict[str, Any] = {"name": parts[-1]}
+    for name in reversed(parts[:-1]):
+        spec = {"name": name, "fallback": spec}
+    return spec
+
+
 def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
                 overrides: dict[str, Any] | None = None, **components: Any) -> Config:
     """Load a preset name, YAML path or dict, apply overrides, validate everything.
@@ -174,7 +186,9 @@ def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
         if value is None:
             continue
         old = raw.setdefault("model", {}).get(kind) or {}
-        if isinstance(value, str):
+        if isinstance(value, str) and "," in value:
+            value = chain_spec(value)
+        elif isinstance(value, str):
             value = old if old.get("name") == value else {"name": value}
         elif isinstance(value, dict) and value.get("name", old.get("name")) == old.get("name"):
             value = _merge(old, value)

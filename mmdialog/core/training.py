@@ -304,34 +304,6 @@ def save_trainable(model: DialogueModel, path: str | Path) -> Path:
     return path
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """(trainable weights by parameter name, config YAML) of a ``trainable.pt``
-    or a Lightning ``.ckpt`` written by ``mmdialog train``."""
-    path = Path(path)
-    if not path.is_file():
-        raise MMDialogError(f"checkpoint {path} does not exist; give a trainable.pt or checkpoints/last.ckpt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or not a torch file
-        raise MMDialogError(f"checkpoint {path} cannot be read ({type(e).__name__}); is it complete?") from None
-    if "trainable" in ckpt and "config" in ckpt:
-        return ckpt["trainable"], ckpt["config"]
-    if "state_dict" in ckpt and CONFIG_KEY in ckpt:
-        return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}, ckpt[CONFIG_KEY]
-    raise MMDialogError(f"{path} is not an mmdialog checkpoint (no trainable weights + config)")
-
-
-def load_trainable(model: DialogueModel, weights: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    unknown = [k for k in weights if k not in params]
-    if unknown:
-        raise MMDialogError(f"checkpoint weight '{unknown[0]}' has no place in this model; "
-                            "was it trained with another config?")
-    with torch.no_grad():
-        for k, v in weights.items():
-            params[k].copy_(v)
-
-
 def weights_digest(model: DialogueModel) -> str:
     """SHA-1 of the trainable weights, for comparing runs and ranks."""
     h = hashlib.sha1()

@@ -15,12 +15,14 @@ import yaml
 
 from mmdialog.core.data.cli import data_app
 from mmdialog.core.errors import MMDialogError
+from mmdialog.sdk.commands import register as register_use_commands
 
 app = typer.Typer(help="Photo-sharing multimodal dialogue: train, inspect, run.",
                   pretty_exceptions_enable=False, no_args_is_help=True, add_completion=False)
 config_app = typer.Typer(help="Show and check configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
+register_use_commands(app)  # chat, serve, export
 
 
 def _parse_sets(sets: list[str]) -> dict:
@@ -73,10 +75,14 @@ def train(
         "train.accumulate": accumulate, "train.precision": precision,
         "train.devices": int(devices) if devices and devices.isdigit() else devices,
         "train.num_nodes": num_nodes, "train.strategy": strategy, "train.out_dir": out_dir,
-        **({"model.llm.gradient_checkpointing": True, "model.generator.gradient_checkpointing": True}
-           if gradient_checkpointing else {})})
+        **({"model.llm.gradient_checkpointing": True} if gradient_checkpointing else {})})
     from mmdialog.core.assembler import build
+    from mmdialog.core.config import load_config
     from mmdialog.core.training import train as run
+
+    if gradient_checkpointing:  # the UNet: the generator's own, or its fallback's (library,sd)
+        key = "model.generator.fallback" if cfg.model.generator.options.get("fallback") else "model.generator"
+        cfg = load_config(cfg, {f"{key}.gradient_checkpointing": True})
 
     m = cfg.model
     typer.echo(f"building llm={m.llm.name} perceiver={m.perceiver.name} bridge={m.bridge.name} "
@@ -118,30 +124,25 @@ def evaluate(
 ) -> None:
     """Per-turn evaluation (gold context, both speakers): BLEU-1/2, ROUGE-L, intent F1, FID/IS."""
     from mmdialog.core.assembler import build
-    from mmdialog.core.config import load_config
     from mmdialog.core.evaluation import evaluate as run_eval
     from mmdialog.core.evaluation import write_results
-    from mmdialog.core.training import load_trainable, read_checkpoint, read_dialogues
+    from mmdialog.core.training import read_dialogues
+    from mmdialog.sdk.export import load
 
-    overrides = {"data.path": data} if data else {}
-    overrides.update(_parse_sets(sets))
-    runs = []
+    rows = []
     for i, ckpt in enumerate(checkpoints or [None]):
         if ckpt is None:
-            cfg, weights = _config(config, None, perceiver, bridge, None, sets, **overrides), None
-            label = name[i] if i < len(name) else f"{cfg.model.perceiver.name}+{cfg.model.bridge.name} (untrained)"
+            model = build(_config(config, None, perceiver, bridge, None, sets))
+            label = f"{model.config.model.perceiver.name}+{model.config.model.bridge.name} (untrained)"
         else:
-            weights, yaml_text = read_checkpoint(ckpt)
-            cfg = load_config(yaml.safe_load(yaml_text), overrides)
-            label = name[i] if i < len(name) else os.path.basename(os.path.dirname(os.path.abspath(ckpt))) or ckpt
-        runs.append((label, cfg, weights))
-    rows = []
-    for label, cfg, weights in runs:
+            model = load(ckpt)
+            label = os.path.basename(os.path.dirname(os.path.abspath(ckpt))) or ckpt
+        label = name[i] if i < len(name) else label
+        cfg = model.config
+        if data:
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": data})})
         dialogues, summary = read_dialogues(cfg.data, split)
         typer.echo(f"{label}: {summary}", err=True)
-        model = build(cfg)
-        if weights is not None:
-            load_trainable(model, weights)
         rows.append(run_eval(model, dialogues, out, name=label, dataset=f"{cfg.data.path}:{split}",
                              limit=limit, batch_size=batch_size, draw=not no_images,
                              inception_weights=inception_weights, clip_model=clip_model,

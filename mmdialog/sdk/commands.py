@@ -11,10 +11,11 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
+from mmdialog.core.config import chain_spec
 from mmdialog.core.errors import MMDialogError
 
 MODEL_ARG = typer.Argument("tiny", help="an exported folder, a training checkpoint (trainable.pt, .ckpt, run "
@@ -43,12 +44,7 @@ def generator_spec(generator: str | None, library: str | None = None) -> dict[st
             generator = "library"
         else:
             return None
-    names = [n.strip() for n in generator.split(",")]
-    if not all(names):
-        raise MMDialogError(f"--generator '{generator}': give plugin names separated by commas, e.g. library,sd")
-    spec: dict[str, Any] = {"name": names[-1]}
-    for name in reversed(names[:-1]):
-        spec = {"name": name, "fallback": spec}
+    spec = chain_spec(generator)
     if library is not None:
         if spec["name"] != "library":
             raise MMDialogError("--library needs the library generator first: --generator library[,sd]")
@@ -116,18 +112,18 @@ def _send(session, text: str, images: list[str], as_json: bool = False):
 
 def chat(
     model: str = MODEL_ARG,
-    message: Optional[str] = typer.Option(None, "--message", "-m", help="send one message, print the reply, exit"),
+    message: str | None = typer.Option(None, "--message", "-m", help="send one message, print the reply, exit"),
     image: list[str] = typer.Option([], "--image", "-i", help="photo to attach to --message (repeatable)"),
-    photos_dir: Optional[str] = typer.Option(None, "--photos-dir", help="where shared photos are saved "
+    photos_dir: str | None = typer.Option(None, "--photos-dir", help="where shared photos are saved "
                                                                         "(default: a new temporary folder)"),
-    generator: Optional[str] = GENERATOR,
-    library: Optional[str] = LIBRARY,
+    generator: str | None = GENERATOR,
+    library: str | None = LIBRARY,
     max_new_tokens: int = MAX_NEW,
     temperature: float = TEMPERATURE,
     beams: int = BEAMS,
-    steps: Optional[int] = STEPS,
-    guidance: Optional[float] = GUIDANCE,
-    seed: Optional[int] = SEED,
+    steps: int | None = STEPS,
+    guidance: float | None = GUIDANCE,
+    seed: int | None = SEED,
     as_json: bool = typer.Option(False, "--json", help="with --message: print the reply as one JSON line"),
 ) -> None:
     """Chat in the terminal. Shared photos are saved and their paths printed."""
@@ -194,16 +190,16 @@ def serve(
     model: str = MODEL_ARG,
     host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes the model to your network"),
     port: int = typer.Option(8000, min=0, max=65535),
-    photos_dir: Optional[str] = typer.Option(None, "--photos-dir", help="folder for shared photos and uploads "
+    photos_dir: str | None = typer.Option(None, "--photos-dir", help="folder for shared photos and uploads "
                                                                         "(default: a new temporary folder)"),
-    generator: Optional[str] = GENERATOR,
-    library: Optional[str] = LIBRARY,
+    generator: str | None = GENERATOR,
+    library: str | None = LIBRARY,
     max_new_tokens: int = MAX_NEW,
     temperature: float = TEMPERATURE,
     beams: int = BEAMS,
-    steps: Optional[int] = STEPS,
-    guidance: Optional[float] = GUIDANCE,
-    seed: Optional[int] = SEED,
+    steps: int | None = STEPS,
+    guidance: float | None = GUIDANCE,
+    seed: int | None = SEED,
     max_body_mb: float = typer.Option(24.0, min=0.001, help="largest request body"),
     max_image_mb: float = typer.Option(8.0, min=0.001, help="largest image"),
     max_images: int = typer.Option(4, min=0, help="images per request"),
@@ -233,11 +229,12 @@ def serve(
 def export(
     ckpt: str = typer.Argument(..., help="trainable.pt, a Lightning .ckpt, or a run folder"),
     out_dir: str = typer.Argument(..., help="new folder to write"),
-    metrics: Optional[str] = typer.Option(None, help="JSON file of evaluation metrics for the model card"),
+    metrics: str | None = typer.Option(None, help="JSON file of evaluation metrics for the model card"),
     force: bool = typer.Option(False, "--force", help="replace OUT_DIR if it is not empty"),
 ) -> None:
     """Write a self-contained model folder: config, trainable weights, tokenizer additions, model card."""
-    from mmdialog.sdk.export import check_folder, export as run
+    from mmdialog.sdk.export import check_folder
+    from mmdialog.sdk.export import export as run
 
     if not Path(ckpt).expanduser().exists():
         raise MMDialogError(f"checkpoint '{ckpt}' does not exist; give the trainable.pt or .ckpt written by "

@@ -30,13 +30,13 @@ import yaml
 from mmdialog.core.config import PRESETS, Config, dump_config, load_config
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.model import DialogueModel
+from mmdialog.core.training import CONFIG_KEY
 
 FORMAT = "mmdialog-export"
 FORMAT_VERSION = 1
 MANIFEST, CONFIG, WEIGHTS, TOKENS, CARD, METRICS = (
     "mmdialog.json", "config.yaml", "model.safetensors", "tokenizer_additions.json", "README.md", "metrics.json")
 REQUIRED = (MANIFEST, CONFIG, WEIGHTS, TOKENS)
-CONFIG_KEY = "mmdialog_config"  # the extra key of Lightning checkpoints written by `mmdialog train`
 
 
 # -- reading training checkpoints ---------------------------------------------------------------

@@ -29,9 +29,10 @@ import re
 import tempfile
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,6 +46,7 @@ from mmdialog.core.errors import MMDialogError
 
 log = logging.getLogger("mmdialog.server")
 FILE_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
+DRAIN_BYTES = 64 * 2**20  # bodies up to limit + this are read before a 413, bigger ones cut off
 IMAGE_TYPES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
 
 
@@ -76,7 +78,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SharedPhotoRef(_Strict):
+class SharedPhotoRef(BaseModel):
+    """A photo from an earlier reply, sent back as it came (extra keys ignored)."""
+
     url: str
     description: str = ""
 
@@ -127,7 +131,7 @@ def create_app(model_or_factory: Any, out_dir: str | Path | None = None, limits:
         factory: SessionFactory = model_or_factory
     else:
         model = model_or_factory
-        factory = lambda d: model.session(photos_dir=d, **gen_defaults)  # noqa: E731
+        factory = lambda d: model.session(photos_dir=d, **gen_defaults)
     factory(photos_dir)  # fail now, not on the first request, if the options are bad
 
     app = FastAPI(title="mmdialog", docs_url=None, redoc_url=None, openapi_url=None)
@@ -223,6 +227,13 @@ class BodyLimit:
             status, code, msg = 413, "too_large", (f"request body of {int(length):,} bytes is over the limit "
                                                    f"of {self.max_bytes:,}")
         if status is not None:
+            if status == 413 and int(length) <= self.max_bytes + DRAIN_BYTES:
+                # Read (and drop) a moderately large body, so the client gets the
+                # answer instead of a connection reset while it is still sending.
+                more = True
+                while more:
+                    message = await receive()
+                    more = message["type"] == "http.request" and message.get("more_body", False)
             response = JSONResponse({"error": {"code": code, "message": msg}}, status_code=status,
                                     headers={"X-Content-Type-Options": "nosniff", "Connection": "close"})
             return await response(scope, receive, send)
@@ -400,7 +411,7 @@ def _respond(factory: SessionFactory, photos_dir: Path, history: list[Turn],
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>mmdialog chat</title>
+<title>mmdialog chat</title><link rel="icon" href="data:,">
 <style>
 body{font-family:system-ui,sans-serif;max-width:46rem;margin:0 auto;padding:1rem;background:#fafafa;color:#222}
 h1{font-size:1.2rem;margin:.2rem 0 1rem}

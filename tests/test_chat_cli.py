@@ -1,0 +1,115 @@
+"""`mmdialog chat` / `export` as users run them: real subprocesses, real models and files."""
+import json
+from pathlib import Path
+
+import pytest
+from sharing_model import CAT_PROMPT, exported_dir, run_cli
+
+from mmdialog.sdk.commands import generator_spec
+
+
+def test_interactive_chat_attaches_photos_saves_shared_ones_and_survives_bad_input(tmp_path, cat_photo):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    script = "\n".join([CAT_PROMPT, f"/image {tmp_path / 'missing.png'}", f"/image {tmp_path / 'broken.jpg'}",
+                        f"/image {cat_photo}", "and here is mine", "/bogus", "/quit", ""])
+    out = run_cli("chat", str(exported_dir()), "--photos-dir", str(tmp_path / "shared"), "--seed", "0",
+                  "--max-new-tokens", "20", stdin=script)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert "error: image" in out.stderr and "missing.png' does not exist" in out.stderr
+    assert "error: cannot read image" in out.stderr and "broken.jpg" in out.stderr
+    assert "error: unknown command /bogus; try /help" in out.stderr
+    assert "(attached chelsea.png" in out.stdout
+    photo_lines = [line for line in out.stdout.splitlines() if "photo: " in line]
+    assert len(photo_lines) == 1 and "my tabby cat (library: chelsea.png)" in photo_lines[0]
+    path = Path(photo_lines[0].split("photo: ")[1].split("  — ")[0])
+    assert path.parent == tmp_path / "shared" and path.stat().st_size > 10_000
+
+
+def test_one_shot_message_for_scripts(tmp_path):
+    out = run_cli("chat", str(exported_dir()), "--message", CAT_PROMPT, "--json", "--seed", "0",
+                  "--photos-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    reply = json.loads(out.stdout.strip().splitlines()[-1])
+    assert reply["text"] == "here she is" and reply["shared"]
+    assert Path(reply["photos"][0]["path"]).exists() and reply["photos"][0]["source"].endswith("chelsea.png")
+
+
+def test_chat_works_on_the_embedded_default_with_no_setup():
+    out = run_cli("chat", "--message", "hi! how are you?", "--max-new-tokens", "8", "--seed", "0")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["chat", "--temprature", "1"], "No such option: --temprature"),
+    (["chat", "/no/such/model", "--message", "hi"], "error: model '/no/such/model' does not exist"),
+    (["chat", "--message", "hi", "--image", "setup.cfg"], "error: image 'setup.cfg' does not exist"),
+    (["chat", "--message", "hi", "--image", "README.md"], "error: cannot read image"),
+    (["chat", "--image", "README.md"], "error: --image goes with --message"),
+    (["chat", "--generator", "library,", "--message", "hi"], "error: --generator 'library,'"),
+    (["export", "/no/such/trainable.pt", "out"], "error: checkpoint '/no/such/trainable.pt' does not exist"),
+    (["serve", "--port", "70000"], "Invalid value for '--port'"),
+])
+def test_user_errors_are_clear_without_a_traceback(args, message):
+    out = run_cli(*args, timeout=120)
+    assert out.returncode == 2, out.stderr[-1000:]
+    assert message in out.stderr, out.stderr[-1000:]
+    assert "Traceback" not in out.stderr
+
+
+def test_export_command_writes_a_folder_that_chat_loads(tmp_path):
+    from sharing_model import sharing_model
+
+    from mmdialog.core.training import save_trainable
+
+    pt = save_trainable(sharing_model(), tmp_path / "run" / "trainable.pt")
+    out = run_cli("export", str(pt), str(tmp_path / "model"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "exported 184 trainable tensors" in out.stdout
+    assert (tmp_path / "model" / "model.safetensors").exists()
+    again = run_cli("export", str(pt), str(tmp_path / "model"))
+    assert again.returncode == 2 and "is not empty" in again.stderr
+
+
+def test_generator_spec():
+    assert generator_spec("library,sd") == {"name": "library", "fallback": {"name": "sd"}}
+    assert generator_spec(None) is None and generator_spec("sd") == {"name": "sd"}
+    assert generator_spec(None, ".")["folder"] == str(Path(".").resolve())
+
+
+def test_serve_command_binds_loopback_and_answers(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from sharing_model import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "mmdialog.sdk.commands", "serve", str(exported_dir()),
+                             "--port", str(port), "--photos-dir", str(tmp_path), "--seed", "0"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+            time.sleep(0.3)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat", json={"messages": [{"role": "user", "content": CAT_PROMPT}]},
+                       timeout=120)
+        assert r.status_code == 200 and r.json()["photos"][0]["url"].startswith("/files/")
+        assert list((tmp_path / "photos").glob("*.png"))
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert f"chat page at http://127.0.0.1:{port}/" in err and "Traceback" not in err
