@@ -16,7 +16,7 @@ from typing import Any
 import typer
 
 from mmdialog.core.config import chain_spec
-from mmdialog.core.errors import MMDialogError
+from mmdialog.core.errors import ConfigError, MMDialogError
 
 MODEL_ARG = typer.Argument("tiny", help="an exported folder, a training checkpoint (trainable.pt, .ckpt, run "
                                         "folder), a preset (tiny, paper) or a YAML config")
@@ -44,7 +44,10 @@ def generator_spec(generator: str | None, library: str | None = None) -> dict[st
             generator = "library"
         else:
             return None
-    spec = chain_spec(generator)
+    try:
+        spec = chain_spec(generator)
+    except ConfigError as e:
+        raise MMDialogError(f"--generator {e}") from None
     if library is not None:
         if spec["name"] != "library":
             raise MMDialogError("--library needs the library generator first: --generator library[,sd]")
