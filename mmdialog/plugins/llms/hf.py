@@ -43,7 +43,10 @@ class HFOptions(PluginOptions):
     gguf_file: str | None = Field(None, description="GGUF file name inside `path`")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     lora: LoraOptions = Field(default_factory=LoraOptions)
-    random_weights: bool = Field(False, description="build from config.json with random weights (benchmarks)")
+    random_weights: bool = Field(False, description="random weights from `path`'s config.json, or from "
+                                                    "`config` (benchmarks at real shapes, no download)")
+    config: dict[str, Any] | None = Field(None, description="with random_weights: a full model config "
+                                                            "(with model_type) instead of path/config.json")
     config_overrides: dict[str, Any] = Field(default_factory=dict, description="with random_weights")
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
@@ -176,11 +179,11 @@ def _load(o: HFOptions) -> tuple[Any, nn.Module]:
         require_folder(path, [o.gguf_file], "llm (GGUF)")
         kw["gguf_file"] = o.gguf_file
     elif is_local(path):
-        require_folder(path, ["config.json"], "llm")
+        require_folder(path, ["tokenizer_config.json"] if o.config else ["config.json"], "llm")
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
         if o.random_weights:
-            cfg = AutoConfig.from_pretrained(path, **kw)
+            cfg = AutoConfig.for_model(**o.config) if o.config else AutoConfig.from_pretrained(path, **kw)
             for k, v in o.config_overrides.items():
                 setattr(cfg, k, v)
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=o.attn_implementation)
