@@ -1,0 +1,25 @@
+"""The paper-scale benchmark script runs end to end at tiny scale on CPU (no timing asserted)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("flags", [[], ["--reference-recipe"]])
+def test_bench_paper_step_tiny(flags):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_paper_step.py"), "--scale", "tiny",
+                          "--device", "cpu", "--micro-batch", "2", "--accumulate", "1", "--steps", "1", *flags],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    assert r["recipe"] == ("reference" if flags else "mmdialog-default") and not r["oom"]
+    assert r["dialogues_per_step"] == 2 and r["flops_per_step"] > 0 and r["step_s"] > 0
+    parts = r["seconds_per_step"]
+    assert {"llm_fwd", "bridge_fwd", "text_encoder_fwd", "vae_encode_fwd", "unet_fwd", "optimizer"} <= set(parts)
+    assert ("perceiver_fwd" in parts) != bool(flags)  # the reference recipe has no perceiver
