@@ -22,4 +22,5 @@ def test_bench_paper_step_tiny(flags):
     assert r["dialogues_per_step"] == 2 and r["flops_per_step"] > 0 and r["step_s"] > 0
     parts = r["seconds_per_step"]
     assert {"llm_fwd", "bridge_fwd", "text_encoder_fwd", "vae_encode_fwd", "unet_fwd", "optimizer"} <= set(parts)
-    assert ("perceiver_fwd" in parts) != bool(flags)  # the reference recipe has no perceiver
+    assert (parts["perceiver_fwd"] > 0) != bool(flags)  # the reference recipe has no perceiver
+    assert (parts["vae_encode_fwd"] > 0) == bool(flags)  # ours reads cached VAE posteriors

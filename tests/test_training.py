@@ -168,3 +168,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(cat_dialogue):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 100
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-3, atol=1e-5), n
+
+
+def test_latent_cache_changes_nothing_the_unet_sees(tiny, cat_dialogue):
+    """The cached VAE posterior gives the same latents (same draw) as encoding again."""
+    gen = tiny.generator
+    batch = tiny.collator([(cat_dialogue, "1")])
+    assert batch.desc_keys == [str(cat_dialogue.turns[3].photos[0].path)]
+    px = batch.desc_pixels
+    gen.__dict__.pop("_latent_cache", None)
+    torch.manual_seed(0)
+    plain = gen.latents(px)                      # no keys: encodes
+    torch.manual_seed(0)
+    first = gen.latents(px, batch.desc_keys)     # fills the cache
+    torch.manual_seed(0)
+    cached = gen.latents(px, batch.desc_keys)    # from the cache, VAE not called
+    assert len(gen._latent_cache) == 1
+    assert torch.allclose(plain, first, atol=1e-6) and torch.allclose(first, cached, atol=1e-6)
+    calls = []
+    handle = gen.vae.encoder.register_forward_hook(lambda *a: calls.append(1))
+    gen.latents(px, batch.desc_keys)
+    assert calls == []                           # served from the cache
+    gen.options.latent_cache = False
+    try:
+        gen.latents(px, batch.desc_keys)
+    finally:
+        gen.options.latent_cache = True
+        handle.remove()
+    assert calls == [1]                          # switched off: the VAE encodes again

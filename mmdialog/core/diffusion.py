@@ -8,15 +8,16 @@ which diffusers pipeline samples.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from mmdialog.core import assets
 from mmdialog.core.checkpoints import resolve_folder
-from mmdialog.core.interfaces import Generator, PromptTokens, TextTower
+from mmdialog.core.interfaces import Generator, PluginOptions, PromptTokens, TextTower
 from mmdialog.core.vocab import check_bridgeable, tokenize_for_tower
 
 #: Noise schedule of SD 1.x / 2.x (scheduler_config.json of both).
@@ -123,6 +124,23 @@ def encode_text_tower(model: nn.Module, prompt: PromptTokens, hidden_layer: int 
     return hidden, pooled
 
 
+class LatentDiffusionOptions(PluginOptions):
+    """Options every Stable Diffusion generator has; plugins add their towers and UNet."""
+
+    path: str | None = Field(None, description="local diffusers folder (or a hub id)")
+    tokenizer: str = Field(assets.CLIP_BPE, description="tokenizer for random-init components")
+    vae: dict[str, Any] = Field(default_factory=tiny_vae_config, description="random-init VAE config")
+    resolution: int | None = Field(None, gt=0, description="photo side; default from the UNet/VAE")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    # The frozen VAE gives the same distribution for a photo every epoch: keep its
+    # (mean, std) and sample from it, so nothing the UNet sees changes.
+    latent_cache: bool = Field(True, description="encode each training photo once (frozen VAE), keep its "
+                                                 "latent mean/std on the CPU")
+    num_inference_steps: int = Field(30, gt=0)
+    guidance_scale: float = Field(7.5, ge=0)
+
+
 class LatentDiffusionGenerator(Generator):
     """VAE + UNet + text tower(s) + scheduler, separately held (diffusers style)."""
 
@@ -174,18 +192,34 @@ class LatentDiffusionGenerator(Generator):
         """Keyword arguments for ``unet(...)`` from ``encode``'s result."""
         raise NotImplementedError
 
-    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
+    def latents(self, pixels: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
+        """Scaled VAE latents of photos in [0, 1], sampled from the posterior."""
         vae = self.vae
         x = (pixels * 2 - 1).to(vae.dtype)                                    # (N, 3, H, W) in [-1, 1]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in vae.parameters())):
-            z = vae.encode(x).latent_dist.sample()                            # (N, 4, H/f, W/f)
+        frozen = not any(p.requires_grad for p in vae.parameters())
+        if self.options.latent_cache and frozen and keys and all(keys):
+            cache = self.__dict__.setdefault("_latent_cache", {})  # not a buffer: never saved
+            names = [f"{k}@{x.shape[-1]}" for k in keys]
+            todo = [i for i, n in enumerate(names) if n not in cache]
+            if todo:
+                with torch.no_grad():
+                    dist = vae.encode(x[todo]).latent_dist
+                for j, i in enumerate(todo):
+                    cache[names[i]] = (dist.mean[j].cpu(), dist.std[j].cpu())
+            mean = torch.stack([cache[n][0] for n in names]).to(x.device)   # (N, 4, H/f, W/f)
+            std = torch.stack([cache[n][1] for n in names]).to(x.device)
+            # The same draw DiagonalGaussianDistribution.sample() makes.
+            z = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+                z = vae.encode(x).latent_dist.sample()                        # (N, 4, H/f, W/f)
         return z * vae.config.scaling_factor
 
-    def loss(self, conditioning: Any, pixels: torch.Tensor) -> torch.Tensor:
+    def loss(self, conditioning: Any, pixels: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
         """Diffusion loss E‖ε − ε_θ(z_t, t, c)‖² (Ho et al. 2020; v-target when
         the scheduler predicts v, as SD 2.1-768 does)."""
         sch = self.train_scheduler
-        z0 = self.latents(pixels)
+        z0 = self.latents(pixels, keys)
         noise = torch.randn_like(z0)
         t = torch.randint(0, sch.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
         zt = sch.add_noise(z0, noise, t)

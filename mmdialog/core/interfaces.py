@@ -155,8 +155,9 @@ class Generator(Component):
     * ``text_towers``: the towers a bridge must feed, in order.
     * ``encode(prompts: list[PromptTokens]) -> conditioning`` (opaque object),
       differentiable w.r.t. ``inputs_embeds``.
-    * ``loss(conditioning, pixels (N,3,H,W) float in [0,1]) -> scalar`` the
-      training loss (diffusion ε-MSE for Stable Diffusion).
+    * ``loss(conditioning, pixels (N,3,H,W) float in [0,1], keys=None) -> scalar``
+      the training loss (diffusion ε-MSE for Stable Diffusion); ``keys`` name
+      each photo (its file) so per-photo work may be cached.
     * ``generate(conditioning, **options) -> list[PIL.Image]`` for inference.
     * ``resolution``: side of the square training photos.
     """
@@ -168,7 +169,7 @@ class Generator(Component):
     def encode(self, prompts: list[PromptTokens]) -> Any: ...
 
     @abstractmethod
-    def loss(self, conditioning: Any, pixels: torch.Tensor) -> torch.Tensor: ...
+    def loss(self, conditioning: Any, pixels: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor: ...
 
     @abstractmethod
     def generate(self, conditioning: Any, **options: Any) -> list["Image.Image"]: ...

@@ -80,7 +80,8 @@ class DialogueModel(nn.Module):
             ids = batch.input_ids[b, pos]                                    # (N, L)
             span_logits = logits[b, pos - 1]                                 # (N, L, V): predictions of ids
             prompts = self.bridge(ids, valid, span_logits)
-            image_loss = self.generator.loss(self.generator.encode(prompts), batch.desc_pixels[use])
+            keys = [k for k, u in zip(batch.desc_keys, use.tolist()) if u]
+            image_loss = self.generator.loss(self.generator.encode(prompts), batch.desc_pixels[use], keys)
         # Both parts keep their graphs, so each can be back-propagated alone.
         return {"loss": text_loss + self.image_loss_weight * image_loss, "text_loss": text_loss,
                 "image_loss": image_loss, "image_samples": use.sum()}

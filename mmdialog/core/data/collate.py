@@ -42,6 +42,7 @@ class Batch:
     desc_len: torch.Tensor         # (N,) long
     desc_pixels: torch.Tensor      # (N, 3, H_g, W_g) float; zeros where missing
     desc_has_image: torch.Tensor   # (N,) bool: gold photo available for the image loss
+    desc_keys: list[str]           # (N,) the gold photo's file ("" when missing), for caches
     shares_photo: torch.Tensor     # (B,) bool: the agent shares a photo in this sample
     stats: dict[str, int] = field(default_factory=dict)
     ids: list[str] = field(default_factory=list)  # "dialogue_id@agent" of each sample
@@ -143,7 +144,8 @@ class Collator:
             else torch.zeros(0, 3, size, size),
             desc_index=empty, desc_start=empty, desc_len=empty,
             desc_pixels=torch.zeros(0, 3, self.gen_res, self.gen_res),
-            desc_has_image=torch.zeros(0, dtype=torch.bool), shares_photo=torch.zeros(1, dtype=torch.bool))
+            desc_has_image=torch.zeros(0, dtype=torch.bool), desc_keys=[],
+            shares_photo=torch.zeros(1, dtype=torch.bool))
 
     # -- batch -------------------------------------------------------------------------------
     def __call__(self, samples: list[tuple[Dialogue, str]]) -> Batch:
@@ -153,7 +155,7 @@ class Collator:
         ids = torch.full((len(encoded), t), pad, dtype=torch.long)
         mask = torch.zeros((len(encoded), t), dtype=torch.long)
         labels = torch.full((len(encoded), t), IGNORE, dtype=torch.long)
-        slots, slot_px, d_idx, d_start, d_len, d_px, d_has = [], [], [], [], [], [], []
+        slots, slot_px, d_idx, d_start, d_len, d_px, d_has, d_keys = [], [], [], [], [], [], [], []
         stats = {"photos_missing": 0, "spans_truncated": 0}
         for b, e in enumerate(encoded):
             n = len(e["ids"])
@@ -183,6 +185,7 @@ class Collator:
                 has = photo is not None and photo.path is not None
                 stats["photos_missing"] += not has
                 d_has.append(has)
+                d_keys.append(str(photo.path) if has else "")
                 d_px.append(self.load_image(photo.path, self.gen_res) if has
                             else torch.zeros(3, self.gen_res, self.gen_res))
         p_size = self.perceiver.image_size
@@ -193,7 +196,7 @@ class Collator:
             desc_index=torch.tensor(d_idx, dtype=torch.long), desc_start=torch.tensor(d_start, dtype=torch.long),
             desc_len=torch.tensor(d_len, dtype=torch.long),
             desc_pixels=torch.stack(d_px) if d_px else torch.zeros(0, 3, self.gen_res, self.gen_res),
-            desc_has_image=torch.tensor(d_has, dtype=torch.bool),
+            desc_has_image=torch.tensor(d_has, dtype=torch.bool), desc_keys=d_keys,
             shares_photo=torch.tensor([e["shares"] for e in encoded], dtype=torch.bool),
             stats=stats, ids=[f"{d.id}@{a}" for d, a in samples])
 

@@ -269,9 +269,10 @@ class LibraryGenerator(Generator):
         texts = [t.strip() for t in prompts[0].texts]
         return LibraryConditioning(texts, self.fallback.encode(prompts) if self.fallback is not None else None)
 
-    def loss(self, conditioning: LibraryConditioning, pixels: torch.Tensor) -> torch.Tensor:
+    def loss(self, conditioning: LibraryConditioning, pixels: torch.Tensor,
+             keys: list[str] | None = None) -> torch.Tensor:
         if self.fallback is not None:
-            return self.fallback.loss(conditioning.fallback, pixels)
+            return self.fallback.loss(conditioning.fallback, pixels, keys)
         return pixels.new_zeros((), dtype=torch.float32)  # nothing to train
 
     def match(self, texts: list[str]) -> list[Match]:

@@ -7,18 +7,16 @@ text encoder and VAE frozen.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from mmdialog.core import assets
-from mmdialog.core.diffusion import (LatentDiffusionGenerator, check_diffusers_folder,
-                                     encode_text_tower, load_tokenizer, tiny_clip_text_config,
-                                     tiny_vae_config)
+from mmdialog.core.diffusion import (LatentDiffusionGenerator, LatentDiffusionOptions, check_diffusers_folder,
+                                     encode_text_tower, load_tokenizer, tiny_clip_text_config)
 from mmdialog.core.hookspecs import Plugin, hookimpl
-from mmdialog.core.interfaces import PluginOptions, PromptTokens
+from mmdialog.core.interfaces import PromptTokens
 
 TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4,
                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
@@ -27,17 +25,11 @@ TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4,
                  attention_head_dim=[2, 4], use_linear_projection=True)
 
 
-class SDOptions(PluginOptions):
-    path: str | None = Field(None, description="local diffusers folder (SD 1.5 / 2.1 layout)")
-    tokenizer: str = Field(assets.CLIP_BPE, description="tokenizer for random-init components")
+class SDOptions(LatentDiffusionOptions):
+    """``path``: a diffusers SD 1.5 / 2.1 folder; otherwise random-init from these configs."""
+
     text_encoder: dict[str, Any] = Field(default_factory=tiny_clip_text_config)
     unet: dict[str, Any] = Field(default_factory=lambda: dict(TINY_UNET))
-    vae: dict[str, Any] = Field(default_factory=tiny_vae_config)
-    resolution: int | None = Field(None, gt=0, description="photo side; default from the UNet/VAE")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    gradient_checkpointing: bool = False
-    num_inference_steps: int = Field(30, gt=0)
-    guidance_scale: float = Field(7.5, ge=0)
 
 
 class SDGenerator(LatentDiffusionGenerator):

@@ -4,17 +4,16 @@ second tower's projected pooled embedding and the size/crop "time ids" as
 extra UNet conditioning. A bridge feeds both towers."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from mmdialog.core import assets
-from mmdialog.core.diffusion import (LatentDiffusionGenerator, check_diffusers_folder, encode_text_tower,
-                                     load_tokenizer, tiny_clip_text_config, tiny_vae_config)
+from mmdialog.core.diffusion import (LatentDiffusionGenerator, LatentDiffusionOptions, check_diffusers_folder, encode_text_tower,
+                                     load_tokenizer, tiny_clip_text_config)
 from mmdialog.core.hookspecs import Plugin, hookimpl
-from mmdialog.core.interfaces import PluginOptions, PromptTokens
+from mmdialog.core.interfaces import PromptTokens
 
 TINY_TIME_DIM = 8
 TINY_SDXL_UNET = dict(sample_size=16, in_channels=4, out_channels=4,
@@ -27,17 +26,12 @@ TINY_SDXL_UNET = dict(sample_size=16, in_channels=4, out_channels=4,
                       transformer_layers_per_block=1)
 
 
-class SDXLOptions(PluginOptions):
-    path: str | None = Field(None, description="local diffusers folder (SDXL layout)")
-    tokenizer: str = Field(assets.CLIP_BPE, description="tokenizer for random-init components")
+class SDXLOptions(LatentDiffusionOptions):
+    """``path``: a diffusers SDXL folder; otherwise random-init from these configs."""
+
     text_encoder: dict[str, Any] = Field(default_factory=lambda: tiny_clip_text_config(32))
-    text_encoder_2: dict[str, Any] = Field(default_factory=lambda: tiny_clip_text_config(64, ) | {"projection_dim": 32})
+    text_encoder_2: dict[str, Any] = Field(default_factory=lambda: tiny_clip_text_config(64) | {"projection_dim": 32})
     unet: dict[str, Any] = Field(default_factory=lambda: dict(TINY_SDXL_UNET))
-    vae: dict[str, Any] = Field(default_factory=tiny_vae_config)
-    resolution: int | None = Field(None, gt=0)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    gradient_checkpointing: bool = False
-    num_inference_steps: int = Field(30, gt=0)
     guidance_scale: float = Field(5.0, ge=0)
 
 
