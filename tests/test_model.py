@@ -53,3 +53,15 @@ def test_caption_perceiver_reads_descriptions_as_text(cat_dialogue):
     b = m.collator([(cat_dialogue, "0")])
     assert b.photo_slots.numel() == 0
     assert "[img] a tabby cat lying on a wooden floor [/img]" in m.llm.tokenizer.decode(b.input_ids[0])
+
+
+def test_scoring_only_labelled_positions_matches_full_logits(tiny, cat_dialogue):
+    batch = tiny.collator([(cat_dialogue, "1"), (cat_dialogue, "0")])
+    tiny.eval()
+    with torch.no_grad():
+        out = tiny(batch)
+        full = tiny.llm(tiny.input_embeddings(batch), batch.attention_mask)          # (B, T, V)
+        ref = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]).float(),
+                                                batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    tiny.train()
+    assert torch.allclose(out["text_loss"], ref, atol=1e-5)

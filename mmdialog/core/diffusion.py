@@ -201,11 +201,10 @@ class LatentDiffusionGenerator(Generator):
             cache = self.__dict__.setdefault("_latent_cache", {})  # not a buffer: never saved
             names = [f"{k}@{x.shape[-1]}" for k in keys]
             todo = [i for i, n in enumerate(names) if n not in cache]
-            if todo:
-                with torch.no_grad():
-                    dist = vae.encode(x[todo]).latent_dist
-                for j, i in enumerate(todo):
-                    cache[names[i]] = (dist.mean[j].cpu(), dist.std[j].cpu())
+            with torch.no_grad():
+                for i in todo:  # one photo at a time: its entry never depends on its batch-mates
+                    dist = vae.encode(x[i:i + 1]).latent_dist
+                    cache[names[i]] = (dist.mean[0].cpu(), dist.std[0].cpu())
             mean = torch.stack([cache[n][0] for n in names]).to(x.device)   # (N, 4, H/f, W/f)
             std = torch.stack([cache[n][1] for n in names]).to(x.device)
             # The same draw DiagonalGaussianDistribution.sample() makes.

@@ -57,8 +57,10 @@ class LanguageModel(Component):
     """A causal LM that writes replies and ``[img] description [/img]`` spans.
 
     * ``embed(input_ids (B,T) long) -> (B,T,D)``: differentiable input embeddings.
-    * ``forward(inputs_embeds (B,T,D), attention_mask (B,T)) -> logits (B,T,V)``,
-      float, differentiable w.r.t. the embeddings and trainable parameters.
+    * ``forward(inputs_embeds (B,T,D), attention_mask (B,T), positions=None)
+      -> logits (B,T,V)``, differentiable w.r.t. the embeddings and trainable
+      parameters; with ``positions (B,T) bool`` only those rows: ``(N,V)`` in
+      row-major order (the LM head is skipped elsewhere).
     * ``generate(inputs_embeds (B,T,D), attention_mask (B,T)) -> new ids (B,T')``;
       rows are left-padded, and generation stops at ``stop_ids``.
     * ``render(messages, add_generation_prompt)`` applies the chat template to
@@ -77,7 +79,8 @@ class LanguageModel(Component):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 
     @abstractmethod
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor: ...
 
     @abstractmethod
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,

@@ -65,20 +65,23 @@ class DialogueModel(nn.Module):
         return emb
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        logits = self.llm(self.input_embeddings(batch), batch.attention_mask)  # (B, T, V)
-        v = logits.shape[-1]
-        text_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, v), batch.labels[:, 1:].reshape(-1),
-                                    ignore_index=IGNORE)
+        targets = batch.labels[:, 1:]                                        # (B, T-1)
+        scored = F.pad(targets != IGNORE, (0, 1), value=False)              # (B, T): positions that predict
+        logits = self.llm(self.input_embeddings(batch), batch.attention_mask, scored)  # (S, V)
+        text_loss = F.cross_entropy(logits.float(), targets[scored[:, :-1]])
         image_loss = logits.new_zeros((), dtype=torch.float32)
         use = batch.desc_has_image
         if self.image_loss_weight > 0 and bool(use.any()):
+            row_of = torch.full(scored.shape, -1, dtype=torch.long, device=logits.device)
+            row_of[scored] = torch.arange(logits.shape[0], device=logits.device)  # (B, T) → logits row
             starts, lens, rows = batch.desc_start[use], batch.desc_len[use], batch.desc_index[use]
             ar = torch.arange(int(lens.max().clamp(min=1)), device=logits.device)
             valid = ar[None] < lens[:, None]                                 # (N, L)
-            pos = (starts[:, None] + ar[None]).clamp(max=logits.shape[1] - 1)
+            pos = (starts[:, None] + ar[None]).clamp(max=scored.shape[1] - 1)
             b = rows[:, None].expand_as(pos)
             ids = batch.input_ids[b, pos]                                    # (N, L)
-            span_logits = logits[b, pos - 1]                                 # (N, L, V): predictions of ids
+            # Description tokens are labelled, so their predicting positions were scored.
+            span_logits = logits[row_of[b, pos - 1].clamp(min=0)]            # (N, L, V): predictions of ids
             prompts = self.bridge(ids, valid, span_logits)
             keys = [k for k, u in zip(batch.desc_keys, use.tolist()) if u]
             image_loss = self.generator.loss(self.generator.encode(prompts), batch.desc_pixels[use], keys)

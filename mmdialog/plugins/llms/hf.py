@@ -148,9 +148,17 @@ class HFLanguageModel(LanguageModel):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.base_model.get_input_embeddings()(input_ids)  # (B, T, D)
 
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
-        return out.logits  # (B, T, V)
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:
+            out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+            return out.logits                                                # (B, T, V)
+        # Only the positions that are scored go through the LM head: it is the
+        # widest matmul of a small LLM, and most positions are context.
+        base = self.base_model
+        h = base.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                               use_cache=False).last_hidden_state            # (B, T, D)
+        return base.get_output_embeddings()(h[positions])                    # (N, V)
 
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
