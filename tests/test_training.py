@@ -43,6 +43,7 @@ def test_checkpoint_holds_only_trainable_weights_and_config(uninterrupted):
     assert not list((out / "checkpoints").glob("*.tmp"))
     assert (out / "trainable.pt").exists()
     assert list((out / "logs").rglob("metrics.csv"))
+    assert list((out / "tensorboard").rglob("events.out.tfevents*"))
 
 
 @pytest.mark.parametrize("first", [3, 2])  # at an epoch boundary, and mid-epoch

@@ -350,11 +350,8 @@ def train(model: DialogueModel, progress: bool = True, resume: str | bool | None
     if validate:
         callbacks.append(EarlyStopping(monitor="val_bleu2", mode="max", patience=t.early_stop_patience,
                                        check_on_train_epoch_end=False))
-    loggers = [L.pytorch.loggers.CSVLogger(out, name="logs")]
-    try:
-        loggers.append(L.pytorch.loggers.TensorBoardLogger(out, name="tensorboard"))
-    except ModuleNotFoundError:  # tensorboard / tensorboardX not installed
-        pass
+    loggers = [L.pytorch.loggers.CSVLogger(out, name="logs"),
+               L.pytorch.loggers.TensorBoardLogger(out, name="tensorboard")]
     if t.deterministic:
         L.seed_everything(cfg.model.seed, workers=True, verbose=False)
     trainer = L.Trainer(
