@@ -3,8 +3,8 @@
 Training (teacher forcing, DESIGN.md §1):
 
     embeddings = LLM.embed(ids), with each photo's K slots ← Perceiver(photo)
-    logits     = LLM(embeddings)                                 # (B, T, V)
-    L_text     = CE(logits[:, :-1], labels[:, 1:])
+    logits     = LLM(embeddings) at the positions that predict a label  # (S, V)
+    L_text     = CE(logits, the labels they predict)
     prompts    = Bridge(description ids, logits predicting them)  # per text tower
     L_img      = Generator.loss(Generator.encode(prompts), gold photo)
     loss       = L_text + λ · L_img
