@@ -56,8 +56,16 @@ def test_blip2_folder_loads_vision_and_qformer_only(tmp_path, tiny):
     assert torch.equal(p.vision.embeddings.patch_embedding.weight, blip.vision_model.embeddings.patch_embedding.weight)
     q = dict(blip.qformer.named_parameters())
     assert all(torch.equal(v, q[k]) for k, v in p.qformer.named_parameters())
-    out = p(torch.rand(2, 3, 80, 80))
+    px = torch.rand(2, 3, 80, 80)
+    out = p.eval()(px)  # eval: no Q-Former dropout
     assert out.shape == (2, 6, tiny.llm.hidden_size)
+    # Half precision (the paper preset): the frozen parts in bf16, the new projection float32.
+    half = QFormerPerceiver.from_options(QFormerOptions(path=str(tmp_path), dtype="bfloat16"),
+                                         BuildContext(llm=tiny.llm)).eval()
+    assert half.vision.dtype == half.query_tokens.dtype == next(half.qformer.parameters()).dtype == torch.bfloat16
+    half.projection.load_state_dict(p.projection.state_dict())
+    assert half.projection.weight.dtype == torch.float32
+    assert torch.allclose(half(px), out, atol=0.1 * out.abs().max().item())
 
 
 def test_sd_folder_loads(tmp_path, tiny):

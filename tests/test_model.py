@@ -65,3 +65,22 @@ def test_scoring_only_labelled_positions_matches_full_logits(tiny, cat_dialogue)
                                                 batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE)
     tiny.train()
     assert torch.allclose(out["text_loss"], ref, atol=1e-5)
+
+
+def test_frozen_parts_stay_in_eval_mode_while_training(cat_photo):
+    """The frozen Q-Former's dropout (p=0.1) is off in training; trainable parts train."""
+    from mmdialog import build
+    from mmdialog.core.data.collate import default_image_loader
+
+    px = default_image_loader(cat_photo, 64)[None]
+    frozen = build("tiny").train()
+    assert not frozen.perceiver.qformer.training and not frozen.generator.text_encoders.training
+    assert frozen.training and frozen.generator.unet.training and frozen.perceiver.projection.training
+    lora_dropout = [m for n, m in frozen.llm.named_modules() if n.endswith("lora_dropout.default")]
+    assert lora_dropout and all(m.training for m in lora_dropout)
+    assert torch.equal(frozen.perceiver(px), frozen.perceiver(px))
+    tuned = build("tiny", overrides={"model.trainable": {"perceiver.qformer": True}}).train()
+    assert tuned.perceiver.qformer.training
+    torch.manual_seed(0)
+    assert not torch.equal(tuned.perceiver(px), tuned.perceiver(px))
+    assert not frozen.eval().generator.unet.training

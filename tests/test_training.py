@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mmdialog import build
+from mmdialog.core.errors import ConfigError
 from mmdialog.core.training import TrainingError, train, weights_digest
 from mmdialog.sdk.export import read_checkpoint
 
@@ -151,11 +152,23 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     assert json.loads((tmp_path / "manifest_rank0.json").read_text())["steps"] == done + 1
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(cat_dialogue):
+@pytest.mark.parametrize("llm_every,unet_blocks", [(True, True), (2, ["down_blocks.0", "mid_block"])],
+                         ids=["full", "selective"])
+def test_gradient_checkpointing_recomputes_the_chosen_blocks_and_keeps_gradients(
+        cat_dialogue, llm_every, unet_blocks):
     plain = build("tiny")
-    ckpt = build("tiny", overrides={"model.llm.gradient_checkpointing": True,
-                                    "model.generator.gradient_checkpointing": True})
-    assert ckpt.generator.unet.is_gradient_checkpointing
+    ckpt = build("tiny", overrides={"model.llm.gradient_checkpointing": llm_every,
+                                    "model.generator.gradient_checkpointing": unet_blocks})
+    layers, unet = ckpt.llm.base_model.model.layers, ckpt.generator.unet
+    calls: dict[str, int] = {}
+    # Submodules: the checkpointed function is a layer's forward / a block's resnets.
+    watched = {"layer0": layers[0].mlp, "layer1": layers[1].mlp, "down0": unet.down_blocks[0].resnets[0],
+               "down1": unet.down_blocks[1].resnets[0], "mid": unet.mid_block.resnets[1]}
+    for name, mod in watched.items():  # (forward hooks do not fire in a recompute)
+        def counted(*args, _forward=mod.forward, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _forward(*args, **kwargs)
+        mod.forward = counted
     grads = []
     for m in (plain, ckpt):
         m.train()
@@ -166,9 +179,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(cat_dialogue):
         out = m(m.collator([(cat_dialogue, "1")]))
         out["loss"].backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    # A checkpointed block runs again in the backward pass; the others once.
+    every_layer = llm_every is True
+    assert calls == {"layer0": 2, "layer1": 2 if every_layer else 1,
+                     "down0": 2, "down1": 2 if every_layer else 1, "mid": 2}
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 100
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-3, atol=1e-5), n
+
+
+def test_unknown_unet_block_to_checkpoint_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"unknown UNet block\(s\) \['down\.0'\]; choose from \['down_blocks\.0'"):
+        build("tiny", overrides={"model.generator.gradient_checkpointing": ["down.0"]})
 
 
 def test_latent_cache_changes_nothing_the_unet_sees(tiny, cat_dialogue):

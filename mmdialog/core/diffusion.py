@@ -17,6 +17,7 @@ from torch import nn
 
 from mmdialog.core import assets
 from mmdialog.core.checkpoints import resolve_folder
+from mmdialog.core.errors import ConfigError
 from mmdialog.core.interfaces import Generator, PluginOptions, PromptTokens, TextTower
 from mmdialog.core.vocab import check_bridgeable, tokenize_for_tower
 
@@ -132,7 +133,10 @@ class LatentDiffusionOptions(PluginOptions):
     vae: dict[str, Any] = Field(default_factory=tiny_vae_config, description="random-init VAE config")
     resolution: int | None = Field(None, gt=0, description="photo side; default from the UNet/VAE")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | list[str] = Field(
+        False, description="recompute UNet activations in the backward pass: true for every block, or "
+                           "the blocks to checkpoint (selective), e.g. [down_blocks.0, up_blocks.3] — "
+                           "the 64² blocks hold most of SD's activations")
     # The frozen VAE gives the same distribution for a photo every epoch: keep its
     # (mean, std) and sample from it, so nothing the UNet sees changes.
     latent_cache: bool = Field(True, description="encode each training photo once (frozen VAE), keep its "
@@ -162,10 +166,26 @@ class LatentDiffusionGenerator(Generator):
             self.vae = _cast(AutoencoderKL(**options.vae), dtype)
             self.unet = _cast(UNet2DConditionModel(**options.unet), dtype)
         self.train_scheduler, self.sample_scheduler = load_schedulers(folder)
-        if options.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+        self.set_gradient_checkpointing(options.gradient_checkpointing)
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.resolution = options.resolution or self.unet.config.sample_size * factor
+
+    def set_gradient_checkpointing(self, blocks: bool | list[str]) -> None:
+        """Checkpoint every UNet block (True), none (False), or the named ones."""
+        unet = self.unet
+        if blocks is True or not blocks:
+            (unet.enable_gradient_checkpointing if blocks else unet.disable_gradient_checkpointing)()
+            return
+        names = [n for n, m in unet.named_children() if n.endswith("_blocks")]
+        known = [f"{n}.{i}" for n in names for i in range(len(getattr(unet, n)))] + ["mid_block"]
+        unknown = sorted(set(blocks) - set(known))
+        if unknown:
+            raise ConfigError(f"generator.gradient_checkpointing: unknown UNet block(s) {unknown}; "
+                              f"choose from {known}")
+        unet.enable_gradient_checkpointing()  # sets the checkpoint function everywhere…
+        for name, module in unet.named_modules():  # …then keeps the flag only inside the chosen blocks
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = any(name == b or name.startswith(b + ".") for b in blocks)
 
     def _init_towers(self) -> None:
         for i, tok in enumerate(self.tokenizers):

@@ -53,6 +53,15 @@ class DialogueModel(nn.Module):
     def components(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in COMPONENTS}
 
+    def train(self, mode: bool = True) -> "DialogueModel":
+        """Parts the freeze policy froze stay in eval mode while the rest trains:
+        no dropout inside a frozen Q-Former or text tower (BLIP-2 trains with its
+        frozen ViT in eval mode), so a frozen part is a fixed function."""
+        super().train(mode)
+        if mode:
+            _frozen_to_eval(self)
+        return self
+
     # -- training -------------------------------------------------------------------------
     def input_embeddings(self, batch: Batch) -> torch.Tensor:
         emb = self.llm.embed(batch.input_ids)                                # (B, T, D)
@@ -172,3 +181,13 @@ def description_spans(ids: list[int], open_id: int, close_id: int) -> list[list[
     if cur:  # generation stopped inside a description: use what was written
         spans.append(cur)
     return spans
+
+
+def _frozen_to_eval(module: nn.Module) -> None:
+    """``eval()`` on each largest sub-module that has parameters, all frozen."""
+    params = list(module.parameters())
+    if params and not any(p.requires_grad for p in params):
+        module.eval()
+        return
+    for child in module.children():
+        _frozen_to_eval(child)

@@ -48,7 +48,10 @@ class HFOptions(PluginOptions):
     config: dict[str, Any] | None = Field(None, description="with random_weights: a full model config "
                                                             "(with model_type) instead of path/config.json")
     config_overrides: dict[str, Any] = Field(default_factory=dict, description="with random_weights")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | int = Field(
+        False, ge=0, description="recompute decoder-layer activations in the backward pass: true (or 1) "
+                                 "every layer; k > 1 every k-th layer only (selective: less recompute, "
+                                 "more memory)")
     attn_implementation: str = "sdpa"
 
 
@@ -115,9 +118,8 @@ class HFLanguageModel(LanguageModel):
             self.tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        if options.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = _with_lora(base, options.lora)
+        self.set_gradient_checkpointing(options.gradient_checkpointing)
         self.hidden_size = base.config.hidden_size
         ids = self.tokenizer.convert_tokens_to_ids
         self.img_open_id, self.img_close_id = ids(IMG_OPEN), ids(IMG_CLOSE)
@@ -132,6 +134,13 @@ class HFLanguageModel(LanguageModel):
     @property
     def base_model(self) -> nn.Module:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def set_gradient_checkpointing(self, every: bool | int) -> None:
+        """Checkpoint every ``every``-th decoder layer (True: all; False or 0: none)."""
+        if every:
+            self.base_model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=int(every))
+        elif self.base_model.is_activation_checkpointing:
+            self.base_model.activation_checkpointing_disable()
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         base = self.base_model

@@ -7,7 +7,7 @@ model, Q-Former and query tokens are read — never its language model.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,9 @@ class QFormerOptions(PluginOptions):
     config: dict[str, Any] = Field(default_factory=lambda: dict(TINY_BLIP2),
                                    description="Blip2Config kwargs when no path is given (random init)")
     num_query_tokens: int | None = Field(None, gt=0, description="override K (random init only)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="the ViT and Q-Former (frozen by default; BLIP-2 itself runs its ViT in "
+                               "half precision); the new projection stays float32")
 
 
 class QFormerPerceiver(Perceiver):
@@ -64,6 +67,10 @@ class QFormerPerceiver(Perceiver):
         if options.path:
             load_prefixed(folder, {"vision_model": self.vision, "qformer": self.qformer,
                                    "query_tokens": self.query_tokens})
+        dtype = getattr(torch, options.dtype)
+        self.vision.to(dtype)
+        self.qformer.to(dtype)
+        self.query_tokens.data = self.query_tokens.data.to(dtype)
         self.num_tokens = cfg.num_query_tokens
         self.image_size = cfg.vision_config.image_size
         self.register_buffer("mean", torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
