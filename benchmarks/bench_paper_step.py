@@ -6,6 +6,7 @@ synthetic batches (B dialogues × 256 tokens with a 24-token description,
 
     python benchmarks/bench_paper_step.py --scale paper                       # our default recipe
     python benchmarks/bench_paper_step.py --scale paper --reference-recipe    # the authors' recipe
+    python benchmarks/bench_paper_step.py --scale paper --sweep               # micro-batch × checkpointing
     python benchmarks/bench_paper_step.py --scale tiny --device cpu           # CPU check of the script
 
 ``--reference-recipe``: micro-batch 4 × accumulation 4, all rows of
@@ -16,13 +17,21 @@ VAE posterior (the synthetic photos repeat every step, as photos do across
 epochs, so its VAE cost is the steady state after the first epoch).
 Prints one JSON object: step time, dialogues/s, peak memory, counted FLOPs,
 MFU against an assumed 989 TFLOP/s (H100/H200 dense bf16), time per component.
+
+``--sweep`` builds the model once and measures each setting of SWEEP
+(micro-batch, LLM checkpointing, UNet checkpointing) at 16 dialogues per
+optimizer step, then names the fastest one under ``--memory-cap`` GiB. Step
+times are taken without the component timer (its device syncs would stall
+the launch queue); one more step with the timer gives the breakdown.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -80,6 +89,12 @@ def llama_sized_tokenizer(n: int) -> str:
     return str(folder)
 
 
+#: --sweep settings: (micro-batch, LLM: checkpoint every k-th layer (0: none), UNet: checkpoint
+#: all blocks / none / "outer" = the full-resolution ones, which hold most of its activations).
+SWEEP = [(16, 1, True), (16, 1, "outer"), (16, 2, True), (16, 1, False), (16, 0, True),
+         (16, 2, "outer"), (8, 1, False), (8, 0, True), (8, 0, False), (16, 0, False)]
+
+
 def config(scale: str, reference: bool, grad_ckpt: bool) -> dict:
     paper = scale == "paper"
     return {
@@ -89,7 +104,8 @@ def config(scale: str, reference: bool, grad_ckpt: bool) -> dict:
                     "lora": {"r": 32, "alpha": 32, "dropout": 0.1, "targets": ["q_proj", "k_proj", "v_proj"]},
                     "gradient_checkpointing": grad_ckpt},
             # Blip2Config() defaults are BLIP-2's ViT-g + Q-Former shapes.
-            "perceiver": {"name": "caption"} if reference else {"name": "qformer", **({"config": {}} if paper else {})},
+            "perceiver": {"name": "caption"} if reference else
+            {"name": "qformer", **({"config": {}, "dtype": "bfloat16"} if paper else {})},
             "bridge": {"name": "gumbel"},
             # The reference encodes every photo with the VAE at every step; we cache the
             # posterior of each photo (multi-epoch training pays the VAE once per photo).
@@ -127,10 +143,10 @@ def synthetic_batch(model, b: int, seq: int, desc: int, device) -> Batch:
 
 
 class ComponentTimer:
-    """Forward time of each component (hooks + device sync); backward = the rest."""
+    """Forward time of each component (hooks + device sync) while ``enabled``."""
 
     def __init__(self, model, device) -> None:
-        self.device, self.times, self._start = device, {}, {}
+        self.device, self.times, self._start, self.enabled = device, {}, {}, False
         gen = model.generator
         # The towers and the VAE are called through their parts (encode_text_tower, vae.encode).
         parts = {"llm": model.llm, "perceiver": model.perceiver, "bridge": model.bridge,
@@ -146,12 +162,97 @@ class ComponentTimer:
             torch.cuda.synchronize()
 
     def _begin(self, name: str) -> None:
-        self.sync()
-        self._start[name] = time.perf_counter()
+        if self.enabled:
+            self.sync()
+            self._start[name] = time.perf_counter()
 
     def _end(self, name: str) -> None:
-        self.sync()
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - self._start.pop(name)
+        if self.enabled and name in self._start:
+            self.sync()
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - self._start.pop(name)
+
+
+def set_checkpointing(model, llm_every: bool | int, unet_blocks: bool | str) -> None:
+    model.llm.set_gradient_checkpointing(llm_every)
+    unet = model.generator.unet
+    outer = ["down_blocks.0", f"up_blocks.{len(unet.up_blocks) - 1}"]
+    model.generator.set_gradient_checkpointing(outer if unet_blocks == "outer" else unet_blocks)
+
+
+def count_flops(model, one) -> float:
+    """FLOPs of forward + backward for one dialogue, checkpointing off (MFU counts no recompute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        model(one)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return fc.get_total_flops()
+
+
+def optimizer_step(model, opt, batch, acc: int) -> torch.Tensor:
+    for _ in range(acc):
+        out = model(batch)
+        (out["loss"] / acc).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out["loss"].detach()
+
+
+def measure(model, opt, batch, acc: int, steps: int, warmup: int, timer: ComponentTimer,
+            flops_per_dialogue: float) -> dict:
+    """Median optimizer-step time and peak memory, then one timed breakdown step."""
+    device, mb = timer.device, len(batch)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i in range(warmup + steps):
+        timer.sync()
+        start = time.perf_counter()
+        loss = optimizer_step(model, opt, batch, acc)
+        timer.sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            losses.append(round(loss.item(), 4))
+    step = statistics.median(times)
+    timer.times.clear()
+    timer.enabled = True
+    timer.sync()
+    start = time.perf_counter()
+    for _ in range(acc):
+        (model(batch)["loss"] / acc).backward()
+    timer.sync()
+    t_opt = time.perf_counter()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    timer.sync()
+    end = time.perf_counter()
+    timer.enabled = False
+    fwd = {f"{k}_fwd": round(timer.times.get(k, 0.0), 4) for k in timer.names}
+    flops = flops_per_dialogue * mb * acc
+    return {
+        "micro_batch": mb, "accumulate": acc, "dialogues_per_step": mb * acc,
+        "step_s": round(step, 4), "micro_step_s": round(step / acc, 4), "dialogues_per_s": round(mb * acc / step, 2),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "flops_per_step": flops, "mfu": round(flops / step / PEAK_FLOPS, 4),
+        "seconds_per_step": {**fwd, "backward_and_rest": round(t_opt - start - sum(fwd.values()), 4),
+                             "optimizer": round(end - t_opt, 4), "breakdown_step": round(end - start, 4)},
+        "losses": losses, "oom": False,
+    }
+
+
+def run_setting(model, opt, args, device, timer, flops_per_dialogue, mb, acc, llm_every, unet_blocks) -> dict:
+    setting = {"llm_checkpoint_every": llm_every, "unet_checkpoint": unet_blocks}
+    set_checkpointing(model, llm_every, unet_blocks)
+    try:
+        batch = synthetic_batch(model, mb, args.seq, args.desc, device)
+        return {**setting, **measure(model, opt, batch, acc, args.steps, args.warmup, timer, flops_per_dialogue)}
+    except torch.OutOfMemoryError:
+        peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+        return {**setting, "micro_batch": mb, "accumulate": acc, "oom": True, "peak_memory_gib": peak}
 
 
 def main() -> None:
@@ -165,12 +266,13 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--desc", type=int, default=24)
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="measure every setting of SWEEP in this process")
+    ap.add_argument("--dialogues", type=int, default=16, help="per optimizer step, with --sweep")
+    ap.add_argument("--memory-cap", type=float, default=29.0, help="GiB, with --sweep: the reference's peak")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="also write the JSON here")
     args = ap.parse_args()
     device = torch.device(args.device)
-    mb = args.micro_batch or (4 if args.reference_recipe else 16)
-    acc = args.accumulate or max(1, 16 // mb)
 
     t0 = time.perf_counter()
     model = build(config(args.scale, args.reference_recipe, args.gradient_checkpointing)).to(device)
@@ -179,57 +281,29 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     fused = (not args.reference_recipe) and device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.01, fused=fused or None)
-    batch = synthetic_batch(model, mb, args.seq, args.desc, device)
     timer = ComponentTimer(model, device)
     result = {"scale": args.scale, "recipe": "reference" if args.reference_recipe else "mmdialog-default",
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "micro_batch": mb, "accumulate": acc, "dialogues_per_step": mb * acc, "seq": args.seq,
-              "desc_tokens": args.desc, "gradient_checkpointing": args.gradient_checkpointing,
-              "fused_adamw": fused, "build_s": round(build_s, 2),
-              "trainable_params": sum(p.numel() for p in params), "oom": False}
-    try:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as fc:  # one micro-batch, forward + backward
-            model(batch)["loss"].backward()
-        opt.zero_grad(set_to_none=True)
-        flops_step = fc.get_total_flops() * acc
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        steps, parts, opt_times, losses = [], [], [], []
-        for i in range(args.warmup + args.steps):
-            timer.times.clear()
-            timer.sync()
-            start = time.perf_counter()
-            for _ in range(acc):
-                out = model(batch)
-                (out["loss"] / acc).backward()
-            timer.sync()
-            t_opt = time.perf_counter()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            timer.sync()
-            end = time.perf_counter()
-            if i >= args.warmup:
-                steps.append(end - start)
-                opt_times.append(end - t_opt)
-                parts.append(dict(timer.times))
-                losses.append(out["loss"].detach().item())
-        step = statistics.median(steps)
-        fwd = {k: statistics.median(p.get(k, 0.0) for p in parts) for k in timer.names}
-        fwd_total = sum(fwd.values())
-        result.update({
-            "step_s": round(step, 4), "dialogues_per_s": round(mb * acc / step, 2),
-            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-            "flops_per_step": flops_step, "mfu": round(flops_step / step / PEAK_FLOPS, 4),
-            "mfu_assumed_peak_flops": PEAK_FLOPS,
-            "seconds_per_step": {**{f"{k}_fwd": round(v, 4) for k, v in fwd.items()},
-                                 "backward_and_rest": round(step - statistics.median(opt_times) - fwd_total, 4),
-                                 "optimizer": round(statistics.median(opt_times), 4)},
-            "losses": [round(x, 4) for x in losses],
-        })
-    except torch.OutOfMemoryError:
-        result.update({"oom": True, "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
+              "seq": args.seq, "desc_tokens": args.desc, "fused_adamw": fused, "build_s": round(build_s, 2),
+              "trainable_params": sum(p.numel() for p in params), "torch": torch.__version__}
+    ckpt = args.gradient_checkpointing
+    set_checkpointing(model, False, False)
+    flops = count_flops(model, synthetic_batch(model, 1, args.seq, args.desc, device))
+    result["flops_per_dialogue"] = flops
+    if args.sweep:
+        rows = []
+        for mb, llm_every, unet_blocks in SWEEP:
+            mb = min(mb, args.dialogues)
+            rows.append(run_setting(model, opt, args, device, timer, flops, mb, max(1, args.dialogues // mb),
+                                    llm_every, unet_blocks))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        fits = [r for r in rows if not r["oom"] and (r["peak_memory_gib"] or 0) <= args.memory_cap]
+        result.update({"memory_cap_gib": args.memory_cap, "sweep": rows,
+                       "best_under_cap": max(fits, key=lambda r: r["dialogues_per_s"]) if fits else None})
+    else:
+        mb = args.micro_batch or (4 if args.reference_recipe else 16)
+        acc = args.accumulate or max(1, 16 // mb)
+        result.update(run_setting(model, opt, args, device, timer, flops, mb, acc, ckpt, ckpt))
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -1,21 +1,31 @@
 #!/usr/bin/env bash
-# One device call: the reference recipe and our default at paper scale, on the same GPU.
+# One device call: the reference recipe and our sweep at paper scale, on the same GPU.
 #
 # Prepare here (CPU machine, once):   bash benchmarks/gpu_paper_step.sh prepare
-#   → .gpu/wheels (what the GPU machine lacks: diffusers, pluggy, typer, pydantic-settings-free deps)
-#   → .gpu/cache  (the 32k-token BPE, the CLIP tokenizer and their vocabulary map)
+#   → .gpu/wheels  what the GPU machine lacks (diffusers, pluggy, typer, pydantic; it has
+#                  torch, transformers ≥ 5.17, peft, accelerate)
+#   → .gpu/cache   the 32k-token BPE, the CLIP tokenizer and their vocabulary map
+#   → .gpu/tools   the standalone reference-recipe script (../shared does not travel)
 # Run there (device tool, carry [".gpu"]):  bash benchmarks/gpu_paper_step.sh run
-# JSON lands in $OUT (ref.json, ours.json, ours_ckpt.json, tool_ref.json).
+# JSON lands in $OUT: ref.json (reference recipe through mmdialog.build, optimizer step
+# every 4 dialogues as the measured table), sweep.json (our default model, micro-batch ×
+# checkpointing settings at 16 dialogues per optimizer step), tool_ref.json (the standalone
+# script, same machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-run}" in
 prepare)
-  mkdir -p .gpu/wheels .gpu/cache
-  .venv/bin/pip download -q --no-deps -d .gpu/wheels diffusers==0.42.1 pluggy typer shellingham
+  rm -rf .gpu && mkdir -p .gpu/wheels .gpu/cache .gpu/tools
+  .venv/bin/pip download -q --no-deps -d .gpu/wheels --python-version 3.12 --only-binary=:all: \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    diffusers==0.42.1 pluggy typer shellingham pydantic==2.14.4 \
+    "pydantic_core==$(.venv/bin/python -c 'import pydantic_core; print(pydantic_core.__version__)')" \
+    annotated_types typing_inspection typing_extensions
   # Build the tokenizers and the static map once, then ship the cache folder.
   MMDIALOG_CACHE="$PWD/.gpu/cache" .venv/bin/python benchmarks/bench_paper_step.py --scale tiny --device cpu \
     --micro-batch 1 --accumulate 1 --steps 1 >/dev/null
   rm -rf .gpu/cache/smollm2-135m-instruct  # 260 MB; the GPU run needs only the derived tokenizer
+  cp ../shared/tools/paper_scale_step.py .gpu/tools/
   du -sh .gpu
   ;;
 run)
@@ -23,11 +33,14 @@ run)
   pip install -q --no-index --no-deps --target /tmp/mmdialog-deps .gpu/wheels/*.whl
   OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  python benchmarks/bench_paper_step.py --scale paper --reference-recipe --json "$OUT/ref.json" --steps 4
-  python benchmarks/bench_paper_step.py --scale paper --json "$OUT/ours.json" --steps 4
-  python benchmarks/bench_paper_step.py --scale paper --gradient-checkpointing --json "$OUT/ours_ckpt.json" --steps 4
-  if [ -f ../shared/tools/paper_scale_step.py ]; then  # the measured reference, same machine
-    python ../shared/tools/paper_scale_step.py --scale paper --json "$OUT/tool_ref.json" || true
-  fi
+  python -c "import torch, transformers, diffusers, peft, pydantic, mmdialog; \
+print(torch.__version__, transformers.__version__, diffusers.__version__, peft.__version__, pydantic.__version__)"
+  bench=benchmarks/bench_paper_step.py
+  timeout 200 python $bench --scale paper --reference-recipe --accumulate 1 --steps 6 --warmup 2 \
+    --json "$OUT/ref.json" || echo "reference recipe: exit $?"
+  timeout 280 python $bench --scale paper --sweep --steps 3 --json "$OUT/sweep.json" 2>&1 \
+    | grep -v Warning || echo "sweep: exit $?"
+  timeout 100 python .gpu/tools/paper_scale_step.py --scale paper --json "$OUT/tool_ref.json" | tail -1 \
+    || echo "tool reference: exit $?"
   ;;
 esac

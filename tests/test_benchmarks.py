@@ -24,3 +24,19 @@ def test_bench_paper_step_tiny(flags):
     assert {"llm_fwd", "bridge_fwd", "text_encoder_fwd", "vae_encode_fwd", "unet_fwd", "optimizer"} <= set(parts)
     assert (parts["perceiver_fwd"] > 0) != bool(flags)  # the reference recipe has no perceiver
     assert (parts["vae_encode_fwd"] > 0) == bool(flags)  # ours reads cached VAE posteriors
+
+
+def test_bench_paper_step_sweep_tiny():
+    """One build, every setting of SWEEP measured (micro-batches capped at --dialogues)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_paper_step import SWEEP
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_paper_step.py"), "--scale", "tiny",
+                          "--device", "cpu", "--sweep", "--dialogues", "2", "--steps", "1", "--warmup", "0"],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    rows = r["sweep"]
+    assert [(x["llm_checkpoint_every"], x["unet_checkpoint"]) for x in rows] == [s[1:] for s in SWEEP]
+    assert all(not x["oom"] and x["dialogues_per_step"] == 2 and x["step_s"] > 0 for x in rows)
+    assert r["best_under_cap"] == max(rows, key=lambda x: x["dialogues_per_s"])

@@ -137,10 +137,16 @@ class HFLanguageModel(LanguageModel):
 
     def set_gradient_checkpointing(self, every: bool | int) -> None:
         """Checkpoint every ``every``-th decoder layer (True: all; False or 0: none)."""
+        base = self.base_model
+        # transformers ≥ 5.2x names it "activation checkpointing"; earlier 5.x "gradient checkpointing".
+        new_api = hasattr(base, "activation_checkpointing_enable")
         if every:
-            self.base_model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=int(every))
-        elif self.base_model.is_activation_checkpointing:
-            self.base_model.activation_checkpointing_disable()
+            enable = base.activation_checkpointing_enable if new_api else base.gradient_checkpointing_enable
+            enable({"use_reentrant": False}, every_n_layers=int(every))
+        elif new_api:
+            base.activation_checkpointing_disable()
+        else:
+            base.gradient_checkpointing_disable()
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         base = self.base_model
