@@ -36,11 +36,11 @@ run)
   python -c "import torch, transformers, diffusers, peft, pydantic, mmdialog; \
 print(torch.__version__, transformers.__version__, diffusers.__version__, peft.__version__, pydantic.__version__)"
   bench=benchmarks/bench_paper_step.py
-  timeout 200 python $bench --scale paper --reference-recipe --accumulate 1 --steps 6 --warmup 2 \
+  timeout 170 python $bench --scale paper --reference-recipe --accumulate 1 --steps 6 --warmup 2 \
     --json "$OUT/ref.json" || echo "reference recipe: exit $?"
-  timeout 280 python $bench --scale paper --sweep --steps 3 --json "$OUT/sweep.json" 2>&1 \
+  timeout 320 python $bench --scale paper --sweep --compile --steps 3 --json "$OUT/sweep.json" 2>&1 \
     | grep -v Warning || echo "sweep: exit $?"
-  timeout 100 python .gpu/tools/paper_scale_step.py --scale paper --json "$OUT/tool_ref.json" | tail -1 \
+  timeout 90 python .gpu/tools/paper_scale_step.py --scale paper --json "$OUT/tool_ref.json" | tail -1 \
     || echo "tool reference: exit $?"
   ;;
 esac

@@ -7,7 +7,7 @@ import torch
 
 from mmdialog import build
 from mmdialog.core.errors import ConfigError
-from mmdialog.core.training import TrainingError, train, weights_digest
+from mmdialog.core.training import TrainingError, compile_repeated_blocks, train, weights_digest
 from mmdialog.sdk.export import read_checkpoint
 
 DEMO = Path(__file__).resolve().parents[1] / "mmdialog" / "core" / "data" / "demo" / "chat.jsonl"
@@ -191,6 +191,48 @@ def test_gradient_checkpointing_recomputes_the_chosen_blocks_and_keeps_gradients
 def test_unknown_unet_block_to_checkpoint_is_a_clear_error():
     with pytest.raises(ConfigError, match=r"unknown UNet block\(s\) \['down\.0'\]; choose from \['down_blocks\.0'"):
         build("tiny", overrides={"model.generator.gradient_checkpointing": ["down.0"]})
+
+
+def test_compiled_blocks_give_the_same_loss_and_gradients(cat_dialogue):
+    eager, compiled = build("tiny"), build("tiny")
+    n = compile_repeated_blocks(compiled)
+    transformer_blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in compiled.generator.unet.modules())
+    assert n >= len(compiled.llm.base_model.model.layers) + transformer_blocks > 30
+    assert eager.state_dict().keys() == compiled.state_dict().keys()  # checkpoints unchanged
+    results = []
+    for m in (eager, compiled):
+        m.train()
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+        torch.manual_seed(0)
+        out = m(m.collator([(cat_dialogue, "1")]))
+        out["loss"].backward()
+        results.append((out["loss"].detach(), {k: p.grad for k, p in m.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, rtol=1e-4) and g0.keys() == g1.keys()
+    for k in g0:
+        assert torch.allclose(g0[k], g1[k], rtol=1e-3, atol=1e-5), k
+
+
+def test_random_flip_trains_on_both_mirror_images_and_caches_each(cat_dialogue):
+    m = build("tiny", overrides={"model.generator.random_flip": True})
+    gen, batch = m.generator, m.collator([(cat_dialogue, "1")])
+    key, res = batch.desc_keys[0], gen.resolution
+    cond = gen.encode(gen.text_prompts(["a cat"]))
+    with torch.no_grad():  # evaluation: never flipped
+        for seed in range(4):
+            torch.manual_seed(seed)
+            gen.loss(cond, batch.desc_pixels, batch.desc_keys)
+    assert set(gen._latent_cache) == {f"{key}@{res}"}
+    for seed in range(8):  # P(one side never drawn) = 2⁻⁷
+        torch.manual_seed(seed)
+        gen.loss(cond, batch.desc_pixels, batch.desc_keys)
+    assert set(gen._latent_cache) == {f"{key}@{res}", f"{key}|hflip@{res}"}
+    with torch.no_grad():
+        mirrored = gen.vae.encode(batch.desc_pixels.flip(-1) * 2 - 1).latent_dist.mean[0]
+    assert torch.allclose(gen._latent_cache[f"{key}|hflip@{res}"][0], mirrored, atol=1e-5)
+    assert not torch.allclose(gen._latent_cache[f"{key}@{res}"][0], mirrored, atol=1e-3)
 
 
 def test_latent_cache_changes_nothing_the_unet_sees(tiny, cat_dialogue):

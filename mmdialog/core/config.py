@@ -90,6 +90,9 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(100, gt=0, description="optimizer steps between checkpoints (last.ckpt)")
     gradient_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
     fused_optimizer: bool = Field(True, description="fused AdamW kernel where all parameters are on GPU")
+    compile: bool = Field(False, description="regional torch.compile of the repeated blocks (decoder and "
+                                             "encoder layers, UNet transformer blocks); the first steps "
+                                             "compile")
     val_every: int = Field(0, ge=0, description="optimizer steps between dev evaluations (0: none)")
     val_turns: int = Field(200, gt=0, description="dev turns generated per evaluation (gold context)")
     val_max_new_tokens: int = Field(32, gt=0)

@@ -141,6 +141,9 @@ class LatentDiffusionOptions(PluginOptions):
     # (mean, std) and sample from it, so nothing the UNet sees changes.
     latent_cache: bool = Field(True, description="encode each training photo once (frozen VAE), keep its "
                                                  "latent mean/std on the CPU")
+    random_flip: bool = Field(False, description="training only: mirror each gold photo left-right with "
+                                                 "probability ½ (SD fine-tuning's --random_flip); the latent "
+                                                 "cache then holds both flips of a photo")
     num_inference_steps: int = Field(30, gt=0)
     guidance_scale: float = Field(7.5, ge=0)
 
@@ -238,6 +241,11 @@ class LatentDiffusionGenerator(Generator):
         """Diffusion loss E‖ε − ε_θ(z_t, t, c)‖² (Ho et al. 2020; v-target when
         the scheduler predicts v, as SD 2.1-768 does)."""
         sch = self.train_scheduler
+        if self.options.random_flip and torch.is_grad_enabled():
+            flip = (torch.rand(pixels.shape[0]) < 0.5).tolist()
+            pixels = torch.stack([p.flip(-1) if f else p for p, f in zip(pixels, flip)])
+            if keys:
+                keys = [f"{k}|hflip" if k and f else k for k, f in zip(keys, flip)]
         z0 = self.latents(pixels, keys)
         noise = torch.randn_like(z0)
         t = torch.randint(0, sch.config.num_train_timesteps, (z0.shape[0],), device=z0.device)

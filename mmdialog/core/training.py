@@ -238,6 +238,21 @@ class DialogueModule(L.LightningModule):
         checkpoint["mmdialog_plateau"] = (self.lr_scale, self.best_bleu2, self.bad_evals)
 
 
+def compile_repeated_blocks(model: torch.nn.Module) -> int:
+    """Regional ``torch.compile``: each transformers layer (``GradientCheckpointingLayer``)
+    and each block a diffusers model lists in ``_repeated_blocks``. Identical
+    blocks share one graph, so compiling costs about one layer, not the model;
+    module names and checkpoints are unchanged. Returns the number compiled."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    repeated = {name for mod in model.modules() for name in getattr(mod, "_repeated_blocks", None) or ()}
+    blocks = [mod for mod in model.modules()
+              if isinstance(mod, GradientCheckpointingLayer) or type(mod).__name__ in repeated]
+    for mod in blocks:
+        mod.compile()
+    return len(blocks)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save to a temporary file in the same folder, then rename: a crash
     mid-write never leaves a half-written checkpoint under the real name."""
@@ -363,6 +378,8 @@ def train(model: DialogueModel, progress: bool = True, resume: str | bool | None
         val_check_interval=t.val_every * t.accumulate if validate else None,
         check_val_every_n_epoch=None if validate else 1, limit_val_batches=None if validate else 0,
         num_sanity_val_steps=0)
+    if t.compile:
+        compile_repeated_blocks(model)
     module = DialogueModule(model)
     data = DialogueDataModule(cfg, model.collator)
     try:
