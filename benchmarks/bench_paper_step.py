@@ -13,8 +13,9 @@ synthetic batches (B dialogues × 256 tokens with a 24-token description,
 embed_tokens / lm_head trained, no perceiver (the reference has none), the
 VAE encoding every photo every step, unfused AdamW — the configuration
 measured in ../shared/measurements. The default recipe caches each photo's
-VAE posterior (the synthetic photos repeat every step, as photos do across
-epochs, so its VAE cost is the steady state after the first epoch).
+VAE posterior and its frozen ViT + Q-Former features (the synthetic photos
+repeat every step, as photos do across epochs, so those costs are the steady
+state after the first epoch).
 Prints one JSON object: step time, dialogues/s, peak memory, counted FLOPs,
 MFU against an assumed 989 TFLOP/s (H100/H200 dense bf16), time per component.
 
@@ -137,6 +138,7 @@ def synthetic_batch(model, b: int, seq: int, desc: int, device) -> Batch:
         input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
         photo_slots=torch.tensor([[i, start + desc + 1] for i in range(b)] if k else [], dtype=torch.long).view(-1, 2),
         photo_pixels=torch.rand(b if k else 0, 3, p, p, generator=g),
+        photo_keys=[f"synthetic-seen-photo-{i}" for i in range(b if k else 0)],
         desc_index=torch.arange(b), desc_start=torch.full((b,), start), desc_len=torch.full((b,), desc),
         desc_pixels=torch.rand(b, 3, res, res, generator=g), desc_has_image=torch.ones(b, dtype=torch.bool),
         desc_keys=[f"synthetic-photo-{i}" for i in range(b)],

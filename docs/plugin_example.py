@@ -32,7 +32,7 @@ class GridPerceiver(Perceiver):
     def parameter_groups(self):
         return {"projection": list(self.proj.parameters())}  # trained by the default policy
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:            # (N, 3, H, W)
+    def forward(self, pixels: torch.Tensor, keys=None) -> torch.Tensor:  # (N, 3, H, W)
         cells = nn.functional.adaptive_avg_pool2d(pixels, self.grid)     # (N, 3, g, g)
         return self.proj(cells.flatten(2).transpose(1, 2))               # (N, g·g, D)
 

@@ -84,3 +84,27 @@ def test_frozen_parts_stay_in_eval_mode_while_training(cat_photo):
     torch.manual_seed(0)
     assert not torch.equal(tuned.perceiver(px), tuned.perceiver(px))
     assert not frozen.eval().generator.unet.training
+
+
+def test_perceiver_features_of_a_frozen_trunk_are_computed_once_per_photo(cat_photo):
+    from mmdialog import build
+    from mmdialog.core.data.collate import default_image_loader
+
+    px = default_image_loader(cat_photo, 64)[None]
+    m = build("tiny").train()
+    p = m.perceiver
+    calls = []
+    p.vision.register_forward_hook(lambda *a: calls.append(1))
+    first = p(px, [str(cat_photo)])
+    second = p(px, [str(cat_photo)])
+    assert calls == [1] and list(p._feature_cache) == [f"{cat_photo}@{p.image_size}"]
+    assert torch.equal(first, second) and torch.equal(first, p.projection(p.features(px)))
+    second.sum().backward()
+    assert p.projection.weight.grad is not None  # the trainable projection still learns
+    with torch.no_grad():
+        p(px, [str(cat_photo)])              # inference: computed, not cached
+        p(px, [""])                          # no file: computed
+    assert len(calls) == 4 and len(p._feature_cache) == 1
+    tuned = build("tiny", overrides={"model.trainable": {"perceiver.qformer": True}}).train()
+    tuned.perceiver(px, [str(cat_photo)])
+    assert "_feature_cache" not in tuned.perceiver.__dict__  # a trained Q-Former is never cached

@@ -73,3 +73,12 @@ def test_cli_lists_the_installed_plugin(installed_plugin):
     lines = out.stdout.splitlines()
     assert any(line.split()[:2] == ["perceiver", "grid"] and "mmdialog_grid" in line for line in lines)
     assert any(line.split()[:2] == ["bridge", "gumbel"] for line in lines)
+
+
+def test_readme_plugin_example_is_the_installed_file():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "GridPerceiver" in b)
+    code = (ROOT / "docs" / "plugin_example.py").read_text().split('"""', 2)[2]
+    assert block.split("\n", 1)[1].strip() == code.strip()

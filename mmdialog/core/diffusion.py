@@ -16,6 +16,7 @@ from pydantic import Field
 from torch import nn
 
 from mmdialog.core import assets
+from mmdialog.core.caching import cached_per_photo
 from mmdialog.core.checkpoints import resolve_folder
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.interfaces import Generator, PluginOptions, PromptTokens, TextTower
@@ -221,15 +222,14 @@ class LatentDiffusionGenerator(Generator):
         x = (pixels * 2 - 1).to(vae.dtype)                                    # (N, 3, H, W) in [-1, 1]
         frozen = not any(p.requires_grad for p in vae.parameters())
         if self.options.latent_cache and frozen and keys and all(keys):
+            def posterior(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+                dist = vae.encode(x[i:i + 1]).latent_dist
+                return dist.mean[0].cpu(), dist.std[0].cpu()
+
             cache = self.__dict__.setdefault("_latent_cache", {})  # not a buffer: never saved
-            names = [f"{k}@{x.shape[-1]}" for k in keys]
-            todo = [i for i, n in enumerate(names) if n not in cache]
-            with torch.no_grad():
-                for i in todo:  # one photo at a time: its entry never depends on its batch-mates
-                    dist = vae.encode(x[i:i + 1]).latent_dist
-                    cache[names[i]] = (dist.mean[0].cpu(), dist.std[0].cpu())
-            mean = torch.stack([cache[n][0] for n in names]).to(x.device)   # (N, 4, H/f, W/f)
-            std = torch.stack([cache[n][1] for n in names]).to(x.device)
+            entries = cached_per_photo(cache, [f"{k}@{x.shape[-1]}" for k in keys], posterior)
+            mean = torch.stack([m for m, _ in entries]).to(x.device)           # (N, 4, H/f, W/f)
+            std = torch.stack([s for _, s in entries]).to(x.device)
             # The same draw DiagonalGaussianDistribution.sample() makes.
             z = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
         else:

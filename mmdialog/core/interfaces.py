@@ -93,8 +93,10 @@ class LanguageModel(Component):
 class Perceiver(Component):
     """Turns a photo into something the LLM reads.
 
-    ``num_tokens`` K > 0: ``forward(pixels (N,3,H,W) float in [0,1]) -> (N,K,D)``,
-    differentiable; the embeddings replace K placeholder tokens.
+    ``num_tokens`` K > 0: ``forward(pixels (N,3,H,W) float in [0,1], keys) -> (N,K,D)``,
+    differentiable; the embeddings replace K placeholder tokens. ``keys`` name
+    each photo (its file; "" when unknown) so a plugin may cache what a frozen
+    part of it computes in training.
     ``num_tokens == 0``: a text perceiver; ``caption(photo) -> str`` gives the
     text that stands for the photo (the pipeline baseline). No gradient.
     """
@@ -102,7 +104,7 @@ class Perceiver(Component):
     num_tokens: int = 0
     image_size: int = 224
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} is a text perceiver")
 
     def caption(self, photo: "Photo") -> str:

@@ -66,7 +66,7 @@ class DialogueModel(nn.Module):
     def input_embeddings(self, batch: Batch) -> torch.Tensor:
         emb = self.llm.embed(batch.input_ids)                                # (B, T, D)
         if batch.photo_slots.numel():
-            vis = self.perceiver(batch.photo_pixels)                         # (P, K, D)
+            vis = self.perceiver(batch.photo_pixels, batch.photo_keys)       # (P, K, D)
             k = vis.shape[1]
             b = batch.photo_slots[:, :1].expand(-1, k)                       # (P, K)
             t = batch.photo_slots[:, 1:] + torch.arange(k, device=emb.device)

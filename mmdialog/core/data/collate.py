@@ -37,6 +37,7 @@ class Batch:
     labels: torch.Tensor           # (B, T) long, IGNORE outside the agent's turns
     photo_slots: torch.Tensor      # (P, 2) long: (sample, first of K positions)
     photo_pixels: torch.Tensor     # (P, 3, H_p, W_p) float in [0, 1]
+    photo_keys: list[str]          # (P,) each perceived photo's file, for caches
     desc_index: torch.Tensor       # (N,) long: sample of each description span
     desc_start: torch.Tensor       # (N,) long: first description token (after [img])
     desc_len: torch.Tensor         # (N,) long
@@ -141,7 +142,7 @@ class Collator:
             labels=torch.full((1, len(row)), IGNORE),
             photo_slots=torch.tensor([(0, pos) for pos, _ in found], dtype=torch.long).view(-1, 2),
             photo_pixels=torch.stack([self.load_image(p.path, size) for _, p in found]) if found
-            else torch.zeros(0, 3, size, size),
+            else torch.zeros(0, 3, size, size), photo_keys=[str(p.path) for _, p in found],
             desc_index=empty, desc_start=empty, desc_len=empty,
             desc_pixels=torch.zeros(0, 3, self.gen_res, self.gen_res),
             desc_has_image=torch.zeros(0, dtype=torch.bool), desc_keys=[],
@@ -155,7 +156,7 @@ class Collator:
         ids = torch.full((len(encoded), t), pad, dtype=torch.long)
         mask = torch.zeros((len(encoded), t), dtype=torch.long)
         labels = torch.full((len(encoded), t), IGNORE, dtype=torch.long)
-        slots, slot_px, d_idx, d_start, d_len, d_px, d_has, d_keys = [], [], [], [], [], [], [], []
+        slots, slot_px, slot_keys, d_idx, d_start, d_len, d_px, d_has, d_keys = [], [], [], [], [], [], [], [], []
         stats = {"photos_missing": 0, "spans_truncated": 0}
         for b, e in enumerate(encoded):
             n = len(e["ids"])
@@ -167,6 +168,7 @@ class Collator:
                 if pos + self.k <= n:
                     slots.append((b, pos))
                     slot_px.append(self.load_image(photo.path, self.perceiver.image_size))
+                    slot_keys.append(str(photo.path))
                 else:  # truncated mid-photo: hide the partial slots
                     mask[b, pos:n] = 0
             # Description spans in the agent's (labelled) turns, in order of its photos.
@@ -193,6 +195,7 @@ class Collator:
             input_ids=ids, attention_mask=mask, labels=labels,
             photo_slots=torch.tensor(slots, dtype=torch.long).view(-1, 2),
             photo_pixels=torch.stack(slot_px) if slot_px else torch.zeros(0, 3, p_size, p_size),
+            photo_keys=slot_keys,
             desc_index=torch.tensor(d_idx, dtype=torch.long), desc_start=torch.tensor(d_start, dtype=torch.long),
             desc_len=torch.tensor(d_len, dtype=torch.long),
             desc_pixels=torch.stack(d_px) if d_px else torch.zeros(0, 3, self.gen_res, self.gen_res),

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from mmdialog.core.caching import cached_per_photo
 from mmdialog.core.checkpoints import load_prefixed, resolve_folder
 from mmdialog.core.hookspecs import Plugin, hookimpl
 from mmdialog.core.interfaces import BuildContext, Perceiver, PluginOptions
@@ -41,6 +42,8 @@ class QFormerOptions(PluginOptions):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="the ViT and Q-Former (frozen by default; BLIP-2 itself runs its ViT in "
                                "half precision); the new projection stays float32")
+    feature_cache: bool = Field(True, description="training, with the ViT and Q-Former frozen: compute each "
+                                                  "photo's Q-Former output once and keep it on the CPU")
 
 
 class QFormerPerceiver(Perceiver):
@@ -48,6 +51,7 @@ class QFormerPerceiver(Perceiver):
 
     def __init__(self, options: QFormerOptions, llm_width: int) -> None:
         super().__init__()
+        self.options = options
         from transformers import Blip2Config, Blip2QFormerModel, Blip2VisionModel
 
         if options.path:
@@ -86,8 +90,8 @@ class QFormerPerceiver(Perceiver):
                 "qformer": [self.query_tokens, *self.qformer.parameters()],
                 "projection": list(self.projection.parameters())}
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        dtype = self.projection.weight.dtype
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The Q-Former's output for photos in [0, 1]: (N, 3, H, W) → (N, K, Dq)."""
         if pixels.shape[-1] != self.image_size or pixels.shape[-2] != self.image_size:
             pixels = F.interpolate(pixels, size=(self.image_size, self.image_size),
                                    mode="bicubic", align_corners=False).clamp(0, 1)
@@ -95,9 +99,22 @@ class QFormerPerceiver(Perceiver):
         img = self.vision(pixel_values=x).last_hidden_state                   # (N, P, Dv)
         q = self.query_tokens.expand(img.shape[0], -1, -1)                    # (N, K, Dq)
         mask = torch.ones(img.shape[:2], dtype=torch.long, device=img.device)
-        h = self.qformer(query_embeds=q, encoder_hidden_states=img,
-                         encoder_attention_mask=mask).last_hidden_state       # (N, K, Dq)
-        return self.projection(h.to(dtype))                                   # (N, K, D)
+        return self.qformer(query_embeds=q, encoder_hidden_states=img,
+                            encoder_attention_mask=mask).last_hidden_state    # (N, K, Dq)
+
+    def forward(self, pixels: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
+        # Frozen and in eval mode (as DialogueModel.train leaves it), the trunk is a
+        # fixed function of the photo.
+        fixed = not (self.vision.training or self.qformer.training or any(
+            p.requires_grad for p in (self.query_tokens, *self.vision.parameters(), *self.qformer.parameters())))
+        if self.options.feature_cache and fixed and torch.is_grad_enabled() and keys and all(keys):
+            cache = self.__dict__.setdefault("_feature_cache", {})  # not a buffer: never saved
+            rows = cached_per_photo(cache, [f"{k}@{self.image_size}" for k in keys],
+                                    lambda i: self.features(pixels[i:i + 1])[0].cpu())
+            h = torch.stack(rows).to(pixels.device)                           # (N, K, Dq)
+        else:
+            h = self.features(pixels)
+        return self.projection(h.to(self.projection.weight.dtype))           # (N, K, D)
 
 
 @hookimpl
