@@ -115,7 +115,8 @@ def test_concurrent_requests_are_queued_never_run_together(server):
     codes = sorted(r.status_code for r in results)
     # one runs, one waits (max_queue=1), the rest are told to come back: nothing crashes
     assert set(codes) <= {200, 503} and codes.count(200) >= 2, codes
-    assert all(r.json()["text"] == results[codes.index(200)].json()["text"] for r in results if r.status_code == 200)
+    served = [r.json()["text"] for r in results if r.status_code == 200]
+    assert len(set(served)) == 1  # same prompt, greedy: the same reply each time it ran
     for r in results:
         if r.status_code == 503:
             assert r.json()["error"]["code"] == "busy"

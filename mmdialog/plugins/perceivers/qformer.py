@@ -51,9 +51,9 @@ class QFormerPerceiver(Perceiver):
 
     def __init__(self, options: QFormerOptions, llm_width: int) -> None:
         super().__init__()
-        self.options = options
         from transformers import Blip2Config, Blip2QFormerModel, Blip2VisionModel
 
+        self.options = options
         if options.path:
             folder = resolve_folder(options.path, ["config.json"], "perceiver qformer")
             cfg = Blip2Config.from_pretrained(folder)
