@@ -242,10 +242,10 @@ class LatentDiffusionGenerator(Generator):
         the scheduler predicts v, as SD 2.1-768 does)."""
         sch = self.train_scheduler
         if self.options.random_flip and torch.is_grad_enabled():
-            flip = (torch.rand(pixels.shape[0]) < 0.5).tolist()
-            pixels = torch.stack([p.flip(-1) if f else p for p, f in zip(pixels, flip)])
+            flip = torch.rand(pixels.shape[0]) < 0.5                             # (N,)
+            pixels = torch.where(flip.to(pixels.device)[:, None, None, None], pixels.flip(-1), pixels)
             if keys:
-                keys = [f"{k}|hflip" if k and f else k for k, f in zip(keys, flip)]
+                keys = [f"{k}|hflip" if k and f else k for k, f in zip(keys, flip.tolist())]
         z0 = self.latents(pixels, keys)
         noise = torch.randn_like(z0)
         t = torch.randint(0, sch.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
