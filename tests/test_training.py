@@ -47,10 +47,13 @@ def test_checkpoint_holds_only_trainable_weights_and_config(uninterrupted):
     assert list((out / "tensorboard").rglob("events.out.tfevents*"))
 
 
-@pytest.mark.parametrize("first", [3, 2])  # at an epoch boundary, and mid-epoch
-def test_resume_reaches_the_same_weights(tmp_path, uninterrupted, first):
+@pytest.mark.parametrize("first,every", [(3, 1), (2, 1), (3, 2), (2, 3)],
+                         ids=["epoch-boundary", "mid-epoch", "end-of-run-save", "end-of-run-save-mid-epoch"])
+def test_resume_reaches_the_same_weights(tmp_path, uninterrupted, first, every):
     _, full, _ = uninterrupted
-    train(make(tmp_path, first), progress=False)
+    train(make(tmp_path, first, **{"train.checkpoint_every": every}), progress=False)
+    # The run's last steps are saved even when they end between periodic saves.
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == first
     resumed = make(tmp_path, 5)
     result = train(resumed, progress=False, resume=True)
     assert result["steps"] == 5

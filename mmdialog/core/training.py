@@ -283,6 +283,23 @@ class SaveOnInterrupt(L.Callback):
             trainer.save_checkpoint(self.path)
 
 
+class SaveAtLastStep(L.Callback):
+    """Checkpoint the last optimizer step when it falls between periodic saves.
+
+    It saves where ModelCheckpoint does (end of the batch), so a resume from it
+    is exact; a save after ``fit`` returns would mark the epoch finished and
+    resume into the next one."""
+
+    def __init__(self, path: Path, every: int) -> None:
+        self.path, self.every, self.saved = path, every, -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == trainer.max_steps and step % self.every and step != self.saved:
+            self.saved = step
+            trainer.save_checkpoint(self.path)
+
+
 class Throughput(L.Callback):
     """Samples per second in the progress bar (Lightning's bar adds ETA)."""
 
@@ -359,7 +376,8 @@ def train(model: DialogueModel, progress: bool = True, resume: str | bool | None
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=t.checkpoint_every,
                                  save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=False)
     interrupt = SaveOnInterrupt(ckpt_dir / "last.ckpt")
-    callbacks: list[L.Callback] = [history, checkpoint, interrupt, Throughput(),
+    callbacks: list[L.Callback] = [history, checkpoint, SaveAtLastStep(ckpt_dir / "last.ckpt", t.checkpoint_every),
+                                   interrupt, Throughput(),
                                    L.pytorch.callbacks.LearningRateMonitor("step")]
     validate = t.val_every > 0
     if validate:
