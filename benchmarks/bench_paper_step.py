@@ -94,7 +94,8 @@ def llama_sized_tokenizer(n: int) -> str:
 #: --sweep settings: (micro-batch, LLM: checkpoint every k-th layer (0: none), UNet: checkpoint
 #: all blocks / none / "outer" = the full-resolution ones, which hold most of its activations).
 SWEEP = [(16, 1, True), (16, 1, "outer"), (16, 2, True), (16, 1, False), (16, 0, True),
-         (16, 2, "outer"), (8, 1, False), (8, 0, True), (8, 0, False), (16, 0, False)]
+         (16, 2, "outer"), (8, 1, False), (8, 0, True), (8, 0, False), (16, 0, False),
+         (4, 0, False)]  # the reference's micro-batch, for a like-for-like row
 
 
 def config(scale: str, reference: bool, grad_ckpt: bool) -> dict:
@@ -206,6 +207,7 @@ def measure(model, opt, batch, acc: int, steps: int, warmup: int, timer: Compone
     """Median optimizer-step time and peak memory, then one timed breakdown step."""
     device, mb = timer.device, len(batch)
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # the reserved peak then belongs to this setting alone
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for i in range(warmup + steps):
@@ -236,6 +238,7 @@ def measure(model, opt, batch, acc: int, steps: int, warmup: int, timer: Compone
         "micro_batch": mb, "accumulate": acc, "dialogues_per_step": mb * acc,
         "step_s": round(step, 4), "micro_step_s": round(step / acc, 4), "dialogues_per_s": round(mb * acc / step, 2),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if device.type == "cuda" else None,
         "flops_per_step": flops, "mfu": round(flops / step / PEAK_FLOPS, 4),
         "seconds_per_step": {**fwd, "backward_and_rest": round(t_opt - start - sum(fwd.values()), 4),
                              "optimizer": round(end - t_opt, 4), "breakdown_step": round(end - start, 4)},
