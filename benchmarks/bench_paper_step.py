@@ -193,13 +193,17 @@ def count_flops(model, one) -> float:
     return fc.get_total_flops()
 
 
-def optimizer_step(model, opt, batch, acc: int) -> torch.Tensor:
+def optimizer_step(model, opt, batch, acc: int, timer: ComponentTimer) -> tuple[torch.Tensor, float]:
+    """``acc`` micro-batches, then the optimizer: the last loss and the optimizer's seconds."""
     for _ in range(acc):
         out = model(batch)
         (out["loss"] / acc).backward()
+    timer.sync()
+    start = time.perf_counter()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return out["loss"].detach()
+    timer.sync()
+    return out["loss"].detach(), time.perf_counter() - start
 
 
 def measure(model, opt, batch, acc: int, steps: int, warmup: int, timer: ComponentTimer,
@@ -213,8 +217,7 @@ def measure(model, opt, batch, acc: int, steps: int, warmup: int, timer: Compone
     for i in range(warmup + steps):
         timer.sync()
         start = time.perf_counter()
-        loss = optimizer_step(model, opt, batch, acc)
-        timer.sync()
+        loss, _ = optimizer_step(model, opt, batch, acc, timer)
         if i >= warmup:
             times.append(time.perf_counter() - start)
             losses.append(round(loss.item(), 4))
@@ -223,14 +226,8 @@ def measure(model, opt, batch, acc: int, steps: int, warmup: int, timer: Compone
     timer.enabled = True
     timer.sync()
     start = time.perf_counter()
-    for _ in range(acc):
-        (model(batch)["loss"] / acc).backward()
-    timer.sync()
-    t_opt = time.perf_counter()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    timer.sync()
-    end = time.perf_counter()
+    _, opt_s = optimizer_step(model, opt, batch, acc, timer)
+    breakdown = time.perf_counter() - start
     timer.enabled = False
     fwd = {f"{k}_fwd": round(timer.times.get(k, 0.0), 4) for k in timer.names}
     flops = flops_per_dialogue * mb * acc
@@ -240,8 +237,8 @@ def measure(model, opt, batch, acc: int, steps: int, warmup: int, timer: Compone
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if device.type == "cuda" else None,
         "flops_per_step": flops, "mfu": round(flops / step / PEAK_FLOPS, 4),
-        "seconds_per_step": {**fwd, "backward_and_rest": round(t_opt - start - sum(fwd.values()), 4),
-                             "optimizer": round(end - t_opt, 4), "breakdown_step": round(end - start, 4)},
+        "seconds_per_step": {**fwd, "backward_and_rest": round(breakdown - opt_s - sum(fwd.values()), 4),
+                             "optimizer": round(opt_s, 4), "breakdown_step": round(breakdown, 4)},
         "losses": losses, "oom": False,
     }
 
