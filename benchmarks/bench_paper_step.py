@@ -268,7 +268,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--desc", type=int, default=24)
-    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                    help="every LLM layer and UNet block; default: on for ours (the paper preset), off "
+                         "for --reference-recipe")
     ap.add_argument("--sweep", action="store_true", help="measure every setting of SWEEP in this process")
     ap.add_argument("--dialogues", type=int, default=16, help="per optimizer step, with --sweep")
     ap.add_argument("--memory-cap", type=float, default=29.0, help="GiB, with --sweep: the reference's peak")
@@ -279,6 +281,8 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
 
+    if args.gradient_checkpointing is None:
+        args.gradient_checkpointing = not args.reference_recipe
     t0 = time.perf_counter()
     model = build(config(args.scale, args.reference_recipe, args.gradient_checkpointing)).to(device)
     model.train()

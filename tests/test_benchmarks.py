@@ -40,3 +40,80 @@ def test_bench_paper_step_sweep_tiny():
     assert [(x["llm_checkpoint_every"], x["unet_checkpoint"]) for x in rows] == [s[1:] for s in SWEEP]
     assert all(not x["oom"] and x["dialogues_per_step"] == 2 and x["step_s"] > 0 for x in rows)
     assert r["best_under_cap"] == max(rows, key=lambda x: x["dialogues_per_s"])
+
+
+def _estimator():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import estimate_paper_memory
+
+    return estimate_paper_memory
+
+
+def test_live_bytes_counts_storages_not_views():
+    import torch
+
+    est = _estimator()
+    w = torch.nn.Parameter(torch.ones(100, 10))
+    tracker = est.LiveBytes()
+    tracker.ignore([w])
+    with tracker:
+        tracker.phase("a")
+        x = torch.empty(1000)                      # 4000 bytes
+        view, view_t = x[10:], x.view(10, 100).t()  # views allocate nothing
+        x.add_(1)                                   # nor do in-place updates
+        with torch.no_grad():
+            w.mul_(2)                               # nor updates of tensors that existed before
+        y = x * 2                                   # 4000 more
+        assert tracker.live == 8000
+        del y
+        assert tracker.live == 4000
+        tracker.phase("b")
+        del x, view, view_t
+        z = torch.empty(250, dtype=torch.float64)   # 2000
+    assert tracker.peaks == {"a": 8000, "b": 4000}
+    assert tracker.live == z.nbytes == 2000
+
+
+def test_fit_recovers_a_bilinear_phase():
+    est = _estimator()
+    f = {"forward1": lambda b, n: 7 + 3 * b + 5 * n + 2 * b * n, "optimizer": lambda b, n: 100 + 0 * b}
+    points = {(b, n): {ph: g(b, n) for ph, g in f.items()} for b in (1, 2) for n in (1, 2)}
+    coef = est.fit(points)
+    assert est.predict(coef, 16, 32) == ("forward1", f["forward1"](16, 32))
+    assert est.predict(coef, 1, 1) == ("optimizer", 100)
+
+
+def test_live_bytes_sees_gradient_checkpointing_save_memory():
+    """The tracker on a real step of the tiny model: checkpointing the LLM and the
+    UNet leaves fewer saved activations when the backward starts."""
+    import torch
+
+    est = _estimator()
+    bench = est.bench
+    model = bench.build(bench.config("tiny", False, False)).train()
+    plain = est.phase_peaks(model, False, 2, 2, False, False)
+    ckpt = est.phase_peaks(model, False, 2, 2, 1, True)
+    assert set(plain) == {"forward1", "backward1", "forward2", "backward2", "optimizer"}
+    assert ckpt["backward1"] < plain["backward1"]
+    # The second micro-batch runs beside the first one's gradients.
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert plain["forward2"] >= plain["forward1"] + grads * 0.99
+    assert not any(p.grad is not None for p in model.parameters())
+    assert torch.is_grad_enabled()
+
+
+def test_dropout_saves_a_bool_mask_as_on_cuda():
+    import torch
+
+    est = _estimator()
+    x = torch.ones(1000, requires_grad=True)
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5)).train()
+    tracker = est.LiveBytes()
+    with est.cuda_dropout(model), tracker:
+        y = model(x)
+        assert tracker.live == 4000 + 1000  # the output and a bool mask
+        y.sum().backward()
+    kept = y.detach() != 0
+    assert torch.equal(x.grad, kept.float() * 2) and 300 < int(kept.sum()) < 700
+    assert "forward" not in vars(model[0])  # restored
+    assert torch.equal(model.eval()(x), x)
