@@ -197,6 +197,7 @@ def predict(coef: dict, b: int, layers: int) -> tuple[str, float]:
 #: recipe -> [(micro-batch, accumulation, LLM checkpoint every, UNet checkpoint)]. Ours: the
 #: sweep of bench_paper_step.py at 16 dialogues a step. The reference: its measured rows, whose
 #: step is one micro-batch and the optimizer (the reference tool does not accumulate).
+CHECK = (3, 6)  # (B, L) of --check: a point the fit does not see
 SETTINGS = {
     "mmdialog-default": [(mb, 16 // mb, every, unet) for mb, every, unet in bench.SWEEP],
     "reference": [(4, 1, 0, False), (4, 1, 1, True), (16, 1, 0, False), (16, 1, 1, True)],
@@ -213,18 +214,18 @@ def estimate(recipe: str, check: bool) -> dict:
     peaks = {s: {} for s in settings}
     # Two depths that are both whole periods of every "checkpoint every k-th layer" pattern (k ≤ 2):
     # the slope is then one period's average layer.
-    for layers in (2, 4, 6) if check else (2, 4):
+    for layers in (2, 4, CHECK[1]) if check else (2, 4):
         model = bench.build(paper_config(reference, layers)).train()  # one at a time: RAM
         for s in settings:
             mb, acc, every, unet = s
-            for b in ((3,) if layers == 6 else (1, 2)):
+            for b in ((CHECK[0],) if layers == CHECK[1] else (1, 2)):
                 peaks[s][(b, layers)] = phase_peaks(model, reference, b, min(acc, 2), every, unet)
         del model
         gc.collect()
     rows = []
     for s, points in peaks.items():
         mb, acc, every, unet = s
-        coef = fit({k: v for k, v in points.items() if k != (3, 6)})
+        coef = fit({k: v for k, v in points.items() if k != CHECK})
         phase, dynamic = predict(coef, mb, LAYERS)
         row = {"micro_batch": mb, "accumulate": acc, "llm_checkpoint_every": every, "unet_checkpoint": unet,
                "predicted_peak_gib": round((params["total_bytes"] + dynamic) / GIB, 2), "peak_phase": phase}
@@ -232,7 +233,7 @@ def estimate(recipe: str, check: bool) -> dict:
             row["measured_peak_gib"] = REFERENCE_MEASURED[(mb, bool(every))]
             row["error"] = round(row["predicted_peak_gib"] / row["measured_peak_gib"] - 1, 3)
         if check:  # the fit's error at a point it did not see
-            row["check_b3_l6_error"] = round(predict(coef, 3, 6)[1] / max(points[(3, 6)].values()) - 1, 4)
+            row["check_error"] = round(predict(coef, *CHECK)[1] / max(points[CHECK].values()) - 1, 4)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     return {"parameter_gib": {k: round(v["bytes"] / GIB, 2) for k, v in params.items() if k != "total_bytes"},
