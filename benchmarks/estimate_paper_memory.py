@@ -44,7 +44,7 @@ import bench_paper_step as bench  # noqa: E402
 GIB = 2**30
 LAYERS = bench.LLAMA2_7B["num_hidden_layers"]
 #: Peak allocated GiB of the reference recipe, one H200 (the table of issue 6):
-#: (micro-batch, gradient checkpointing) -> GiB, 16 dialogues per optimizer step.
+#: (micro-batch, gradient checkpointing) -> GiB; each step one micro-batch, then the optimizer.
 REFERENCE_MEASURED = {(4, False): 29.0, (4, True): 24.2, (16, False): 56.0, (16, True): 28.3}
 
 
