@@ -284,7 +284,7 @@ def main() -> None:
     if args.gradient_checkpointing is None:
         args.gradient_checkpointing = not args.reference_recipe
     t0 = time.perf_counter()
-    model = build(config(args.scale, args.reference_recipe, args.gradient_checkpointing)).to(device)
+    model = build(config(args.scale, args.reference_recipe, args.gradient_checkpointing), device=device)
     model.train()
     build_s = time.perf_counter() - t0
     params = [p for p in model.parameters() if p.requires_grad]

@@ -7,6 +7,7 @@ names are unfrozen. The policy's defaults are ``config.DEFAULT_TRAINABLE``.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,16 @@ from mmdialog.core.registry import default_registry
 
 
 def build(config: str | Path | dict[str, Any] | Config = "tiny", /,
-          overrides: dict[str, Any] | None = None, **components: Any) -> DialogueModel:
+          overrides: dict[str, Any] | None = None, *, device: str | torch.device | None = None,
+          **components: Any) -> DialogueModel:
     """Build a model from a preset name, YAML path, dict or ``Config``.
 
     ``build("tiny", perceiver="qformer", bridge="gumbel")`` switches plugins;
-    ``overrides={"model.bridge.tau": 0.5}`` sets any field.
+    ``overrides={"model.bridge.tau": 0.5}`` sets any field. ``device="cuda"``
+    creates the parameters there (the default device while the plugins build):
+    random weights at 7B initialise in seconds on a GPU instead of minutes on
+    a CPU, and no CPU copy of the model is ever made. State that plugins keep
+    on the CPU by design (vocabulary maps, noise schedules, caches) stays there.
     """
     cfg = load_config(config, overrides, **components)
     options = validate_plugins(cfg)
@@ -33,12 +39,15 @@ def build(config: str | Path | dict[str, Any] | Config = "tiny", /,
     torch.manual_seed(cfg.model.seed)  # random-init components are reproducible
     ctx = BuildContext(cache_dir=str(assets.cache_dir()))
     built = {}
-    for kind in ("llm", "generator", "perceiver", "bridge"):
-        plugin = reg.get(kind, getattr(cfg.model, kind).name)
-        built[kind] = plugin.factory.from_options(options[kind], ctx)
-        if kind in ("llm", "generator"):  # later factories depend on these two
-            setattr(ctx, kind, built[kind])
-    model = DialogueModel(built["llm"], built["perceiver"], built["bridge"], built["generator"], cfg)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        for kind in ("llm", "generator", "perceiver", "bridge"):
+            plugin = reg.get(kind, getattr(cfg.model, kind).name)
+            built[kind] = plugin.factory.from_options(options[kind], ctx)
+            if kind in ("llm", "generator"):  # later factories depend on these two
+                setattr(ctx, kind, built[kind])
+        model = DialogueModel(built["llm"], built["perceiver"], built["bridge"], built["generator"], cfg)
+    if device is not None:
+        model.to(device)  # anything a plugin created on the CPU explicitly
     apply_freeze_policy(model, cfg.model.trainable)
     return model
 

@@ -55,7 +55,8 @@ def load_schedulers(folder: Path | None = None) -> tuple[Any, Any]:
     cfg = diffusers.DDPMScheduler.load_config(str(folder), subfolder="scheduler") if folder else \
         {"_class_name": "DDIMScheduler", **SD_SCHEDULE}
     sampler = getattr(diffusers, cfg.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
-    return diffusers.DDPMScheduler.from_config(cfg), sampler.from_config(cfg)
+    with torch.device("cpu"):  # schedule tables are CPU state in diffusers, whatever the default device
+        return diffusers.DDPMScheduler.from_config(cfg), sampler.from_config(cfg)
 
 
 def check_diffusers_folder(path: str, subfolders: list[str], what: str) -> Path:

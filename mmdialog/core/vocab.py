@@ -89,8 +89,8 @@ def build_static_map(llm_tokenizer, tower_tokenizer, n_llm: int) -> torch.Tensor
             rows.append(i)
             cols.append(c)
             vals.append(1.0 / len(toks))
-    idx = torch.tensor([rows, cols], dtype=torch.long)
-    return torch.sparse_coo_tensor(idx, torch.tensor(vals), (n_llm, len(tower_tokenizer)),
+    idx = torch.tensor([rows, cols], dtype=torch.long, device="cpu")
+    return torch.sparse_coo_tensor(idx, torch.tensor(vals, device="cpu"), (n_llm, len(tower_tokenizer)),
                                    check_invariants=False).coalesce()
 
 
@@ -104,9 +104,9 @@ def static_map(llm_tokenizer, tower_tokenizer, n_llm: int, cache_dir: str | Path
     path = Path(cache_dir) / "vocab_maps" / f"{key}.safetensors"
     shape = (n_llm, len(tower_tokenizer))
     if path.exists():
-        t = load_file(str(path))
+        t = load_file(str(path), device="cpu")
         return torch.sparse_coo_tensor(t["indices"], t["values"], shape, is_coalesced=True,
-                                       check_invariants=True)  # a file may be corrupt
+                                       check_invariants=True, device="cpu")  # a file may be corrupt
     m = build_static_map(llm_tokenizer, tower_tokenizer, n_llm)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
