@@ -9,19 +9,21 @@ synthetic batches (B dialogues × 256 tokens with a 24-token description,
     python benchmarks/bench_paper_step.py --scale paper --sweep               # micro-batch × checkpointing
     python benchmarks/bench_paper_step.py --scale tiny --device cpu           # CPU check of the script
 
-``--reference-recipe``: micro-batch 4 × accumulation 4, all rows of
-embed_tokens / lm_head trained, no perceiver (the reference has none), the
-VAE encoding every photo every step, unfused AdamW — the configuration
-measured in ../shared/measurements. The default recipe caches each photo's
+``--reference-recipe``: micro-batch 4, all rows of embed_tokens / lm_head
+trained, LoRA weights in bf16 like every trained weight there, no perceiver
+(the reference has none), the VAE encoding every photo every step, unfused
+AdamW — the configuration measured in ../shared/measurements (with
+``--accumulate 1``: that table stepped the optimizer every micro-batch). The default recipe caches each photo's
 VAE posterior and its frozen ViT + Q-Former features (the synthetic photos
 repeat every step, as photos do across epochs, so those costs are the steady
 state after the first epoch).
 Prints one JSON object: step time, dialogues/s, peak memory, counted FLOPs,
 MFU against an assumed 989 TFLOP/s (H100/H200 dense bf16), time per component.
 
-``--sweep`` builds the model once and measures each setting of SWEEP
-(micro-batch, LLM checkpointing, UNet checkpointing) at 16 dialogues per
-optimizer step, then names the fastest one under ``--memory-cap`` GiB. Step
+``--sweep`` builds the model once and measures each setting of SWEEP (or of
+``--settings``: micro-batch, LLM checkpointing, UNet checkpointing) at 16
+dialogues per optimizer step, then names the fastest one under
+``--memory-cap`` GiB; with ``--compile`` every setting runs compiled. Step
 times are taken without the component timer (its device syncs would stall
 the launch queue); one more step with the timer gives the breakdown.
 """
@@ -98,13 +100,14 @@ SWEEP = [(16, 1, True), (16, 1, "outer"), (16, 2, True), (16, 1, False), (16, 0,
          (4, 0, False)]  # the reference's micro-batch, for a like-for-like row
 
 
-def config(scale: str, reference: bool, grad_ckpt: bool) -> dict:
+def config(scale: str, reference: bool, grad_ckpt: bool, lora_dtype: str = "float32") -> dict:
     paper = scale == "paper"
     return {
         "model": {
             "llm": {"name": "hf", "path": llama_sized_tokenizer(32000), "random_weights": True,
                     "config": LLAMA2_7B if paper else LLAMA_TINY, "dtype": "bfloat16" if paper else "float32",
-                    "lora": {"r": 32, "alpha": 32, "dropout": 0.1, "targets": ["q_proj", "k_proj", "v_proj"]},
+                    "lora": {"r": 32, "alpha": 32, "dropout": 0.1, "targets": ["q_proj", "k_proj", "v_proj"],
+                             "dtype": "model" if reference else lora_dtype},
                     "gradient_checkpointing": grad_ckpt},
             # Blip2Config() defaults are BLIP-2's ViT-g + Q-Former shapes.
             "perceiver": {"name": "caption"} if reference else
@@ -272,10 +275,15 @@ def main() -> None:
                     help="every LLM layer and UNet block; default: on for ours (the paper preset), off "
                          "for --reference-recipe")
     ap.add_argument("--sweep", action="store_true", help="measure every setting of SWEEP in this process")
+    ap.add_argument("--settings", type=parse_settings, default=None,
+                    help="with --sweep, instead of SWEEP: MB:LLM_EVERY:UNET,... e.g. 16:1:all,16:0:outer "
+                         "(UNET: all, outer or none)")
+    ap.add_argument("--lora-dtype", choices=["float32", "model"], default="float32",
+                    help="llm.lora.dtype of our recipe (the reference recipe's is the model's, bf16)")
     ap.add_argument("--dialogues", type=int, default=16, help="per optimizer step, with --sweep")
     ap.add_argument("--memory-cap", type=float, default=29.0, help="GiB, with --sweep: the reference's peak")
-    ap.add_argument("--compile", action="store_true", help="regional torch.compile (train.compile); with "
-                    "--sweep: after the sweep, the best setting again, compiled")
+    ap.add_argument("--compile", action="store_true", help="regional torch.compile (train.compile) before "
+                    "the first step")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="also write the JSON here")
     args = ap.parse_args()
@@ -284,7 +292,8 @@ def main() -> None:
     if args.gradient_checkpointing is None:
         args.gradient_checkpointing = not args.reference_recipe
     t0 = time.perf_counter()
-    model = build(config(args.scale, args.reference_recipe, args.gradient_checkpointing), device=device)
+    model = build(config(args.scale, args.reference_recipe, args.gradient_checkpointing, args.lora_dtype),
+                  device=device)
     model.train()
     build_s = time.perf_counter() - t0
     params = [p for p in model.parameters() if p.requires_grad]
@@ -294,38 +303,43 @@ def main() -> None:
     result = {"scale": args.scale, "recipe": "reference" if args.reference_recipe else "mmdialog-default",
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "seq": args.seq, "desc_tokens": args.desc, "fused_adamw": fused, "build_s": round(build_s, 2),
-              "trainable_params": sum(p.numel() for p in params), "torch": torch.__version__}
+              "trainable_params": sum(p.numel() for p in params), "torch": torch.__version__,
+              "lora_dtype": "model" if args.reference_recipe else args.lora_dtype, "compiled": args.compile}
     ckpt = args.gradient_checkpointing
     set_checkpointing(model, False, False)
     flops = count_flops(model, synthetic_batch(model, 1, args.seq, args.desc, device))
     result["flops_per_dialogue"] = flops
+    if args.compile:
+        # Settings switch checkpointing and micro-batch: each may recompile, and past the
+        # default limit dynamo would fall back to eager without a word.
+        torch._dynamo.config.recompile_limit = 64
+        result["compiled_blocks"] = compile_repeated_blocks(model)
     if args.sweep:
         rows = []
-        for mb, llm_every, unet_blocks in SWEEP:
+        result.update({"memory_cap_gib": args.memory_cap, "sweep": rows})
+        for mb, llm_every, unet_blocks in args.settings or SWEEP:
             mb = min(mb, args.dialogues)
             rows.append(run_setting(model, opt, args, device, timer, flops, mb, max(1, args.dialogues // mb),
                                     llm_every, unet_blocks))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            write(result, args.json)  # kept if a later setting outlasts the caller's time limit
         fits = [r for r in rows if not r["oom"] and (r["peak_memory_gib"] or 0) <= args.memory_cap]
-        best = max(fits, key=lambda r: r["dialogues_per_s"]) if fits else None
-        result.update({"memory_cap_gib": args.memory_cap, "sweep": rows, "best_under_cap": best})
-        if args.compile and best:
-            write(result, args.json)  # kept if compiling outlasts the caller's time limit
-            t0 = time.perf_counter()
-            result["compiled_blocks"] = compile_repeated_blocks(model)
-            run_setting(model, opt, args, device, timer, flops, best["micro_batch"], best["accumulate"],
-                        best["llm_checkpoint_every"], best["unet_checkpoint"])  # compiles
-            result["compile_s"] = round(time.perf_counter() - t0, 1)
-            result["best_compiled"] = run_setting(model, opt, args, device, timer, flops, best["micro_batch"],
-                                                  best["accumulate"], best["llm_checkpoint_every"],
-                                                  best["unet_checkpoint"])
+        result["best_under_cap"] = max(fits, key=lambda r: r["dialogues_per_s"]) if fits else None
     else:
-        if args.compile:
-            result["compiled_blocks"] = compile_repeated_blocks(model)
         mb = args.micro_batch or (4 if args.reference_recipe else 16)
         acc = args.accumulate or max(1, 16 // mb)
         result.update(run_setting(model, opt, args, device, timer, flops, mb, acc, ckpt, ckpt))
     print(write(result, args.json))
+
+
+def parse_settings(text: str) -> list[tuple[int, int, bool | str]]:
+    unet = {"all": True, "outer": "outer", "none": False}
+    try:
+        rows = [part.split(":") for part in text.split(",")]
+        return [(int(mb), int(every), unet[blocks]) for mb, every, blocks in rows]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected MB:LLM_EVERY:UNET,... with UNET one of "
+                                         "all, outer, none (e.g. 16:1:all,16:0:outer)") from None
 
 
 def write(result: dict, path: str | None) -> str:

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# One device call: the reference recipe and our sweep at paper scale, on the same GPU.
+# Device calls: the reference recipe and our settings at paper scale, on the same GPU.
 #
 # Prepare here (CPU machine, once):   bash benchmarks/gpu_paper_step.sh prepare
 #   → .gpu/wheels  what the GPU machine lacks (diffusers, pluggy, typer, pydantic) and the peft
 #                  tested here; it has torch, transformers ≥ 5.17 (checked here too), accelerate
 #   → .gpu/cache   the 32k-token BPE, the CLIP tokenizer and their vocabulary map
 #   → .gpu/tools   the standalone reference-recipe script (../shared does not travel)
-# Run there (device tool, carry [".gpu"]):  bash benchmarks/gpu_paper_step.sh run
-# What lands in $OUT: ref.json (the reference recipe through mmdialog.build, an optimizer step
-# every 4 dialogues as in the measured table), tool_ref.json (the standalone script on the same
-# machine), sweep.json (our default model: micro-batch × checkpointing settings at 16 dialogues
-# per optimizer step, then the best one compiled) and log.txt. The three stages' time limits
-# add up to 540 s, inside one 600 s device call.
+# Run there (device tool, carry [".gpu"]):  bash benchmarks/gpu_paper_step.sh run [STAGE...]
+# Stages (all of them by default; their time limits add up to more than one 600 s device call,
+# so name a subset per call), each writing $OUT/STAGE.json, plus log.txt:
+#   ref       the reference recipe through mmdialog.build, micro-batch 4, an optimizer step per
+#             micro-batch as in the measured table
+#   tool      the standalone reference script, same machine, micro-batch 4
+#   tool16    the same at micro-batch 16 with gradient checkpointing (its best under its own peak)
+#   sweep     our default model: every SWEEP setting at 16 dialogues per optimizer step
+#   compiled  the micro-batch-16 settings again, compiled (train.compile)
+#   lora      compiled, with the LoRA weights in bf16 (llm.lora.dtype: model)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-run}" in
@@ -30,6 +34,8 @@ prepare)
   du -sh .gpu
   ;;
 run)
+  shift || true
+  stages=("${@:-ref tool tool16 sweep compiled lora}"); stages=(${stages[*]})
   export PYTHONPATH="/tmp/mmdialog-deps:$PWD" MMDIALOG_CACHE="$PWD/.gpu/cache" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
   python3 -m pip install -q --no-index --no-deps --target /tmp/mmdialog-deps .gpu/wheels/*.whl
   OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
@@ -37,12 +43,22 @@ run)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   python3 -c "import torch, transformers, diffusers, peft, pydantic, mmdialog; \
 print(torch.__version__, transformers.__version__, diffusers.__version__, peft.__version__, pydantic.__version__)"
-  bench=benchmarks/bench_paper_step.py
-  timeout 110 python3 $bench --scale paper --reference-recipe --accumulate 1 --steps 6 --warmup 2 \
-    --json "$OUT/ref.json" | tail -4 || echo "reference recipe: exit $?"
-  timeout 100 python3 .gpu/tools/paper_scale_step.py --scale paper --json "$OUT/tool_ref.json" | tail -1 \
-    || echo "tool reference: exit $?"
-  timeout 330 python3 $bench --scale paper --sweep --compile --steps 3 --json "$OUT/sweep.json" 2>&1 \
-    | grep -v Warning || echo "sweep: exit $?"
+  bench=(python3 benchmarks/bench_paper_step.py --scale paper)
+  mb16=16:1:all,16:0:none,16:1:outer,16:2:all,16:0:all,16:1:none,16:2:outer
+  for stage in "${stages[@]}"; do
+    echo "== $stage"
+    case $stage in
+      ref) timeout 90 "${bench[@]}" --reference-recipe --accumulate 1 --steps 6 --warmup 2 --json "$OUT/ref.json" | tail -3 ;;
+      tool) timeout 90 python3 .gpu/tools/paper_scale_step.py --scale paper --json "$OUT/tool.json" | tail -1 ;;
+      tool16) timeout 90 python3 .gpu/tools/paper_scale_step.py --scale paper --batch 16 --grad-checkpointing \
+                --json "$OUT/tool16.json" | tail -1 ;;
+      sweep) timeout 200 "${bench[@]}" --sweep --steps 3 --json "$OUT/sweep.json" 2>&1 | grep '^{"llm' ;;
+      compiled) timeout 220 "${bench[@]}" --sweep --compile --settings $mb16 --steps 3 --warmup 2 \
+                  --json "$OUT/compiled.json" 2>&1 | grep '^{"llm' ;;
+      lora) timeout 130 "${bench[@]}" --sweep --compile --lora-dtype model --settings 16:1:all,16:0:none \
+              --steps 3 --warmup 2 --json "$OUT/lora.json" 2>&1 | grep '^{"llm' ;;
+      *) echo "unknown stage $stage (ref tool tool16 sweep compiled lora)"; exit 2 ;;
+    esac || echo "$stage: exit $?"
+  done
   ;;
 esac

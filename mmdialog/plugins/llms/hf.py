@@ -36,6 +36,10 @@ class LoraOptions(PluginOptions):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    dtype: Literal["float32", "model"] = Field(
+        "float32", description="adapter weights: float32 (peft's default; full-precision AdamW updates of "
+                               "the only LLM weights that train) or the model's dtype, as the reference's "
+                               "all-bf16 recipe (no casts of the layer input; bf16 rounding in the update)")
 
 
 class HFOptions(PluginOptions):
@@ -232,7 +236,7 @@ def _with_lora(model: nn.Module, lora: LoraOptions) -> nn.Module:
         raise ConfigError(f"llm.lora.targets: no module named {', '.join(missing)} in this model")
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                      target_modules=lora.targets, bias="none")
-    return get_peft_model(model, cfg)
+    return get_peft_model(model, cfg, autocast_adapter_dtype=lora.dtype == "float32")
 
 
 @hookimpl
