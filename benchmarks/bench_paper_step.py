@@ -196,10 +196,13 @@ def count_flops(model, one) -> float:
     return fc.get_total_flops()
 
 
-def optimizer_step(model, opt, batch, acc: int, timer: ComponentTimer) -> tuple[torch.Tensor, float]:
-    """``acc`` micro-batches, then the optimizer: the last loss and the optimizer's seconds."""
+def optimizer_step(model, opt, batch, acc: int, timer: ComponentTimer,
+                   autocast: bool = False) -> tuple[torch.Tensor, float]:
+    """``acc`` micro-batches, then the optimizer: the last loss and the optimizer's seconds.
+    ``autocast``: the forward under bf16 autocast, as Lightning's ``bf16-mixed`` runs it."""
     for _ in range(acc):
-        out = model(batch)
+        with torch.autocast(timer.device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(batch)
         (out["loss"] / acc).backward()
     timer.sync()
     start = time.perf_counter()
@@ -210,7 +213,7 @@ def optimizer_step(model, opt, batch, acc: int, timer: ComponentTimer) -> tuple[
 
 
 def measure(model, opt, batch, acc: int, steps: int, warmup: int, timer: ComponentTimer,
-            flops_per_dialogue: float) -> dict:
+            flops_per_dialogue: float, autocast: bool = False) -> dict:
     """Median optimizer-step time and peak memory, then one timed breakdown step."""
     device, mb = timer.device, len(batch)
     if device.type == "cuda":
@@ -220,7 +223,7 @@ def measure(model, opt, batch, acc: int, steps: int, warmup: int, timer: Compone
     for i in range(warmup + steps):
         timer.sync()
         start = time.perf_counter()
-        loss, _ = optimizer_step(model, opt, batch, acc, timer)
+        loss, _ = optimizer_step(model, opt, batch, acc, timer, autocast)
         if i >= warmup:
             times.append(time.perf_counter() - start)
             losses.append(round(loss.item(), 4))
@@ -229,7 +232,7 @@ def measure(model, opt, batch, acc: int, steps: int, warmup: int, timer: Compone
     timer.enabled = True
     timer.sync()
     start = time.perf_counter()
-    _, opt_s = optimizer_step(model, opt, batch, acc, timer)
+    _, opt_s = optimizer_step(model, opt, batch, acc, timer, autocast)
     breakdown = time.perf_counter() - start
     timer.enabled = False
     fwd = {f"{k}_fwd": round(timer.times.get(k, 0.0), 4) for k in timer.names}
@@ -251,7 +254,8 @@ def run_setting(model, opt, args, device, timer, flops_per_dialogue, mb, acc, ll
     set_checkpointing(model, llm_every, unet_blocks)
     try:
         batch = synthetic_batch(model, mb, args.seq, args.desc, device)
-        return {**setting, **measure(model, opt, batch, acc, args.steps, args.warmup, timer, flops_per_dialogue)}
+        return {**setting, **measure(model, opt, batch, acc, args.steps, args.warmup, timer, flops_per_dialogue,
+                                     args.autocast)}
     except torch.OutOfMemoryError:
         peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         opt.zero_grad(set_to_none=True)
@@ -278,6 +282,8 @@ def main() -> None:
     ap.add_argument("--settings", type=parse_settings, default=None,
                     help="with --sweep, instead of SWEEP: MB:LLM_EVERY:UNET,... e.g. 16:1:all,16:0:outer "
                          "(UNET: all, outer or none)")
+    ap.add_argument("--autocast", action="store_true", help="forward under bf16 autocast (Lightning's "
+                    "bf16-mixed) on top of the components' own dtypes")
     ap.add_argument("--lora-dtype", choices=["float32", "model"], default="float32",
                     help="llm.lora.dtype of our recipe (the reference recipe's is the model's, bf16)")
     ap.add_argument("--dialogues", type=int, default=16, help="per optimizer step, with --sweep")
@@ -304,7 +310,8 @@ def main() -> None:
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "seq": args.seq, "desc_tokens": args.desc, "fused_adamw": fused, "build_s": round(build_s, 2),
               "trainable_params": sum(p.numel() for p in params), "torch": torch.__version__,
-              "lora_dtype": "model" if args.reference_recipe else args.lora_dtype, "compiled": args.compile}
+              "lora_dtype": "model" if args.reference_recipe else args.lora_dtype, "compiled": args.compile,
+              "autocast": args.autocast}
     ckpt = args.gradient_checkpointing
     set_checkpointing(model, False, False)
     flops = count_flops(model, synthetic_batch(model, 1, args.seq, args.desc, device))

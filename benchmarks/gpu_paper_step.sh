@@ -16,6 +16,8 @@
 #   sweep     our default model: every SWEEP setting at 16 dialogues per optimizer step
 #   compiled  the micro-batch-16 settings again, compiled (train.compile)
 #   lora      compiled, with the LoRA weights in bf16 (llm.lora.dtype: model)
+#   autocast  compiled, the forward under bf16 autocast (Lightning's bf16-mixed) and, for a
+#             same-machine baseline, the default setting without it (autocast_on/_off.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-run}" in
@@ -35,7 +37,7 @@ prepare)
   ;;
 run)
   shift || true
-  stages=("${@:-ref tool tool16 sweep compiled lora}"); stages=(${stages[*]})
+  stages=("${@:-ref tool tool16 sweep compiled lora autocast}"); stages=(${stages[*]})
   export PYTHONPATH="/tmp/mmdialog-deps:$PWD" MMDIALOG_CACHE="$PWD/.gpu/cache" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
   python3 -m pip install -q --no-index --no-deps --target /tmp/mmdialog-deps .gpu/wheels/*.whl
   OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
@@ -57,7 +59,12 @@ print(torch.__version__, transformers.__version__, diffusers.__version__, peft._
                   --json "$OUT/compiled.json" 2>&1 | grep '^{"llm' ;;
       lora) timeout 130 "${bench[@]}" --sweep --compile --lora-dtype model --settings 16:1:all,16:0:none \
               --steps 3 --warmup 2 --json "$OUT/lora.json" 2>&1 | grep '^{"llm' ;;
-      *) echo "unknown stage $stage (ref tool tool16 sweep compiled lora)"; exit 2 ;;
+      autocast) for mode in off on; do
+                  if [ $mode = on ]; then extra=(--autocast --settings 16:1:all,16:0:none); else extra=(--settings 16:1:all); fi
+                  timeout 110 "${bench[@]}" --sweep --compile "${extra[@]}" --steps 3 --warmup 2 \
+                    --json "$OUT/autocast_$mode.json" 2>&1 | grep '^{"llm'
+                done ;;
+      *) echo "unknown stage $stage (ref tool tool16 sweep compiled lora autocast)"; exit 2 ;;
     esac || echo "$stage: exit $?"
   done
   ;;

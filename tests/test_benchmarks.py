@@ -42,6 +42,23 @@ def test_bench_paper_step_sweep_tiny():
     assert r["best_under_cap"] == max(rows, key=lambda x: x["dialogues_per_s"])
 
 
+def test_bench_paper_step_settings_and_lora_dtype_tiny():
+    """--settings replaces SWEEP (MB:LLM_EVERY:UNET); --lora-dtype reaches the model; a bad list is one line."""
+    script = str(ROOT / "benchmarks" / "bench_paper_step.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, script, "--scale", "tiny", "--device", "cpu", "--sweep", "--settings",
+                          "2:2:outer,1:0:none", "--dialogues", "2", "--lora-dtype", "model", "--steps", "1",
+                          "--warmup", "0"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    assert r["lora_dtype"] == "model" and r["compiled"] is False
+    assert [(x["micro_batch"], x["accumulate"], x["llm_checkpoint_every"], x["unet_checkpoint"])
+            for x in r["sweep"]] == [(2, 1, 2, "outer"), (1, 2, 0, False)]
+    bad = subprocess.run([sys.executable, script, "--settings", "16:x:all"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert bad.returncode == 2 and "expected MB:LLM_EVERY:UNET" in bad.stderr.splitlines()[-1]
+
+
 def _estimator():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import estimate_paper_memory

@@ -40,6 +40,18 @@ def test_llama_folder_loads_with_lora(llama_folder, cat_dialogue):
     assert torch.isfinite(out["loss"])
 
 
+@pytest.mark.parametrize("lora_dtype, expected", [("float32", torch.float32), ("model", torch.bfloat16)])
+def test_lora_weights_in_float32_or_the_models_dtype(llama_folder, cat_dialogue, lora_dtype, expected):
+    m = build("tiny", overrides={"model.llm.path": str(llama_folder), "model.llm.dtype": "bfloat16",
+                                 "model.llm.lora.dtype": lora_dtype})
+    lora = {p.dtype for n, p in m.llm.named_parameters() if "lora_" in n}
+    base = {p.dtype for n, p in m.llm.named_parameters() if "lora_" not in n and "layers" in n}
+    assert lora == {expected} and base == {torch.bfloat16}
+    m(m.collator([(cat_dialogue, "1")]))["loss"].backward()
+    grads = [p.grad for n, p in m.llm.named_parameters() if "lora_B" in n]
+    assert all(g is not None and g.dtype == expected for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
 def test_blip2_folder_loads_vision_and_qformer_only(tmp_path, tiny):
     from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
 
