@@ -21,7 +21,7 @@ there; the reference recipe's rows are compared with the peaks measured on an
 H200 with the authors' recipe (``REFERENCE_MEASURED``).
 
     python benchmarks/estimate_paper_memory.py                  # the sweep of bench_paper_step.py
-    python benchmarks/estimate_paper_memory.py --reference      # + the reference recipe's four rows
+    python benchmarks/estimate_paper_memory.py --recipes reference mmdialog-default   # + its four rows
 """
 from __future__ import annotations
 
@@ -244,7 +244,8 @@ def estimate(recipe: str, check: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reference", action="store_true", help="also the reference recipe's rows")
+    ap.add_argument("--recipes", nargs="+", choices=list(SETTINGS), default=["mmdialog-default"],
+                    help="'reference': the reference recipe's four measured rows")
     ap.add_argument("--check", action="store_true", help="measure (B=3, L=6) and report the fit's error")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -253,7 +254,7 @@ def main() -> None:
                         "Llama layers × B∈{1,2}, fitted per phase and evaluated at 32 layers",
               "torch": torch.__version__,
               "recipes": {r: estimate(r, args.check)
-                          for r in (["reference"] if args.reference else []) + ["mmdialog-default"]}}
+                          for r in args.recipes}}
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text)

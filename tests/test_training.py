@@ -264,3 +264,16 @@ def test_latent_cache_changes_nothing_the_unet_sees(tiny, cat_dialogue):
         gen.options.latent_cache = True
         handle.remove()
     assert calls == [1]                          # switched off: the VAE encodes again
+
+
+def test_training_compiled_runs_and_writes_the_same_checkpoint_keys(tmp_path, uninterrupted):
+    """``train.compile`` (on in the paper preset) through the Lightning loop: the compiled
+    blocks train, and checkpoints name the weights exactly as an eager run's do."""
+    eager_out, _, _ = uninterrupted
+    model = make(tmp_path, 2, **{"train.compile": True})
+    result = train(model, progress=False)
+    assert result["steps"] == 2
+    assert all(torch.isfinite(torch.tensor(r["text_loss"])) and r["image_loss"] > 0 for r in result["history"])
+    assert sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()) > 30
+    keys = lambda out: set(torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"])  # noqa: E731
+    assert keys(tmp_path) == keys(eager_out)
