@@ -4,7 +4,7 @@ BLIP-2 ViT-g + Q-Former, SD 2.1-base), trained for a few optimizer steps on
 synthetic batches (B dialogues × 256 tokens with a 24-token description,
 512² photos). Nothing is downloaded.
 
-    python benchmarks/bench_paper_step.py --scale paper                       # our default recipe
+    python benchmarks/bench_paper_step.py --scale paper                       # the paper preset
     python benchmarks/bench_paper_step.py --scale paper --reference-recipe    # the authors' recipe
     python benchmarks/bench_paper_step.py --scale paper --sweep               # micro-batch × checkpointing
     python benchmarks/bench_paper_step.py --scale tiny --device cpu           # CPU check of the script
@@ -12,11 +12,13 @@ synthetic batches (B dialogues × 256 tokens with a 24-token description,
 ``--reference-recipe``: micro-batch 4, all rows of embed_tokens / lm_head
 trained, LoRA weights in bf16 like every trained weight there, no perceiver
 (the reference has none), the VAE encoding every photo every step, unfused
-AdamW — the configuration measured in ../shared/measurements (with
-``--accumulate 1``: that table stepped the optimizer every micro-batch). The default recipe caches each photo's
-VAE posterior and its frozen ViT + Q-Former features (the synthetic photos
-repeat every step, as photos do across epochs, so those costs are the steady
-state after the first epoch).
+AdamW, eager, no autocast — the configuration measured in
+../shared/measurements (with ``--accumulate 1``: that table stepped the
+optimizer every micro-batch). Ours is the paper preset: micro-batch 16, every
+LLM layer and UNet block checkpointed, compiled, bf16 autocast, fused AdamW;
+it caches each photo's VAE posterior and its frozen ViT + Q-Former features
+(the synthetic photos repeat every step, as photos do across epochs, so those
+costs are the steady state after the first epoch).
 Prints one JSON object: step time, dialogues/s, peak memory, counted FLOPs,
 MFU against an assumed 989 TFLOP/s (H100/H200 dense bf16), time per component.
 
@@ -282,21 +284,24 @@ def main() -> None:
     ap.add_argument("--settings", type=parse_settings, default=None,
                     help="with --sweep, instead of SWEEP: MB:LLM_EVERY:UNET,... e.g. 16:1:all,16:0:outer "
                          "(UNET: all, outer or none)")
-    ap.add_argument("--autocast", action="store_true", help="forward under bf16 autocast (Lightning's "
-                    "bf16-mixed) on top of the components' own dtypes")
+    ap.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,
+                    help="forward under bf16 autocast (Lightning's bf16-mixed, as the paper preset trains) on "
+                         "top of the components' own dtypes; default: on for ours, off for --reference-recipe")
     ap.add_argument("--lora-dtype", choices=["float32", "model"], default="float32",
                     help="llm.lora.dtype of our recipe (the reference recipe's is the model's, bf16)")
     ap.add_argument("--dialogues", type=int, default=16, help="per optimizer step, with --sweep")
     ap.add_argument("--memory-cap", type=float, default=29.0, help="GiB, with --sweep: the reference's peak")
-    ap.add_argument("--compile", action="store_true", help="regional torch.compile (train.compile) before "
-                    "the first step")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="regional torch.compile (train.compile) before the first step; default: on for ours "
+                         "(the paper preset), off for --reference-recipe")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="also write the JSON here")
     args = ap.parse_args()
     device = torch.device(args.device)
 
-    if args.gradient_checkpointing is None:
-        args.gradient_checkpointing = not args.reference_recipe
+    for switch in ("gradient_checkpointing", "compile", "autocast"):  # the paper preset's settings
+        if getattr(args, switch) is None:
+            setattr(args, switch, not args.reference_recipe)
     t0 = time.perf_counter()
     model = build(config(args.scale, args.reference_recipe, args.gradient_checkpointing, args.lora_dtype),
                   device=device)

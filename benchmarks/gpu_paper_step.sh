@@ -54,13 +54,13 @@ print(torch.__version__, transformers.__version__, diffusers.__version__, peft._
       tool) timeout 90 python3 .gpu/tools/paper_scale_step.py --scale paper --json "$OUT/tool.json" | tail -1 ;;
       tool16) timeout 90 python3 .gpu/tools/paper_scale_step.py --scale paper --batch 16 --grad-checkpointing \
                 --json "$OUT/tool16.json" | tail -1 ;;
-      sweep) timeout 200 "${bench[@]}" --sweep --steps 3 --json "$OUT/sweep.json" 2>&1 | grep '^{"llm' ;;
-      compiled) timeout 220 "${bench[@]}" --sweep --compile --settings $mb16 --steps 3 --warmup 2 \
+      sweep) timeout 200 "${bench[@]}" --sweep --no-compile --no-autocast --steps 3 --json "$OUT/sweep.json" 2>&1 | grep '^{"llm' ;;
+      compiled) timeout 220 "${bench[@]}" --sweep --compile --no-autocast --settings $mb16 --steps 3 --warmup 2 \
                   --json "$OUT/compiled.json" 2>&1 | grep '^{"llm' ;;
-      lora) timeout 130 "${bench[@]}" --sweep --compile --lora-dtype model --settings 16:1:all,16:0:none \
+      lora) timeout 130 "${bench[@]}" --sweep --compile --no-autocast --lora-dtype model --settings 16:1:all,16:0:none \
               --steps 3 --warmup 2 --json "$OUT/lora.json" 2>&1 | grep '^{"llm' ;;
       autocast) for mode in off on; do
-                  if [ $mode = on ]; then extra=(--autocast --settings 16:1:all,16:0:none); else extra=(--settings 16:1:all); fi
+                  if [ $mode = on ]; then extra=(--autocast --settings 16:1:all,16:0:none); else extra=(--no-autocast --settings 16:1:all); fi
                   timeout 110 "${bench[@]}" --sweep --compile "${extra[@]}" --steps 3 --warmup 2 \
                     --json "$OUT/autocast_$mode.json" 2>&1 | grep '^{"llm'
                 done ;;

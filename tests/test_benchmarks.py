@@ -19,6 +19,7 @@ def test_bench_paper_step_tiny(flags):
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout)
     assert r["recipe"] == ("reference" if flags else "mmdialog-default") and not r["oom"]
+    assert r["compiled"] == r["autocast"] == (not flags)  # the paper preset's switches; the reference's
     assert r["dialogues_per_step"] == 2 and r["flops_per_step"] > 0 and r["step_s"] > 0
     parts = r["seconds_per_step"]
     assert {"llm_fwd", "bridge_fwd", "text_encoder_fwd", "vae_encode_fwd", "unet_fwd", "optimizer"} <= set(parts)
@@ -32,7 +33,8 @@ def test_bench_paper_step_sweep_tiny():
     from bench_paper_step import SWEEP
 
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_paper_step.py"), "--scale", "tiny",
-                          "--device", "cpu", "--sweep", "--dialogues", "2", "--steps", "1", "--warmup", "0"],
+                          "--device", "cpu", "--sweep", "--dialogues", "2", "--steps", "1", "--warmup", "0",
+                          "--no-compile"],
                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout)
@@ -48,10 +50,11 @@ def test_bench_paper_step_settings_and_lora_dtype_tiny():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, script, "--scale", "tiny", "--device", "cpu", "--sweep", "--settings",
                           "2:2:outer,1:0:none", "--dialogues", "2", "--lora-dtype", "model", "--steps", "1",
-                          "--warmup", "0"], capture_output=True, text=True, env=env, timeout=600)
+                          "--warmup", "0", "--no-compile", "--no-autocast"], capture_output=True, text=True,
+                         env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout)
-    assert r["lora_dtype"] == "model" and r["compiled"] is False
+    assert r["lora_dtype"] == "model" and r["compiled"] is False and r["autocast"] is False
     assert [(x["micro_batch"], x["accumulate"], x["llm_checkpoint_every"], x["unet_checkpoint"])
             for x in r["sweep"]] == [(2, 1, 2, "outer"), (1, 2, 0, False)]
     bad = subprocess.run([sys.executable, script, "--settings", "16:x:all"], capture_output=True, text=True,
