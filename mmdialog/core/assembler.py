@@ -30,8 +30,8 @@ def build(config: str | Path | dict[str, Any] | Config = "tiny", /,
     ``overrides={"model.bridge.tau": 0.5}`` sets any field. ``device="cuda"``
     creates the parameters there (the default device while the plugins build):
     random weights at 7B initialise in seconds on a GPU instead of minutes on
-    a CPU, and no CPU copy of the model is ever made. State that plugins keep
-    on the CPU by design (vocabulary maps, noise schedules, caches) stays there.
+    a CPU. State that plugins keep on the CPU by design (vocabulary maps, noise
+    schedules, caches) stays there.
     """
     cfg = load_config(config, overrides, **components)
     options = validate_plugins(cfg)
