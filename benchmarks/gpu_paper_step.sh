@@ -37,7 +37,7 @@ prepare)
   ;;
 run)
   shift || true
-  stages=("${@:-ref tool tool16 sweep compiled lora autocast}"); stages=(${stages[*]})
+  stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(ref tool tool16 sweep compiled lora autocast)
   export PYTHONPATH="/tmp/mmdialog-deps:$PWD" MMDIALOG_CACHE="$PWD/.gpu/cache" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
   python3 -m pip install -q --no-index --no-deps --target /tmp/mmdialog-deps .gpu/wheels/*.whl
   OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
