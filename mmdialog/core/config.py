@@ -9,17 +9,21 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mmdialog.core.errors import ConfigError
+from mmdialog.core.errors import ConfigError, validation_message
+from mmdialog.core.interfaces import KINDS
 
 PRESETS = ("tiny", "paper")
+#: Config sections that name a plugin: the four kinds, and the optional retriever
+#: a generator chain (``library,sd``) puts in front of the generator.
+SLOTS = (*KINDS, "retriever")
 
-#: The freeze policy's defaults (DESIGN.md §2; the reference trains the same
-#: set except that it trains *all* rows of embed_tokens / lm_head). Keys are
+#: The freeze policy's defaults (the reference trains the same set, except that
+#: it trains *all* rows of embed_tokens / lm_head: docs/design.md §2). Keys are
 #: ``component.group``; groups come from each plugin's ``parameter_groups``.
 DEFAULT_TRAINABLE: dict[str, bool] = {
     "llm.lora": True,
@@ -55,6 +59,9 @@ class ModelConfig(_Strict):
     perceiver: ComponentSpec
     bridge: ComponentSpec
     generator: ComponentSpec
+    retriever: ComponentSpec | None = Field(
+        None, description="shares a real photo instead of drawing one when it matches the description "
+                          "well enough (e.g. library); the generator draws the others")
     trainable: dict[str, bool] = Field(
         default_factory=dict,
         description="freeze-policy overrides, e.g. {'llm.embeddings': true}; see DEFAULT_TRAINABLE")
@@ -62,10 +69,21 @@ class ModelConfig(_Strict):
     max_length: int = Field(512, gt=8, description="LLM tokens per training sample (right-truncated)")
     seed: int = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _chain_from_fallback(cls, raw: Any) -> Any:
+        """Configs written before the retriever slot nest the generator in the
+        retriever: ``generator: {name: library, fallback: {name: sd}}``."""
+        if isinstance(raw, dict) and isinstance(raw.get("generator"), dict) and "fallback" in raw["generator"]:
+            retriever = dict(raw["generator"])
+            raw = {**raw, "generator": retriever.pop("fallback"), "retriever": retriever}
+        return raw
+
 
 class DataConfig(_Strict):
     path: str = Field("embedded:demo", description="dataset file/folder, or 'embedded:demo'")
-    format: Literal["auto", "photochat", "dialogcc", "jsonl"] = "auto"
+    format: str = Field("auto", description="auto (detect from the records), or a dataset format: "
+                                            "photochat, dialogcc, jsonl, or one a plugin registers")
     split: str | None = Field(None, description="split folder/file to read (train, dev, test)")
     image_dir: str | None = Field(None, description="folder with photos named by id or URL hash")
     both_speakers: bool = Field(True, description="one sample per speaker as the agent; else sharer only")
@@ -108,10 +126,6 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
-def _field_path(loc: tuple) -> str:
-    return ".".join(str(x) for x in loc)
-
-
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -124,11 +138,35 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``; one-line ``ConfigError`` otherwise."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{what} file '{path}' is not valid JSON: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} file '{path}' must hold a JSON object")
+    return data
+
+
+def config_from_yaml(text: str, where: str, **components: Any) -> Config:
+    """A ``Config`` from YAML text stored with a model (a checkpoint, an export)."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: config is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: config must be a mapping with 'model', 'data', 'train'")
+    return load_config(raw, **components)
+
+
 def preset_dict(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset '{name}'; available: {', '.join(PRESETS)} "
                           "(or give a path to a YAML file)")
-    text = resources.files("mmdialog.sdk.presets").joinpath(f"{name}.yaml").read_text()
+    text = resources.files("mmdialog.core.presets").joinpath(f"{name}.yaml").read_text()
     return yaml.safe_load(text)
 
 
@@ -148,16 +186,14 @@ def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[keys[-1]] = value
 
 
-def chain_spec(names: str) -> dict[str, Any]:
-    """``"library,sd"`` → ``{"name": "library", "fallback": {"name": "sd"}}``: each
-    plugin falls back to the next (e.g. retrieve a photo, else draw one)."""
+def generator_chain(names: str) -> tuple[str | None, str]:
+    """``"library,sd"`` → ``("library", "sd")``: the retriever shares a photo when
+    one matches, the generator draws the others; ``"sd"`` → ``(None, "sd")``."""
     parts = [n.strip() for n in names.split(",")]
-    if not all(parts):
-        raise ConfigError(f"'{names}': give plugin names separated by commas, e.g. library,sd")
-    spec: dict[str, Any] = {"name": parts[-1]}
-    for name in reversed(parts[:-1]):
-        spec = {"name": name, "fallback": spec}
-    return spec
+    if not all(parts) or len(parts) > 2:
+        raise ConfigError(f"generator '{names}': give a generator (sd) or a retriever and a generator "
+                          "separated by a comma (library,sd)")
+    return (parts[0] if len(parts) == 2 else None), parts[-1]
 
 
 def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
@@ -183,45 +219,72 @@ def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
     else:
         raw = preset_dict(str(source))
     raw = _merge(raw, {})
+    model = raw.setdefault("model", {})
+    if isinstance(model, dict):
+        model.update(ModelConfig._chain_from_fallback(model))
     for kind, value in components.items():
-        if kind not in ("llm", "perceiver", "bridge", "generator"):
-            raise ConfigError(f"unknown component '{kind}'; use llm, perceiver, bridge or generator")
+        if kind not in SLOTS:
+            raise ConfigError(f"unknown component '{kind}'; use {', '.join(SLOTS)}")
         if value is None:
             continue
-        old = raw.setdefault("model", {}).get(kind) or {}
-        if isinstance(value, str) and "," in value:
-            value = chain_spec(value)
-        elif isinstance(value, str):
-            value = old if old.get("name") == value else {"name": value}
-        elif isinstance(value, dict) and value.get("name", old.get("name")) == old.get("name"):
-            value = _merge(old, value)
-        raw["model"][kind] = value
+        if kind == "generator" and isinstance(value, str):
+            # Naming the generator names the whole chain: "sd" drops a retriever, "library,sd" sets one.
+            retriever, value = generator_chain(value)
+            model["retriever"] = _switch(model.get("retriever"), retriever)
+        elif kind == "generator" and isinstance(value, dict) and "fallback" in value:
+            value = dict(value)
+            model["generator"] = value.pop("fallback")
+            kind = "retriever"
+        model[kind] = _switch(model.get(kind), value)
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     try:
         config = Config.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        raise ConfigError(f"config field '{_field_path(err['loc'])}': {err['msg']}") from None
+        field, _, msg = validation_message(e).partition(": ")
+        raise ConfigError(f"config field '{field}': {msg}") from None
     validate_plugins(config)
     return config
 
 
+def _switch(old: dict[str, Any] | None, value: str | dict[str, Any] | None) -> dict[str, Any] | None:
+    """A component spec after switching to ``value``: the options of the old plugin
+    are kept when the name is unchanged (and merged under a dict), dropped otherwise."""
+    old = old or {}
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return old if old.get("name") == value else {"name": value}
+    if value.get("name", old.get("name")) == old.get("name"):
+        return _merge(old, value)
+    return value
+
+
 def validate_plugins(config: Config) -> dict[str, Any]:
-    """Check every component's options against its plugin; return parsed options."""
+    """Check every component's options against its plugin; return parsed options
+    by slot (``retriever`` only when the config has one)."""
+    from mmdialog.core.interfaces import Retriever
     from mmdialog.core.registry import default_registry
 
     reg = default_registry()
     parsed = {}
-    for kind in ("llm", "perceiver", "bridge", "generator"):
-        spec: ComponentSpec = getattr(config.model, kind)
+    for slot in SLOTS:
+        spec: ComponentSpec | None = getattr(config.model, slot)
+        if spec is None:
+            continue
+        kind = "generator" if slot == "retriever" else slot
         plugin = reg.get(kind, spec.name)
+        if slot == "retriever" and not issubclass(plugin.factory, Retriever):
+            raise ConfigError(f"config field 'model.retriever': generator plugin '{spec.name}' cannot "
+                              f"retrieve photos; use one of: {', '.join(reg.retrievers()) or 'none'}")
         try:
-            parsed[kind] = plugin.factory.Options.model_validate(spec.options)
+            parsed[slot] = plugin.factory.Options.model_validate(spec.options)
         except ValidationError as e:
-            err = e.errors()[0]
-            raise ConfigError(f"config field 'model.{kind}.{_field_path(err['loc'])}' "
-                              f"({kind} plugin '{spec.name}'): {err['msg']}") from None
+            field, _, msg = validation_message(e, f"model.{slot}").partition(": ")
+            raise ConfigError(f"config field '{field}' ({kind} plugin '{spec.name}'): {msg}") from None
+    if config.data.format != "auto" and config.data.format not in reg.dataset_formats():
+        raise ConfigError(f"config field 'data.format': unknown dataset format '{config.data.format}'; "
+                          f"use auto, {', '.join(reg.dataset_formats())}")
     unknown = set(config.model.trainable) - set(DEFAULT_TRAINABLE)
     for key in unknown:
         if "." not in key:

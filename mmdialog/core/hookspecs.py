@@ -1,7 +1,7 @@
-"""pluggy hook specifications.
+"""pluggy hook specifications: one hook per extension point.
 
-A plugin package implements ``mmdialog_plugins`` and declares an entry point
-in the group ``mmdialog``::
+A plugin package implements any of these hooks and declares an entry point in
+the group ``mmdialog``::
 
     [project.entry-points.mmdialog]
     my_plugins = "my_package.plugins"
@@ -12,13 +12,20 @@ in the group ``mmdialog``::
     def mmdialog_plugins():
         return [Plugin(kind="perceiver", name="clip", factory=ClipPerceiver)]
 
-Built-in plugins register through exactly the same hook.
+The built-in components and dataset readers register through exactly the
+same hooks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import pluggy
+
+if TYPE_CHECKING:
+    from mmdialog.core.data.records import RawRecord
+    from mmdialog.core.data.report import LoadReport
+    from mmdialog.core.data.schema import Dialogue
 
 PROJECT = "mmdialog"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -36,6 +43,35 @@ class Plugin:
     description: str = ""
 
 
+@dataclass(frozen=True)
+class DatasetFormat:
+    """A dataset reader. The loader finds the files (``.json``/``.jsonl``, gzip,
+    split folders), reads their records and calls:
+
+    * ``detect(record) -> bool``: does a raw record (parsed JSON) look like this
+      format (for ``format: auto``)?
+    * ``record_id(record, raw) -> str``: its id, for problem reports;
+    * ``parse(raw, *, file, report, split, **options) -> (Dialogue, n_messages)``:
+      raise ``RecordError`` for a bad record (it is reported, skipped and counted);
+      ``options`` are the keyword options named in ``options``.
+    """
+
+    name: str
+    detect: Callable[[Any], bool]
+    record_id: Callable[[Any, "RawRecord"], str]
+    parse: Callable[..., "tuple[Dialogue, int]"]
+    description: str = ""
+    options: tuple[str, ...] = ()
+
+
 @hookspec
 def mmdialog_plugins() -> list[Plugin]:
-    """Return the plugins this module provides."""
+    """Return the components (llm, perceiver, bridge, generator) this module provides."""
+
+
+@hookspec
+def mmdialog_dataset_formats() -> list[DatasetFormat]:
+    """Return the dataset formats this module can read (``--data PATH --set data.format=NAME``)."""
+
+
+__all__ = ["DatasetFormat", "LoadReport", "Plugin", "hookimpl", "hookspec"]

@@ -1,4 +1,6 @@
-"""The four component contracts. Every plugin subclasses one of these.
+"""Every cross-component contract: the four component kinds, what they hand
+each other, and the retriever a generator chain may put in front of a
+generator. Every plugin subclasses one of ``KINDS``.
 
 Shapes use B = dialogues in the batch, T = LLM tokens, D = LLM width,
 N = photos (or description spans) in the batch, K = query tokens per photo,
@@ -7,12 +9,14 @@ S = text-encoder positions (77 for CLIP), d = text-encoder width.
 
 Every component names its parameters in groups (``parameter_groups``); the
 assembler's freeze policy (``core/assembler.py``) decides which groups train.
+The description markup is ``core/markup.py``.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -91,16 +95,17 @@ class LanguageModel(Component):
 
 
 class Perceiver(Component):
-    """Turns a photo into something the LLM reads.
+    """Turns a photo into something the LLM reads; ``kind`` says which way.
 
-    ``num_tokens`` K > 0: ``forward(pixels (N,3,H,W) float in [0,1], keys) -> (N,K,D)``,
-    differentiable; the embeddings replace K placeholder tokens. ``keys`` name
-    each photo (its file; "" when unknown) so a plugin may cache what a frozen
-    part of it computes in training.
-    ``num_tokens == 0``: a text perceiver; ``caption(photo) -> str`` gives the
-    text that stands for the photo (the pipeline baseline). No gradient.
+    ``kind = "pixels"``: ``forward(pixels (N,3,H,W) float in [0,1], keys) -> (N,K,D)``
+    with K = ``num_tokens``, differentiable; the embeddings replace K
+    ``<image>`` placeholders. ``keys`` name each photo (its file; "" when
+    unknown) so a plugin may cache what a frozen part of it computes.
+    ``kind = "text"``: ``caption(photo) -> str`` is the text that stands for
+    the photo, as ``[img] caption [/img]`` (the pipeline baseline). No gradient.
     """
 
+    kind: ClassVar[Literal["pixels", "text"]] = "pixels"
     num_tokens: int = 0
     image_size: int = 224
 
@@ -149,9 +154,28 @@ class Bridge(Component):
 
     differentiable: bool = False
 
+    def set_step(self, step: int) -> None:
+        """Called with the optimizer step before each training step (e.g. to anneal τ)."""
+
     @abstractmethod
     def forward(self, ids: torch.Tensor, mask: torch.Tensor,
                 logits: torch.Tensor | None = None) -> list[PromptTokens]: ...
+
+
+@dataclass
+class GeneratedImage:
+    """One photo the agent shares: drawn by a generator or retrieved from a library.
+
+    ``caption`` and ``file`` name the library photo (retrieved only); ``score``
+    is the retriever's similarity to the description, when one was asked.
+    """
+
+    image: "Image.Image"
+    source: Literal["drawn", "retrieved"] = "drawn"
+    plugin: str = ""
+    caption: str | None = None
+    score: float | None = None
+    file: Path | None = None
 
 
 class Generator(Component):
@@ -163,7 +187,8 @@ class Generator(Component):
     * ``loss(conditioning, pixels (N,3,H,W) float in [0,1], keys=None) -> scalar``
       the training loss (diffusion ε-MSE for Stable Diffusion); ``keys`` name
       each photo (its file) so per-photo work may be cached.
-    * ``generate(conditioning, **options) -> list[PIL.Image]`` for inference.
+    * ``generate(conditioning, **options) -> list[GeneratedImage]`` for
+      inference; options: num_inference_steps, guidance_scale, seed.
     * ``resolution``: side of the square training photos.
     """
 
@@ -177,7 +202,35 @@ class Generator(Component):
     def loss(self, conditioning: Any, pixels: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor: ...
 
     @abstractmethod
-    def generate(self, conditioning: Any, **options: Any) -> list["Image.Image"]: ...
+    def generate(self, conditioning: Any, **options: Any) -> list[GeneratedImage]: ...
+
+
+@dataclass
+class Match:
+    """A retriever's best photo for one description."""
+
+    description: str
+    file: Path
+    caption: str
+    score: float
+
+
+class Retriever(ABC):
+    """A generator that can also stand in front of another one (``library,sd``).
+
+    The assembler composes the chain (``core/chain.py``): for each description
+    the retriever's best ``match`` is shared when its score reaches
+    ``threshold``; the generator behind it draws the others.
+    """
+
+    threshold: float
+
+    @abstractmethod
+    def match(self, texts: list[str]) -> list[Match]: ...
+
+    @abstractmethod
+    def retrieve(self, match: Match) -> GeneratedImage | None:
+        """The matched photo, or None when its file can no longer be read."""
 
 
 KINDS: dict[str, type[Component]] = {
@@ -186,3 +239,5 @@ KINDS: dict[str, type[Component]] = {
     "bridge": Bridge,
     "generator": Generator,
 }
+#: The component slots of a ``DialogueModel``, in build order (later factories see earlier ones).
+BUILD_ORDER = ("llm", "generator", "perceiver", "bridge")

@@ -1,6 +1,6 @@
 """DialogueModel: the plain composite of the four components.
 
-Training (teacher forcing, DESIGN.md §1):
+Training (teacher forcing, docs/design.md §1):
 
     embeddings = LLM.embed(ids), with each photo's K slots ← Perceiver(photo)
     logits     = LLM(embeddings) at the positions that predict a label  # (S, V)
@@ -11,47 +11,110 @@ Training (teacher forcing, DESIGN.md §1):
 
 With the ``gumbel`` bridge, ∂L_img reaches the LLM (and the perceiver)
 through the description logits; with the ``text`` bridge it stops there.
+
+Inference: the LLM writes the turn; each ``[img] description [/img]`` goes
+through the bridge to the generator, which draws the photo. With a retriever
+in front (``library,sd``), a description that matches a real photo well
+enough shares that photo and only the others are drawn.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from mmdialog.core import markup
 from mmdialog.core.config import Config
 from mmdialog.core.data.collate import IGNORE, Batch, Collator
 from mmdialog.core.data.schema import Turn
-from mmdialog.core.interfaces import Bridge, Generator, LanguageModel, Perceiver
+from mmdialog.core.errors import MMDialogError, validation_message
+from mmdialog.core.interfaces import (KINDS, Bridge, GeneratedImage, Generator, LanguageModel, Perceiver,
+                                      PromptTokens, Retriever)
 
-COMPONENTS = ("llm", "perceiver", "bridge", "generator")
+if TYPE_CHECKING:
+    from mmdialog.core.session import Session
+
+
+class GenerationOptions(BaseModel):
+    """What ``respond`` takes, with its bounds: the one definition the session,
+    the server and the CLI check options against."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="reply length limit (tokens)")
+    temperature: float = Field(0.0, ge=0, le=10, allow_inf_nan=False, description="0 = greedy")
+    num_beams: int = Field(1, ge=1, le=16, description="beam search width")
+    num_inference_steps: int | None = Field(None, ge=1, le=1000, description="diffusion steps "
+                                                                            "(default: the generator's)")
+    guidance_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False,
+                                         description="classifier-free guidance scale")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="fix sampling and diffusion noise")
+
+    @classmethod
+    def parse(cls, options: dict[str, Any], field: str = "") -> "GenerationOptions":
+        """Validate ``options``; a bad one is an ``MMDialogError`` naming it
+        (as ``field.name`` when the options came in a field of a request)."""
+        try:
+            return cls.model_validate(options)
+        except ValidationError as e:
+            raise MMDialogError(validation_message(e, field) if field
+                                else f"generation option {validation_message(e)}") from None
 
 
 @dataclass
 class Reply:
-    """What the agent says. ``text`` keeps any ``[img] … [/img]`` markup;
-    ``shared`` is the agent's decision to share; ``images`` are the photos
-    produced for ``descriptions``, in order (empty when not drawn)."""
+    """What the agent says. ``text`` keeps any ``[img] … [/img]`` markup
+    (``plain`` is without it); ``shared`` is the agent's decision to share;
+    ``photos`` are the photos produced for ``descriptions``, in order (empty
+    when not drawn). A ``Session`` fills ``paths`` (where it saved each photo)
+    and ``truncated`` (older turns were dropped to fit the context)."""
 
     text: str
-    images: list[Any] = field(default_factory=list)
+    photos: list[GeneratedImage] = field(default_factory=list)
     shared: bool = False
     descriptions: list[str] = field(default_factory=list)
+    paths: list[Path] = field(default_factory=list)
+    truncated: bool = False
+
+    @property
+    def images(self) -> list[Any]:
+        """The PIL images of ``photos``."""
+        return [p.image for p in self.photos]
+
+    @property
+    def plain(self) -> str:
+        return markup.strip(self.text)
+
+    def photo_records(self) -> list[dict[str, Any]]:
+        """One JSON-ready record per photo: its description, where it came from
+        (``source`` drawn | retrieved, the ``plugin``, the library ``file`` and
+        ``caption``, the retriever's ``score``) and the ``path`` it was saved to."""
+        paths = self.paths or [None] * len(self.photos)
+        return [{"description": d, "source": p.source, "plugin": p.plugin, "file": str(p.file) if p.file else None,
+                 "caption": p.caption, "score": p.score, "path": str(path) if path else None}
+                for d, p, path in zip(self.descriptions, self.photos, paths)]
 
 
 class DialogueModel(nn.Module):
     def __init__(self, llm: LanguageModel, perceiver: Perceiver, bridge: Bridge,
-                 generator: Generator, config: Config) -> None:
+                 generator: Generator, config: Config, retriever: Retriever | None = None) -> None:
         super().__init__()
         self.llm, self.perceiver, self.bridge, self.generator = llm, perceiver, bridge, generator
+        self.retriever = retriever  # a module of its own: its weights never mix with the generator's
         self.config = config
         self.image_loss_weight = config.model.image_loss_weight
         self.collator = Collator(llm, perceiver, generator.resolution, config.model.max_length)
 
     def components(self) -> dict[str, nn.Module]:
-        return {name: getattr(self, name) for name in COMPONENTS}
+        """Slot name → component: the four kinds, and the retriever when there is one."""
+        out = {kind: getattr(self, kind) for kind in KINDS}
+        if self.retriever is not None:
+            out["retriever"] = self.retriever
+        return out
 
     def train(self, mode: bool = True) -> "DialogueModel":
         """Parts the freeze policy froze stay in eval mode while the rest trains:
@@ -101,21 +164,20 @@ class DialogueModel(nn.Module):
     # -- inference ------------------------------------------------------------------------
     @torch.no_grad()
     def respond(self, history: list[Turn], agent: str = "assistant", **options: Any) -> Reply:
-        """Write the agent's next turn after ``history``; draw each described photo.
+        """Write the agent's next turn after ``history``; produce each described photo.
 
-        Options: max_new_tokens, temperature, num_beams, num_inference_steps,
-        guidance_scale, seed, draw (False: decide and describe, but draw nothing).
+        Options: the fields of ``GenerationOptions``, and draw (False: decide and
+        describe, but produce no photo).
         """
         return self.respond_batch([(history, agent)], **options)[0]
 
     @torch.no_grad()
-    def respond_batch(self, requests: list[tuple[list[Turn], str]], max_new_tokens: int = 64,
-                      temperature: float = 0.0, num_beams: int = 1, num_inference_steps: int | None = None,
-                      guidance_scale: float | None = None, seed: int | None = None,
-                      draw: bool = True) -> list[Reply]:
+    def respond_batch(self, requests: list[tuple[list[Turn], str]], draw: bool = True,
+                      **options: Any) -> list[Reply]:
         """``respond`` for many (history, agent) pairs at once (left-padded batch)."""
-        if seed is not None:
-            torch.manual_seed(seed)
+        opts = GenerationOptions.parse(options)
+        if opts.seed is not None:
+            torch.manual_seed(opts.seed)
         device = next(self.parameters()).device
         prompts = [self.collator.prompt(h, a).to(device) for h, a in requests]
         embs = [self.input_embeddings(p)[0] for p in prompts]                 # each (T_i, D)
@@ -125,14 +187,14 @@ class DialogueModel(nn.Module):
         for i, e in enumerate(embs):
             emb[i, t - e.shape[0]:] = e
             mask[i, t - e.shape[0]:] = 1
-        out = self.llm.generate(emb, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                                num_beams=num_beams)                          # (B, T')
+        out = self.llm.generate(emb, mask, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
+                                num_beams=opts.num_beams)                     # (B, T')
         rows = []
         for row in out.tolist():
             stop = next((i for i, x in enumerate(row) if x in self.llm.stop_ids), len(row))
             rows.append(row[:stop])
-        spans = [description_spans(r, self.llm.img_open_id, self.llm.img_close_id) for r in rows]
-        replies = [Reply(self.llm.tokenizer.decode(r, skip_special_tokens=True).strip(), [], bool(s))
+        spans = [markup.spans(r, self.llm.img_open_id, self.llm.img_close_id) for r in rows]
+        replies = [Reply(self.llm.tokenizer.decode(r, skip_special_tokens=True).strip(), shared=bool(s))
                    for r, s in zip(rows, spans)]
         flat = [(i, s) for i, ss in enumerate(spans) for s in ss]
         if not flat:
@@ -140,23 +202,45 @@ class DialogueModel(nn.Module):
         width = max(1, max(len(s) for _, s in flat))
         ids = torch.tensor([s + [self.llm.pad_token_id] * (width - len(s)) for _, s in flat], device=device)
         valid = torch.tensor([[True] * len(s) + [False] * (width - len(s)) for _, s in flat], device=device)
-        prompts_out = self.bridge(ids, valid)
-        texts = prompts_out[0].texts
-        images = self.generator.generate(self.generator.encode(prompts_out), num_inference_steps=num_inference_steps,
-                                         guidance_scale=guidance_scale, seed=seed) if draw else [None] * len(flat)
-        for (i, _), text, image in zip(flat, texts, images):
-            replies[i].descriptions.append(text.strip())
-            if image is not None:
-                replies[i].images.append(image)
+        prompts = self.bridge(ids, valid)
+        photos = self.share(prompts, opts) if draw else []
+        for n, (i, _) in enumerate(flat):
+            replies[i].descriptions.append(prompts[0].texts[n].strip())
+            if photos:
+                replies[i].photos.append(photos[n])
         return replies
 
-    def session(self, **gen_options: Any) -> "Session":  # noqa: F821
-        """A conversation with history: ``session().send("hi", images=[...])``
-        (``mmdialog.sdk.session.Session``; options: photos_dir, max_new_tokens,
-        temperature, num_beams, num_inference_steps, guidance_scale, seed)."""
-        from mmdialog.sdk.session import Session
+    def share(self, prompts: list[PromptTokens], options: GenerationOptions) -> list[GeneratedImage]:
+        """One photo per description: the retriever's match where it reaches its
+        threshold (GILL's retrieve-or-generate decision), drawn by the generator otherwise."""
+        texts = [t.strip() for t in prompts[0].texts]
+        photos: list[GeneratedImage | None] = [None] * len(texts)
+        scores: list[float | None] = [None] * len(texts)
+        if self.retriever is not None:
+            for n, match in enumerate(self.retriever.match(texts)):
+                scores[n] = match.score
+                if match.score >= self.retriever.threshold:
+                    photos[n] = self.retriever.retrieve(match)
+        todo = [n for n, p in enumerate(photos) if p is None]
+        if todo:
+            rows = torch.tensor(todo, dtype=torch.long)
+            subset = [PromptTokens(p.input_ids[rows.to(p.input_ids.device)],
+                                   p.inputs_embeds[rows.to(p.inputs_embeds.device)], [p.texts[n] for n in todo])
+                      for p in prompts]
+            drawn = self.generator.generate(self.generator.encode(subset),
+                                            num_inference_steps=options.num_inference_steps,
+                                            guidance_scale=options.guidance_scale, seed=options.seed)
+            for n, photo in zip(todo, drawn):
+                photo.score = scores[n]
+                photos[n] = photo
+        return photos  # type: ignore[return-value]
 
-        return Session(self, **gen_options)
+    def session(self, **options: Any) -> "Session":
+        """A conversation with history: ``session(seed=0).send("hi", images=[...])``
+        (``mmdialog.Session``; options: photos_dir, history and the ``GenerationOptions``)."""
+        from mmdialog.core.session import Session
+
+        return Session(self, **options)
 
     def summary(self) -> dict[str, dict[str, int]]:
         out = {}
@@ -165,22 +249,6 @@ class DialogueModel(nn.Module):
             out[name] = {"params": sum(p.numel() for p in params),
                          "trainable": sum(p.numel() for p in params if p.requires_grad)}
         return out
-
-
-def description_spans(ids: list[int], open_id: int, close_id: int) -> list[list[int]]:
-    """Token ids between each ``[img]`` and the next ``[/img]`` (or the end)."""
-    spans, cur = [], None
-    for i in ids:
-        if i == open_id:
-            cur = []
-        elif i == close_id and cur is not None:
-            spans.append(cur)
-            cur = None
-        elif cur is not None:
-            cur.append(i)
-    if cur:  # generation stopped inside a description: use what was written
-        spans.append(cur)
-    return spans
 
 
 def _frozen_to_eval(module: nn.Module) -> None:

@@ -8,8 +8,8 @@ import pluggy
 
 from mmdialog.core import hookspecs
 from mmdialog.core.errors import PluginError
-from mmdialog.core.hookspecs import Plugin
-from mmdialog.core.interfaces import KINDS
+from mmdialog.core.hookspecs import DatasetFormat, Plugin
+from mmdialog.core.interfaces import KINDS, Retriever
 
 BUILTIN_MODULES = (
     "mmdialog.plugins.llms.hf",
@@ -20,6 +20,10 @@ BUILTIN_MODULES = (
     "mmdialog.plugins.generators.sd",
     "mmdialog.plugins.generators.sdxl",
     "mmdialog.plugins.generators.library",
+    # Dataset readers, in the order ``format: auto`` tries them (after any installed one).
+    "mmdialog.core.data.jsonl",
+    "mmdialog.core.data.dialogcc",
+    "mmdialog.core.data.photochat",
 )
 
 
@@ -32,13 +36,29 @@ class Registry:
         if load_entry_points:
             self.pm.load_setuptools_entrypoints(hookspecs.PROJECT)
         self._plugins: dict[tuple[str, str], Plugin] = {}
+        self._formats: dict[str, DatasetFormat] = {}
         for batch in self.pm.hook.mmdialog_plugins():
             for plugin in batch:
                 self._add(plugin)
+        # Installed formats first (they are the more specific), then the built-ins in their order.
+        impls = sorted(self.pm.hook.mmdialog_dataset_formats.get_hookimpls(),
+                       key=lambda i: (i.plugin_name in BUILTIN_MODULES,
+                                      BUILTIN_MODULES.index(i.plugin_name) if i.plugin_name in BUILTIN_MODULES else 0))
+        for impl in impls:
+            for fmt in impl.function():
+                self.register_format(fmt)
 
     def register(self, plugin: Plugin) -> None:
         """Register one plugin at run time (tests, notebooks)."""
         self._add(plugin)
+
+    def register_format(self, fmt: DatasetFormat) -> None:
+        """Register one dataset format at run time; a name registered twice is an error."""
+        if not isinstance(fmt, DatasetFormat):
+            raise PluginError(f"dataset formats must be mmdialog.DatasetFormat, not {type(fmt).__name__}")
+        if fmt.name in self._formats or fmt.name == "auto":
+            raise PluginError(f"dataset format '{fmt.name}' is registered twice; rename one")
+        self._formats[fmt.name] = fmt
 
     def _add(self, plugin: Plugin) -> None:
         if plugin.kind not in KINDS:
@@ -52,6 +72,10 @@ class Registry:
     def names(self, kind: str) -> list[str]:
         return sorted(n for k, n in self._plugins if k == kind)
 
+    def retrievers(self) -> list[str]:
+        """Generators that can stand in front of another one (``library,sd``)."""
+        return [n for n in self.names("generator") if issubclass(self._plugins[("generator", n)].factory, Retriever)]
+
     def get(self, kind: str, name: str) -> Plugin:
         try:
             return self._plugins[(kind, name)]
@@ -61,6 +85,17 @@ class Registry:
 
     def all(self) -> list[Plugin]:
         return sorted(self._plugins.values(), key=lambda p: (list(KINDS).index(p.kind), p.name))
+
+    def dataset_formats(self) -> list[str]:
+        """Format names, in the order ``format: auto`` tries them."""
+        return list(self._formats)
+
+    def dataset_format(self, name: str) -> DatasetFormat:
+        try:
+            return self._formats[name]
+        except KeyError:
+            raise PluginError(f"unknown dataset format '{name}'; available: auto, "
+                              f"{', '.join(self._formats)}") from None
 
 
 @lru_cache(maxsize=1)

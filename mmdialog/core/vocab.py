@@ -1,6 +1,6 @@
 """Between two vocabularies: decoding LLM description tokens with character
 offsets, re-tokenising them for a generator's text tower, and the static
-sparse map M ∈ R^{|V_llm|×|V_tower|} of DESIGN.md §3 (cached on disk).
+sparse map M ∈ R^{|V_llm|×|V_tower|} of docs/design.md §3 (cached on disk).
 
 M is never dense: SmolLM2 × CLIP would be 49 155 × 49 408 floats (9.7 GB);
 its ~66k non-zeros are 0.8 MB.

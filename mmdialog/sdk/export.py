@@ -18,19 +18,17 @@ random-init components come out identical — and copies the weights on top.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from mmdialog.core.config import PRESETS, Config, dump_config, load_config
+from mmdialog.core.checkpoint import find_checkpoint, read_checkpoint, trainable_state
+from mmdialog.core.config import PRESETS, SLOTS, Config, config_from_yaml, dump_config, read_json
 from mmdialog.core.errors import ConfigError
+from mmdialog.core.files import atomic_folder
 from mmdialog.core.model import DialogueModel
-from mmdialog.core.training import CONFIG_KEY
 
 FORMAT = "mmdialog-export"
 FORMAT_VERSION = 1
@@ -39,83 +37,11 @@ MANIFEST, CONFIG, WEIGHTS, TOKENS, CARD, METRICS = (
 REQUIRED = (MANIFEST, CONFIG, WEIGHTS, TOKENS)
 
 
-# -- reading training checkpoints ---------------------------------------------------------------
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        pass
-    try:  # Lightning checkpoints may hold plain Python objects (hyper-parameters, loop state)
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ConfigError(f"checkpoint '{path}' cannot be read ({type(e).__name__}); "
-                          "is it a complete .pt/.ckpt file?") from None
-
-
-def read_checkpoint(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
-    """(trainable weights by parameter name, config YAML, metrics) of a training checkpoint.
-
-    Accepts ``trainable.pt`` (``{"trainable", "config"}``), a Lightning ``.ckpt``
-    (``state_dict`` under ``model.`` + ``mmdialog_config``), or a run folder
-    holding either (``trainable.pt``, else ``checkpoints/last.ckpt``).
-    Metrics come from the checkpoint's ``metrics`` key or a ``metrics.json``
-    beside it.
-    """
-    path = Path(ckpt).expanduser()
-    if path.is_dir():
-        found = [p for p in (path / "trainable.pt", path / "checkpoints" / "last.ckpt") if p.is_file()]
-        if not found:
-            raise ConfigError(f"checkpoint folder '{path}' has no trainable.pt or checkpoints/last.ckpt; "
-                              "give the file written by `mmdialog train`")
-        path = found[0]
-    elif not path.exists():
-        raise ConfigError(f"checkpoint '{path}' does not exist; give the trainable.pt or .ckpt "
-                          "written by `mmdialog train`")
-    data = _torch_load(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"'{path}' is not an mmdialog checkpoint (no trainable weights + config)")
-    if "trainable" in data and "config" in data:
-        weights, config = data["trainable"], data["config"]
-    elif "state_dict" in data and (CONFIG_KEY in data or CONFIG_KEY in (data.get("hyper_parameters") or {})):
-        config = data.get(CONFIG_KEY) or data["hyper_parameters"][CONFIG_KEY]
-        weights = {k.removeprefix("model."): v for k, v in data["state_dict"].items()}
-    else:
-        raise ConfigError(f"'{path}' is not an mmdialog checkpoint: expected 'trainable' + 'config' "
-                          f"(trainable.pt) or 'state_dict' + '{CONFIG_KEY}' (Lightning .ckpt)")
-    if not isinstance(config, str):
-        config = yaml.safe_dump(config, sort_keys=False)
-    metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
-    side = path.parent / METRICS
-    if not metrics and side.is_file():
-        metrics = _read_json(side, "metrics")
-    return {k: v for k, v in weights.items() if torch.is_tensor(v)}, config, metrics
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{what} file '{path}' is not valid JSON: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} file '{path}' must hold a JSON object")
-    return data
-
-
-def _config_from_yaml(text: str, where: str, **components: Any) -> Config:
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: config is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: config must be a mapping with 'model', 'data', 'train'")
-    return load_config(raw, **components)
-
-
 # -- writing ----------------------------------------------------------------------------------
 def save_pretrained(model: DialogueModel, out_dir: str | Path, metrics: dict[str, Any] | None = None,
                     *, overwrite: bool = True) -> Path:
     """Write ``model``'s trainable weights, config, tokenizer additions and card to ``out_dir``."""
-    weights = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    weights = trainable_state(model)
     return _write(weights, model.config, _token_additions(model), out_dir, metrics, overwrite)
 
 
@@ -131,8 +57,8 @@ def export(ckpt: str | Path, out_dir: str | Path, metrics: dict[str, Any] | str 
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output folder '{out}' is not empty; choose a new folder (or --force)")
     if isinstance(metrics, (str, Path)):
-        metrics = _read_json(Path(metrics).expanduser(), "metrics")
-    config = _config_from_yaml(config_yaml, f"checkpoint '{ckpt}'")
+        metrics = read_json(Path(metrics).expanduser(), "metrics")
+    config = config_from_yaml(config_yaml, f"checkpoint '{ckpt}'")
     from mmdialog.core.assembler import build
 
     model = build(config)
@@ -162,9 +88,7 @@ def _write(weights: dict[str, torch.Tensor], config: Config, tokens: dict[str, A
         raise ConfigError(f"output '{out}' exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output folder '{out}' is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_folder(out, replace=True) as tmp:  # the folder appears complete, or not at all
         tensors = {n: t.detach().to("cpu").contiguous() for n, t in weights.items()}
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         (tmp / CONFIG).write_text(dump_config(config), encoding="utf-8")
@@ -176,11 +100,6 @@ def _write(weights: dict[str, torch.Tensor], config: Config, tokens: dict[str, A
         if metrics:
             (tmp / METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n", encoding="utf-8")
         (tmp / CARD).write_text(model_card(config, manifest, metrics or {}), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)  # the folder appears complete, or not at all
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -194,14 +113,13 @@ def model_card(config: Config, manifest: dict[str, Any], metrics: dict[str, Any]
              "A photo-sharing dialogue agent (Guo et al., arXiv 2408.08650, as implemented by mmdialog): "
              "it chats, decides when to share a photo, and produces it.", "",
              "## Components", "", "| component | plugin | base checkpoint (by reference) |", "|---|---|---|"]
-    for kind in ("llm", "perceiver", "bridge", "generator"):
-        spec = getattr(m, kind)
-        base = bases.get(kind) or ("random-init / built-in" if kind != "bridge" else "-")
-        if kind == "generator" and spec.name == "library":
-            base = spec.options.get("folder") or "embedded photo library (scikit-image)"
-        if kind == "generator" and spec.options.get("fallback"):
-            base = f"{base}; fallback: {spec.options['fallback'].get('name')}"
-        lines.append(f"| {kind} | `{spec.name}` | `{base}` |")
+    for slot in SLOTS:
+        spec = getattr(m, slot)
+        if spec is None:
+            continue
+        opts = spec.options
+        base = opts.get("path") or opts.get("folder") or ("-" if slot == "bridge" else "random-init / built-in")
+        lines.append(f"| {slot} | `{spec.name}` | `{base}` |")
     lines += ["", f"This folder holds only the trainable weights ({manifest['num_tensors']} tensors, "
               f"{manifest['num_parameters']:,} parameters, `{WEIGHTS}`); the base checkpoints above are "
               "loaded from where the config points (a hub id, a local folder, or an asset embedded in "
@@ -235,7 +153,7 @@ def check_folder(path: str | Path) -> Path:
     if missing:
         raise ConfigError(f"model folder '{p}' is missing {', '.join(missing)}; "
                           "is it a folder written by `mmdialog export`?")
-    manifest = _read_json(p / MANIFEST, "manifest")
+    manifest = read_json(p / MANIFEST, "manifest")
     if manifest.get("format") != FORMAT:
         raise ConfigError(f"model folder '{p}': {MANIFEST} is not an mmdialog export manifest")
     if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
@@ -244,30 +162,22 @@ def check_folder(path: str | Path) -> Path:
     return p
 
 
-def _remap(name: str, params: dict[str, Any]) -> str:
-    """A generator weight saved with or without a ``library`` wrapper around it."""
-    if name in params or not name.startswith("generator."):
-        return name
-    rest = name[len("generator."):]
-    for cand in (f"generator.fallback.{rest}", "generator." + rest.removeprefix("fallback.")):
-        if cand in params:
-            return cand
-    return name
-
-
-def _load_weights(model: DialogueModel, weights: dict[str, torch.Tensor], where: str) -> None:
+def _load_weights(model: DialogueModel, weights: dict[str, torch.Tensor], where: str,
+                  swapped: tuple[str, ...] = ()) -> None:
+    """Copy ``weights`` into ``model``; those of the slots in ``swapped`` (a
+    component the caller replaced with another plugin) are left out."""
     params = dict(model.named_parameters())
-    mapped = {_remap(k, params): v for k, v in weights.items()}
-    unknown = [k for k in mapped if k not in params]
+    weights = {k: v for k, v in weights.items() if k.split(".", 1)[0] not in swapped}
+    unknown = [k for k in weights if k not in params]
     if unknown:
         raise ConfigError(f"{where}: weight '{unknown[0]}' has no place in the model its config builds "
                           f"({len(unknown)} such); was it written with other plugins?")
-    bad = [k for k, v in mapped.items() if tuple(v.shape) != tuple(params[k].shape)]
+    bad = [k for k, v in weights.items() if tuple(v.shape) != tuple(params[k].shape)]
     if bad:
-        raise ConfigError(f"{where}: weight '{bad[0]}' has shape {tuple(mapped[bad[0]].shape)}, the model "
+        raise ConfigError(f"{where}: weight '{bad[0]}' has shape {tuple(weights[bad[0]].shape)}, the model "
                           f"expects {tuple(params[bad[0]].shape)}; is the base checkpoint the same?")
     with torch.no_grad():
-        for k, v in mapped.items():
+        for k, v in weights.items():
             params[k].copy_(v.to(params[k].dtype))
 
 
@@ -285,8 +195,9 @@ def load(path: str | Path = "tiny", *, generator: str | dict[str, Any] | None = 
 
     A preset name (``"tiny"``) or a training checkpoint (``trainable.pt``,
     ``.ckpt``, run folder) is accepted too. ``generator`` swaps the generator
-    (e.g. ``{"name": "library", "fallback": {"name": "sd"}}``); trained
-    generator weights follow it into a ``library`` wrapper's fallback.
+    chain (``"library"``, ``"library,sd"``, ``{"name": "sd", ...}``): the
+    trained generator weights are kept when the chain's generator is the
+    plugin they were trained with, and left out when it is another one.
     """
     from mmdialog.core.assembler import build
 
@@ -294,29 +205,39 @@ def load(path: str | Path = "tiny", *, generator: str | dict[str, Any] | None = 
     text = str(path)
     if text in PRESETS or (text.endswith((".yaml", ".yml")) and Path(text).is_file()):
         model = build(text, **components)
-    elif Path(text).expanduser().is_file() or (Path(text).is_dir() and not (Path(text) / MANIFEST).exists()
-                                               and ((Path(text) / "trainable.pt").exists()
-                                                    or (Path(text) / "checkpoints").is_dir())):
-        weights, config_yaml, _ = read_checkpoint(text)
-        model = build(_config_from_yaml(config_yaml, f"checkpoint '{text}'", **components))
-        _load_weights(model, weights, f"checkpoint '{text}'")
+        model.eval()
+        return model.to(device) if device is not None else model
+    folder = Path(text).expanduser()
+    if folder.is_dir() and (folder / MANIFEST).exists():
+        check_folder(folder)
+        config_yaml = (folder / CONFIG).read_text(encoding="utf-8")
+        tokens = read_json(folder / TOKENS, "tokenizer additions")
+        where = f"model folder '{folder}'"
+        weights = _read_weights(folder / WEIGHTS, where)
+    elif folder.is_file() or folder.is_dir():
+        where = f"checkpoint '{find_checkpoint(folder)}'"
+        weights, config_yaml, _ = read_checkpoint(folder)
+        tokens = None
     else:
-        folder = check_folder(text)
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        tokens = _read_json(folder / TOKENS, "tokenizer additions")
-        config = _config_from_yaml((folder / CONFIG).read_text(encoding="utf-8"), f"model folder '{folder}'",
-                                   **components)
-        try:
-            weights = load_file(str(folder / WEIGHTS))
-        except (SafetensorError, OSError) as e:
-            raise ConfigError(f"model folder '{folder}': {WEIGHTS} cannot be read ({e}); "
-                              "is the folder complete?") from None
-        model = build(config)
-        _check_tokens(model, tokens, f"model folder '{folder}'")
-        _load_weights(model, weights, f"model folder '{folder}'")
+        check_folder(folder)  # says what is missing
+    trained = config_from_yaml(config_yaml, where)
+    config = config_from_yaml(config_yaml, where, **components)
+    swapped = () if config.model.generator.name == trained.model.generator.name else ("generator",)
+    model = build(config)
+    if tokens is not None:
+        _check_tokens(model, tokens, where)
+    _load_weights(model, weights, where, swapped)
     model.eval()
     if device is not None:
         model.to(device)
     return model
+
+
+def _read_weights(path: Path, where: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{where}: {path.name} cannot be read ({e}); is the folder complete?") from None

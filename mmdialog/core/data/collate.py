@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from mmdialog.core import markup
 from mmdialog.core.data.schema import Dialogue, Photo, Turn
 
 IGNORE = -100
@@ -55,17 +56,13 @@ class Batch:
         return self.input_ids.shape[0]
 
 
-def photo_as_text(description: str) -> str:
-    return f"[img] {description} [/img]"
-
-
 class Collator:
     """Builds ``Batch`` objects for a given LLM, perceiver and generator."""
 
     def __init__(self, llm, perceiver, generator_resolution: int, max_length: int,
                  image_loader: ImageLoader | None = None) -> None:
         self.llm, self.perceiver = llm, perceiver
-        self.k = perceiver.num_tokens
+        self.k = perceiver.num_tokens if perceiver.kind == "pixels" else 0
         self.gen_res = generator_resolution
         self.max_length = max_length
         self.load_image = image_loader or default_image_loader
@@ -88,13 +85,13 @@ class Collator:
 
     def photo_text(self, photo: Photo, shared_by_agent: bool) -> str:
         seen = self.k > 0 and photo.path is not None
-        slots = "<image>" * self.k if seen else ""
+        slots = markup.IMAGE_TOKEN * self.k if seen else ""
         if shared_by_agent:
-            return photo_as_text(photo.description) + slots
-        if self.k == 0:
-            return photo_as_text(self.perceiver.caption(photo))
+            return markup.render(photo.description) + slots
+        if self.perceiver.kind == "text":
+            return markup.render(self.perceiver.caption(photo))
         # A pixel perceiver that has no pixels falls back to the description.
-        return slots or photo_as_text(photo.description)
+        return slots or markup.render(photo.description)
 
     # -- one sample --------------------------------------------------------------------------
     def encode(self, dialogue: Dialogue, agent: str) -> dict:

@@ -35,3 +35,17 @@ def demo_dialogues(split: str | None = "train", *, photochat: bool = True, photo
         out += load_dialogues(DEMO_PHOTOCHAT, format="photochat", split=split,
                               description_style=description_style, person=person).dialogues
     return out
+
+
+DEMO_LIBRARY = DEMO_DIR / "library.json"
+
+
+def demo_library() -> list[tuple[Path, str]]:
+    """(file, caption) of the embedded photo library: the CC0 / public-domain
+    photos that ship with scikit-image (those whose package is installed)."""
+    import json
+
+    from mmdialog.core.data.jsonl import resolve_package_path
+
+    entries = json.loads(DEMO_LIBRARY.read_text(encoding="utf-8"))
+    return [(p, caption) for ref, caption in entries.items() if (p := resolve_package_path(ref)) is not None]

@@ -32,6 +32,7 @@ from typing import Any
 
 from mmdialog.core.data.records import RawRecord, RecordError, normalize_split
 from mmdialog.core.data.report import LoadReport
+from mmdialog.core.hookspecs import DatasetFormat, hookimpl
 from mmdialog.core.data.schema import Dialogue, Photo, Turn
 
 URL_KEYS = ("image_url", "url", "img_url")
@@ -159,3 +160,8 @@ def load_dialogcc(path: str | Path, split: str | None = None, *, strict: bool = 
 
     return load_dialogues(path, format="dialogcc", split=split, strict=strict,
                           speaker_names=speaker_names, **kwargs)
+
+
+@hookimpl
+def mmdialog_dataset_formats() -> list[DatasetFormat]:
+    return [DatasetFormat("dialogcc", is_dialogcc_record, record_id, parse_record, "DialogCC (Hugging Face JSON; several photos per dialogue)", ("speaker_names",))]

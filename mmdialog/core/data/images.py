@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import posixpath
 import threading
 import warnings
@@ -40,7 +41,7 @@ from urllib.parse import unquote, urlsplit
 
 from PIL import Image, ImageOps
 
-from mmdialog.core.data.errors import DataError
+from mmdialog.core.errors import DataError
 from mmdialog.core.data.schema import Photo
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,6 +56,13 @@ PathLike = Union[str, os.PathLike]
 
 
 # -- names -----------------------------------------------------------------------------
+def caption_from_filename(name: str) -> str:
+    """``golden_retriever-onBeach_2.jpg`` → ``golden retriever on beach 2``."""
+    stem = Path(name).stem
+    stem = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", stem)
+    return " ".join(re.split(r"[\s_\-.+]+", stem)).strip().lower()
+
+
 def url_hash(url: str) -> str:
     """First 16 hex digits of the SHA-1 of the URL (as given, UTF-8)."""
     return hashlib.sha1(url.encode("utf-8")).hexdigest()[:16]

@@ -45,6 +45,7 @@ from typing import Any, Iterable
 
 from mmdialog.core.data.records import RawRecord, RecordError, normalize_split
 from mmdialog.core.data.report import LoadReport
+from mmdialog.core.hookspecs import DatasetFormat, hookimpl
 from mmdialog.core.data.schema import Dialogue, Photo, Turn
 
 PKG_PREFIX = "pkg:"
@@ -221,3 +222,8 @@ def load_jsonl(path: str | Path, split: str | None = None, *, strict: bool = Fal
     from mmdialog.core.data import load_dialogues
 
     return load_dialogues(path, format="jsonl", split=split, strict=strict, **kwargs)
+
+
+@hookimpl
+def mmdialog_dataset_formats() -> list[DatasetFormat]:
+    return [DatasetFormat("jsonl", is_jsonl_record, record_id, parse_record, "mmdialog's own JSONL schema (one dialogue a line)", ())]

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from mmdialog.core.data import dialogcc, jsonl, photochat
-from mmdialog.core.data.errors import DataError
+from mmdialog.core.data import dialogcc, photochat
 from mmdialog.core.data.images import image_index, verify_image
 from mmdialog.core.data.records import (
     RawRecord, RecordError, collect_files, find_bad_text, iter_records, normalize_split, split_hint,
@@ -15,21 +14,24 @@ from mmdialog.core.data.report import (
     BAD_RECORD, CORRUPT_IMAGE, MISSING_IMAGE, WARNING, LoadReport, LoadResult,
 )
 from mmdialog.core.data.schema import Dialogue
+from mmdialog.core.errors import DataError
+from mmdialog.core.hookspecs import DatasetFormat
 
-FORMATS = ("auto", "photochat", "dialogcc", "jsonl")
 
-_DETECTORS: tuple[tuple[str, Callable[[Any], bool]], ...] = (
-    ("jsonl", jsonl.is_jsonl_record),
-    ("dialogcc", dialogcc.is_dialogcc_record),
-    ("photochat", photochat.is_photochat_record),
-)
-_MODULES = {"photochat": photochat, "dialogcc": dialogcc, "jsonl": jsonl}
+def formats() -> list[str]:
+    """Every dataset format name (built-in and installed), in detection order."""
+    from mmdialog.core.registry import default_registry
+
+    return default_registry().dataset_formats()
 
 
 def detect_record_format(rec: Any) -> str | None:
-    """``photochat`` / ``dialogcc`` / ``jsonl`` from a record's keys, or None."""
-    for name, test in _DETECTORS:
-        if test(rec):
+    """The first format (in registry order) whose ``detect`` accepts a record, or None."""
+    from mmdialog.core.registry import default_registry
+
+    reg = default_registry()
+    for name in reg.dataset_formats():
+        if reg.dataset_format(name).detect(rec):
             return name
     return None
 
@@ -68,7 +70,8 @@ def load_dialogues(
             searched recursively (PhotoChat root ``{train,dev,test}/*.json``,
             DialogCC ``{train,valid,test}.json``, any ``*.jsonl``).
         format: ``"auto"`` (default: detected per file from the records' keys),
-            ``"photochat"``, ``"dialogcc"`` or ``"jsonl"``.
+            ``"photochat"``, ``"dialogcc"``, ``"jsonl"``, or a format a plugin
+            registers through the ``mmdialog_dataset_formats`` hook.
         split: ``"train"``/``"dev"``/``"test"`` (``valid`` = ``dev``): leave out files
             named for another split (``dev_00.json``, ``test/…``, ``valid.json``)
             and dialogues whose record says another split. ``None``: everything.
@@ -88,11 +91,18 @@ def load_dialogues(
         :class:`LoadResult` with ``dialogues`` and ``report`` (counts and one
         problem message per bad file / record / image, naming file and record).
     """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, not {format!r}")
-    photochat.clean_description("", description_style, person)  # validate options early
+    from mmdialog.core.registry import default_registry
+
+    reg = default_registry()
+    if format != "auto" and format not in reg.dataset_formats():
+        raise DataError(f"--format must be auto or one of {', '.join(reg.dataset_formats())}, not {format!r}")
+    try:
+        photochat.clean_description("", description_style, person)  # validate options early
+    except ValueError as e:
+        raise DataError(str(e)) from None
     if speaker_names not in dialogcc.SPEAKER_MODES:
-        raise ValueError(f"speaker_names must be one of {dialogcc.SPEAKER_MODES}, not {speaker_names!r}")
+        raise DataError(f"speaker_names must be one of {dialogcc.SPEAKER_MODES}, not {speaker_names!r}")
+    options = {"description_style": description_style, "person": person, "speaker_names": speaker_names}
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(f"{root}: no such file or folder", file=str(root))
@@ -122,10 +132,10 @@ def load_dialogues(
                 fmt = detect_record_format(raw.value)
                 if fmt is None:
                     report.add_problem(BAD_RECORD, str(f), raw.label,
-                                       "not a PhotoChat, DialogCC or mmdialog-JSONL record "
-                                       "(no 'dialogue' or 'turns' list); cannot detect the format")
+                                       f"not a record of any known format ({', '.join(reg.dataset_formats())}); "
+                                       "cannot detect the format")
                     continue
-            d = _parse(fmt, raw, str(f), report, hint, description_style, person, speaker_names)
+            d = _parse(reg.dataset_format(fmt), raw, str(f), report, hint, options)
             if d is None:
                 continue
             if want is not None and d.split is not None and d.split != want:
@@ -147,23 +157,18 @@ def load_dialogues(
     return LoadResult(dialogues=dialogues, report=report)
 
 
-def _parse(fmt: str, raw: RawRecord, file: str, report: LoadReport, split: str | None,
-           description_style: str, person: str, speaker_names: str) -> Dialogue | None:
-    module = _MODULES[fmt]
-    kwargs: dict[str, Any] = {}
-    if fmt == "photochat":
-        kwargs = {"description_style": description_style, "person": person}
-    elif fmt == "dialogcc":
-        kwargs = {"speaker_names": speaker_names}
-    rid = module.record_id(raw.value, raw)
+def _parse(fmt: DatasetFormat, raw: RawRecord, file: str, report: LoadReport, split: str | None,
+           options: dict[str, Any]) -> Dialogue | None:
+    rid = fmt.record_id(raw.value, raw)
     bad = find_bad_text(raw.value)
     if bad:
         report.add_problem(BAD_RECORD, file, rid, f"invalid UTF-8 in {bad}")
         return None
     try:
-        d, n_messages = module.parse_record(raw, file=file, report=report, split=split, **kwargs)
+        d, n_messages = fmt.parse(raw, file=file, report=report, split=split,
+                                  **{k: options[k] for k in fmt.options})
     except RecordError as e:
-        report.add_problem(BAD_RECORD, file, rid, f"{fmt}: {e}")
+        report.add_problem(BAD_RECORD, file, rid, f"{fmt.name}: {e}")
         return None
     report.messages += n_messages
     return d
@@ -203,4 +208,4 @@ def _resolve_images(dialogues: list[Dialogue], origin: list[str], report: LoadRe
                 p.path = found
 
 
-__all__ = ["FORMATS", "detect_format", "detect_record_format", "load_dialogues"]
+__all__ = ["detect_format", "detect_record_format", "formats", "load_dialogues"]

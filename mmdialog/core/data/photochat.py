@@ -58,6 +58,7 @@ from typing import Any
 
 from mmdialog.core.data.records import RawRecord, RecordError
 from mmdialog.core.data.report import WARNING, LoadReport
+from mmdialog.core.hookspecs import DatasetFormat, hookimpl
 from mmdialog.core.data.schema import Dialogue, Photo, Turn
 
 DESCRIPTION_STYLES = ("objects", "raw", "sentence")
@@ -204,3 +205,8 @@ def load_photochat(path: str | Path, split: str | None = None, *, strict: bool =
 
     return load_dialogues(path, format="photochat", split=split, strict=strict,
                           description_style=description_style, person=person, **kwargs)
+
+
+@hookimpl
+def mmdialog_dataset_formats() -> list[DatasetFormat]:
+    return [DatasetFormat("photochat", is_photochat_record, record_id, parse_record, "PhotoChat official JSON (google-research/multimodalchat)", ("description_style", "person"))]

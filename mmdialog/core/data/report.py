@@ -2,14 +2,14 @@
 
 Readers never raise on bad records by default; they call
 :meth:`LoadReport.add_problem`, which records the problem and, when the report
-is ``strict``, raises :class:`~mmdialog.core.data.errors.DataError` at once.
+is ``strict``, raises :class:`~mmdialog.core.errors.DataError` at once.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from mmdialog.core.data.errors import DataError
+from mmdialog.core.errors import DataError
 from mmdialog.core.data.schema import Dialogue
 
 #: Problem kinds. All but ``warning`` are errors (``strict`` raises on them).

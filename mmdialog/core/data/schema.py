@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmdialog.core import markup
+
 
 @dataclass
 class Photo:
@@ -40,7 +42,7 @@ class Turn:
     def shares_photo(self) -> bool:
         return bool(self.photos)
 
-    def text_with_photos(self, open_tag: str = "[img]", close_tag: str = "[/img]") -> str:
+    def text_with_photos(self) -> str:
         """The turn text with each photo rendered as ``[img] description [/img]``.
 
         A photo is inserted at its ``offset`` in ``text`` (PhotoChat: where the
@@ -59,7 +61,7 @@ class Turn:
         for _, photo in ordered:
             off = len(self.text) if photo.offset is None else max(0, min(photo.offset, len(self.text)))
             parts.append(self.text[pos:off].strip())
-            parts.append(f"{open_tag} {photo.description.strip()} {close_tag}".replace("  ", " "))
+            parts.append(markup.render(photo.description))
             pos = off
         parts.append(self.text[pos:].strip())
         return " ".join(p for p in parts if p)

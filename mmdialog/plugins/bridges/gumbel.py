@@ -5,7 +5,7 @@ For each description token t the LLM's logits z_t give a straight-through
 sample Y_t (Jang et al. 2017, Gumbel-softmax; Bengio et al. 2013, straight-
 through): forward one-hot, backward the soft distribution's gradient.
 
-``alignment="aligned"`` (default, DESIGN.md §3): with the sampled tokens
+``alignment="aligned"`` (default, docs/design.md §3): with the sampled tokens
 decoded and re-tokenised for the text tower (ids c, character offsets),
 A[m,t] = 1 where tower token m and LLM token t overlap in characters (rows
 normalised), and

@@ -13,10 +13,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from mmdialog.core.diffusion import (LatentDiffusionGenerator, LatentDiffusionOptions, check_diffusers_folder,
+from mmdialog.plugins.generators.latent_diffusion import (LatentDiffusionGenerator, LatentDiffusionOptions, check_diffusers_folder,
                                      encode_text_tower, load_tokenizer, tiny_clip_text_config)
 from mmdialog.core.hookspecs import Plugin, hookimpl
-from mmdialog.core.interfaces import PromptTokens
+from mmdialog.core.interfaces import GeneratedImage, PromptTokens
 
 TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4,
                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
@@ -61,22 +61,17 @@ class SDGenerator(LatentDiffusionGenerator):
         return {"encoder_hidden_states": conditioning.to(self.unet.dtype)}
 
     @torch.no_grad()
-    def generate(self, conditioning: torch.Tensor, num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, seed: int | None = None, **_: Any):
+    def generate(self, conditioning: torch.Tensor, **options: Any) -> list[GeneratedImage]:
         from diffusers import StableDiffusionPipeline
 
-        n = conditioning.shape[0]
-        negative = self.encode(self.text_prompts([""] * n))
+        negative = self.encode(self.text_prompts([""] * conditioning.shape[0]))
         pipe = StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.text_encoders[0], tokenizer=self.tokenizers[0], unet=self.unet,
             scheduler=self.sample_scheduler, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-        return pipe(prompt_embeds=conditioning.to(self.unet.dtype), negative_prompt_embeds=negative.to(self.unet.dtype),
-                    num_inference_steps=num_inference_steps or self.options.num_inference_steps,
-                    guidance_scale=self.options.guidance_scale if guidance_scale is None else guidance_scale,
-                    height=self.resolution, width=self.resolution, generator=gen).images
+        dt = self.unet.dtype
+        return self.draw(pipe, "sd", prompt_embeds=conditioning.to(dt), negative_prompt_embeds=negative.to(dt),
+                         **options)
 
 
 @hookimpl

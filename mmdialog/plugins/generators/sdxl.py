@@ -10,10 +10,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from mmdialog.core.diffusion import (LatentDiffusionGenerator, LatentDiffusionOptions, check_diffusers_folder, encode_text_tower,
+from mmdialog.plugins.generators.latent_diffusion import (LatentDiffusionGenerator, LatentDiffusionOptions, check_diffusers_folder, encode_text_tower,
                                      load_tokenizer, tiny_clip_text_config)
 from mmdialog.core.hookspecs import Plugin, hookimpl
-from mmdialog.core.interfaces import PromptTokens
+from mmdialog.core.interfaces import GeneratedImage, PromptTokens
 
 TINY_TIME_DIM = 8
 TINY_SDXL_UNET = dict(sample_size=16, in_channels=4, out_channels=4,
@@ -79,24 +79,19 @@ class SDXLGenerator(LatentDiffusionGenerator):
                                       "time_ids": self.time_ids(batch, pe.device).to(dt)}}
 
     @torch.no_grad()
-    def generate(self, conditioning: dict[str, torch.Tensor], num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, seed: int | None = None, **_: Any):
+    def generate(self, conditioning: dict[str, torch.Tensor], **options: Any) -> list[GeneratedImage]:
         from diffusers import StableDiffusionXLPipeline
 
-        n = conditioning["prompt_embeds"].shape[0]
-        neg = self.encode(self.text_prompts([""] * n))
+        neg = self.encode(self.text_prompts([""] * conditioning["prompt_embeds"].shape[0]))
         dt = self.unet.dtype
         pipe = StableDiffusionXLPipeline(
             vae=self.vae, text_encoder=self.text_encoders[0], text_encoder_2=self.text_encoders[1],
             tokenizer=self.tokenizers[0], tokenizer_2=self.tokenizers[1], unet=self.unet,
             scheduler=self.sample_scheduler, add_watermarker=False)
-        pipe.set_progress_bar_config(disable=True)
-        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-        return pipe(prompt_embeds=conditioning["prompt_embeds"].to(dt), pooled_prompt_embeds=conditioning["pooled"].to(dt),
-                    negative_prompt_embeds=neg["prompt_embeds"].to(dt), negative_pooled_prompt_embeds=neg["pooled"].to(dt),
-                    num_inference_steps=num_inference_steps or self.options.num_inference_steps,
-                    guidance_scale=self.options.guidance_scale if guidance_scale is None else guidance_scale,
-                    height=self.resolution, width=self.resolution, generator=gen).images
+        return self.draw(pipe, "sdxl", prompt_embeds=conditioning["prompt_embeds"].to(dt),
+                         pooled_prompt_embeds=conditioning["pooled"].to(dt),
+                         negative_prompt_embeds=neg["prompt_embeds"].to(dt),
+                         negative_pooled_prompt_embeds=neg["pooled"].to(dt), **options)
 
 
 @hookimpl

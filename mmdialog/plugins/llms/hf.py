@@ -16,12 +16,11 @@ from pydantic import Field
 from torch import nn
 
 from mmdialog.core import assets
-from mmdialog.core.checkpoints import is_local, require_folder
+from mmdialog.core.markup import IMAGE_TOKEN, IMG_CLOSE, IMG_OPEN
+from mmdialog.core.pretrained import is_local, require_folder
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.hookspecs import Plugin, hookimpl
 from mmdialog.core.interfaces import LanguageModel, PluginOptions
-
-IMG_OPEN, IMG_CLOSE, IMAGE_TOKEN = "[img]", "[/img]", "<image>"
 
 #: Used when a tokenizer has no chat template of its own.
 FALLBACK_CHAT_TEMPLATE = (
@@ -184,12 +183,10 @@ class HFLanguageModel(LanguageModel):
                  max_new_tokens: int = 64, temperature: float = 0.0, num_beams: int = 1,
                  top_p: float = 1.0, **_: Any) -> torch.Tensor:
         sample = temperature > 0
-        eos = [i for i in {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
-               if isinstance(i, int) and i != self.tokenizer.unk_token_id]
         return self.model.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
             do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
-            num_beams=num_beams, eos_token_id=eos, pad_token_id=self.pad_token_id)
+            num_beams=num_beams, eos_token_id=self.stop_ids, pad_token_id=self.pad_token_id)
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(

@@ -4,7 +4,7 @@ context photos are their PhotoChat descriptions). No pixels, no gradient."""
 from __future__ import annotations
 
 from mmdialog.core.data.schema import Photo
-from mmdialog.core.errors import MMDialogError
+from mmdialog.core.errors import DataError
 from mmdialog.core.hookspecs import Plugin, hookimpl
 from mmdialog.core.interfaces import Perceiver, PluginOptions
 
@@ -15,7 +15,7 @@ class CaptionOptions(PluginOptions):
 
 class CaptionPerceiver(Perceiver):
     Options = CaptionOptions
-    num_tokens = 0
+    kind = "text"
 
     def __init__(self, options: CaptionOptions) -> None:
         super().__init__()
@@ -25,7 +25,7 @@ class CaptionPerceiver(Perceiver):
 
     def caption(self, photo: Photo) -> str:
         if not photo.description:
-            raise MMDialogError("the caption perceiver needs a description for every photo "
+            raise DataError("the caption perceiver needs a description for every photo "
                                 "(use --perceiver qformer to read raw pixels)")
         return photo.description
 

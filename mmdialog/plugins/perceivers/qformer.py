@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import nn
 
 from mmdialog.core.caching import cached_per_photo
-from mmdialog.core.checkpoints import load_prefixed, resolve_folder
+from mmdialog.core.pretrained import load_prefixed, resolve_folder
 from mmdialog.core.hookspecs import Plugin, hookimpl
 from mmdialog.core.interfaces import BuildContext, Perceiver, PluginOptions
 

@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
-from mmdialog.core import metrics
+from mmdialog.core import markup
 from mmdialog.core.data.samples import TurnSample, dialogue_samples
+from mmdialog.core.evaluation.metrics import text
+from mmdialog.core.evaluation.table import results_table
 from mmdialog.core.data.schema import Dialogue
 from mmdialog.core.model import DialogueModel
 
@@ -36,11 +38,6 @@ class GeneratedTurn:
     gold_image: str | None = None
 
 
-def _gold_text(sample: TurnSample) -> str:
-    t = sample.target
-    return " ".join([t.text] + [f"[img] {p.description} [/img]" for p in t.photos]).strip()
-
-
 def generate_turns(model: DialogueModel, samples: list[TurnSample], image_dir: Path | None,
                    batch_size: int = 8, **options: Any) -> list[GeneratedTurn]:
     """Generate every sample's reply (and its photos, when ``image_dir`` is given)."""
@@ -52,13 +49,13 @@ def generate_turns(model: DialogueModel, samples: list[TurnSample], image_dir: P
         for s, r in zip(chunk, replies):
             gold_photo = s.target.photos[0] if s.target.photos else None
             image = None
-            if r.images and image_dir is not None:
+            if r.photos and image_dir is not None:
                 image_dir.mkdir(parents=True, exist_ok=True)
                 name = s.key.replace("/", "_").replace("#", "_") + ".png"
-                r.images[0].save(image_dir / name)
+                r.photos[0].image.save(image_dir / name)
                 image = str(image_dir / name)
             out.append(GeneratedTurn(
-                key=s.key, speaker=s.speaker, reply=r.text, gold=_gold_text(s), shared=r.shared,
+                key=s.key, speaker=s.speaker, reply=r.text, gold=s.target.text_with_photos(), shared=r.shared,
                 gold_shared=s.shares_photo, description=r.descriptions[0] if r.descriptions else None,
                 gold_description=gold_photo.description if gold_photo else None, image=image,
                 gold_image=str(gold_photo.path) if gold_photo and gold_photo.path else None))
@@ -71,23 +68,24 @@ def score(turns: list[GeneratedTurn], resolution: int, inception_weights: str | 
     folder; adds the CLIP score of each generated photo against the description
     it was drawn from."""
     preds, golds = [t.reply for t in turns], [t.gold for t in turns]
-    result: dict[str, Any] = {"n_turns": len(turns), **metrics.text_scores(preds, golds)}
+    result: dict[str, Any] = {"n_turns": len(turns), **text.text_scores(preds, golds)}
     try:
-        result["sacrebleu"] = metrics.sacrebleu_score([metrics.strip_descriptions(p) for p in preds],
-                                                      [metrics.strip_descriptions(g) for g in golds])
+        result["sacrebleu"] = text.sacrebleu_score([markup.strip(p) for p in preds],
+                                                   [markup.strip(g) for g in golds])
     except ImportError:  # sacrebleu is an optional extra
         result["sacrebleu"] = None
-    intent = metrics.intent_prf([t.shared for t in turns], [t.gold_shared for t in turns])
+    intent = text.intent_prf([t.shared for t in turns], [t.gold_shared for t in turns])
     result.update({f"intent_{k}": v for k, v in intent.items()})
     share = [t for t in turns if t.gold_shared]
-    desc = metrics.description_scores([t.description for t in share], [t.gold_description or "" for t in share])
+    desc = text.description_scores([t.description for t in share], [t.gold_description or "" for t in share])
     result.update({f"desc_{k}": v for k, v in desc.items()})
     pairs = [t for t in turns if t.image and t.gold_image]
     result["n_image_pairs"] = len(pairs)
     if pairs:
         from mmdialog.core.data.images import load_image, to_tensor
+        from mmdialog.core.evaluation.metrics.image import ImageMetrics
 
-        im = metrics.ImageMetrics(inception_weights=inception_weights)
+        im = ImageMetrics(inception_weights=inception_weights)
         im.update_real(torch.stack([to_tensor(load_image(t.gold_image), resolution) for t in pairs]))
         im.update_fake(torch.stack([to_tensor(load_image(t.image), resolution) for t in pairs]))
         result.update(im.compute())
@@ -96,12 +94,13 @@ def score(turns: list[GeneratedTurn], resolution: int, inception_weights: str | 
         from PIL import Image
         from transformers import CLIPModel, CLIPProcessor
 
-        from mmdialog.core.checkpoints import require_folder
+        from mmdialog.core.evaluation.metrics.image import clip_score
+        from mmdialog.core.pretrained import require_folder
 
         folder = require_folder(clip_model, ["config.json"], "--clip-model")
         model, processor = CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
         with torch.no_grad():
-            result["clip_score"] = metrics.clip_score([Image.open(t.image).convert("RGB") for t in drawn],
+            result["clip_score"] = clip_score([Image.open(t.image).convert("RGB") for t in drawn],
                                                       [t.description for t in drawn], model, processor)
     return result
 
@@ -128,5 +127,5 @@ def write_results(rows: list[dict[str, Any]], out_dir: str | Path) -> tuple[Path
     out = Path(out_dir)
     clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
     (out / "results.json").write_text(json.dumps(clean, indent=2))
-    (out / "results.md").write_text(metrics.results_table(rows) + "\n")
+    (out / "results.md").write_text(results_table(rows) + "\n")
     return out / "results.json", out / "results.md"

@@ -1,6 +1,6 @@
 """A conversation with a model: history kept, photos in and out as files.
 
-    session = mmdialog.load("my-model").session(seed=0)
+    session = mmdialog.load("my-model").session(seed=0)   # or mmdialog.Session(model, seed=0)
     reply = session.send("look at my cat!", images=["chelsea.png"])
     reply.text, reply.images, reply.shared, reply.paths
 
@@ -13,76 +13,23 @@ tokens (with room for the reply), the oldest turns are dropped, with one
 """
 from __future__ import annotations
 
-import math
-import re
 import tempfile
 import uuid
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmdialog.core.data.images import MAX_PIXELS, caption_from_filename, verify_image
 from mmdialog.core.data.schema import Photo, Turn
-from mmdialog.core.errors import MMDialogError
-from mmdialog.core.model import Reply
+from mmdialog.core.errors import DataError, ImageError, MMDialogError
+from mmdialog.core.model import GenerationOptions, Reply
 
 USER, AGENT = "user", "assistant"
-MARKUP = re.compile(r"\s*\[img\](.*?)(\[/img\]|$)\s*", re.DOTALL)
-
-
-class ImageError(MMDialogError):
-    """A photo given to a session that cannot be used."""
 
 
 class HistoryTruncatedWarning(UserWarning):
     """The oldest turns were dropped to fit the model's context."""
-
-
-def strip_markup(text: str) -> str:
-    """The reply text without its ``[img] description [/img]`` spans."""
-    return " ".join(MARKUP.sub(" ", text).split())
-
-
-@dataclass
-class SessionReply(Reply):
-    """A ``Reply`` plus where its photos were saved and whether history was cut."""
-
-    paths: list[Path] = field(default_factory=list)
-    truncated: bool = False
-
-    @property
-    def plain(self) -> str:
-        return strip_markup(self.text)
-
-
-@dataclass
-class GenerationOptions:
-    """What ``DialogueModel.respond`` takes; checked before anything runs."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    num_beams: int = 1
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        checks = [("max_new_tokens", self.max_new_tokens, 1, 4096, int),
-                  ("temperature", self.temperature, 0.0, 10.0, (int, float)),
-                  ("num_beams", self.num_beams, 1, 16, int),
-                  ("num_inference_steps", self.num_inference_steps, 1, 1000, int),
-                  ("guidance_scale", self.guidance_scale, 0.0, 100.0, (int, float)),
-                  ("seed", self.seed, 0, 2**63 - 1, int)]
-        for name, value, lo, hi, kind in checks:
-            if value is None and name in ("num_inference_steps", "guidance_scale", "seed"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, kind) or \
-                    (isinstance(value, float) and not math.isfinite(value)) or not lo <= value <= hi:
-                raise MMDialogError(f"generation option {name}={value!r}: expected a number in [{lo}, {hi}]")
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 class Session:
@@ -90,11 +37,7 @@ class Session:
 
     def __init__(self, model, *, photos_dir: str | Path | None = None, history: Iterable[Turn] = (),
                  **options: Any) -> None:
-        unknown = sorted(set(options) - set(GenerationOptions.__dataclass_fields__))
-        if unknown:
-            raise MMDialogError(f"unknown generation option '{unknown[0]}'; use "
-                                f"{', '.join(GenerationOptions.__dataclass_fields__)}")
-        self.options = GenerationOptions(**options)
+        self.options = GenerationOptions.parse(options)
         self.model = model.eval()
         self.history: list[Turn] = list(history)
         self.photos_dir = Path(photos_dir) if photos_dir else Path(tempfile.mkdtemp(prefix="mmdialog-session-"))
@@ -103,10 +46,10 @@ class Session:
         self._warned = False
 
     # -- public ---------------------------------------------------------------------------------
-    def send(self, text: str = "", images: Iterable[Any] = (), **options: Any) -> SessionReply:
+    def send(self, text: str = "", images: Iterable[Any] = (), **options: Any) -> Reply:
         """Add the user's turn, write the model's, return it. ``options`` override
         the session's generation options for this reply only."""
-        opts = GenerationOptions(**{**self.options.as_dict(), **options}) if options else self.options
+        opts = GenerationOptions.parse({**self.options.model_dump(), **options}) if options else self.options
         photos = [self.photo(img) for img in images]
         text = (text or "").strip()
         if not text and not photos:
@@ -117,11 +60,12 @@ class Session:
         except MMDialogError:
             self.history.pop()
             raise
-        reply = self.model.respond(self.history, agent=AGENT, **opts.as_dict())
-        paths = [self.save_photo(img) for img in reply.images]
-        shared = [Photo(description=d.strip(), path=p) for d, p in zip(reply.descriptions, paths)]
-        self.history.append(Turn(AGENT, strip_markup(reply.text), shared))
-        return SessionReply(reply.text, list(reply.images), reply.shared, list(reply.descriptions), paths, truncated)
+        reply = self.model.respond(self.history, agent=AGENT, **opts.model_dump())
+        reply.paths = [self.save_photo(img) for img in reply.images]
+        reply.truncated = truncated
+        shared = [Photo(description=d.strip(), path=p) for d, p in zip(reply.descriptions, reply.paths)]
+        self.history.append(Turn(AGENT, reply.plain, shared))
+        return reply
 
     def reset(self) -> None:
         self.history.clear()
@@ -141,7 +85,7 @@ class Session:
             raise ImageError(f"images must be file paths or PIL images, not {type(image).__name__}")
         path = Path(image).expanduser()
         check_image(path)
-        return Photo(description=description or _caption(path), path=path)
+        return Photo(description=description or caption_from_filename(path.name) or "a photo", path=path)
 
     def save_photo(self, image: Any, prefix: str = "") -> Path:
         path = self.photos_dir / f"{prefix}{uuid.uuid4().hex}.png"
@@ -178,17 +122,8 @@ class Session:
         return bool(dropped)
 
 
-def _caption(path: Path) -> str:
-    from mmdialog.plugins.generators.library import caption_from_name
-
-    return caption_from_name(path.name) or "a photo"
-
-
 def check_image(path: Path, max_pixels: int | None = None) -> None:
     """Raise ``ImageError`` (one line) unless ``path`` is a readable image."""
-    from mmdialog.core.data.errors import DataError
-    from mmdialog.core.data.images import MAX_PIXELS, verify_image
-
     if not path.is_file():
         raise ImageError(f"image '{path}' does not exist")
     try:

@@ -1,9 +1,10 @@
 """What the Stable Diffusion generators share: loading a diffusers folder,
 running a CLIP text tower on embeddings, and the latent-diffusion ε-loss.
 
-``sd`` and ``sdxl`` (plugins/generators) subclass ``LatentDiffusionGenerator``
-and add only what differs: how text towers become UNet conditioning, and
-which diffusers pipeline samples.
+``sd`` and ``sdxl`` subclass ``LatentDiffusionGenerator`` and add only what
+differs: how text towers become UNet conditioning, and which diffusers
+pipeline samples. A third-party latent-diffusion generator subclasses it too
+(``from mmdialog import LatentDiffusionGenerator``).
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from torch import nn
 
 from mmdialog.core import assets
 from mmdialog.core.caching import cached_per_photo
-from mmdialog.core.checkpoints import resolve_folder
+from mmdialog.core.pretrained import resolve_folder
 from mmdialog.core.errors import ConfigError
-from mmdialog.core.interfaces import Generator, PluginOptions, PromptTokens, TextTower
+from mmdialog.core.interfaces import GeneratedImage, Generator, PluginOptions, PromptTokens, TextTower
 from mmdialog.core.vocab import check_bridgeable, tokenize_for_tower
 
 #: Noise schedule of SD 1.x / 2.x (scheduler_config.json of both).
@@ -96,7 +97,7 @@ def encode_text_tower(model: nn.Module, prompt: PromptTokens, hidden_layer: int 
     without the final norm (SDXL). ``pooled`` is the normed state at the EOS
     token, like ``CLIPTextModel``'s ``pooler_output``. transformers 5 removed
     ``.text_model`` from CLIPTextModel and requires ``input_ids`` in forward,
-    so the tower's parts are called directly (research-notes §4.4).
+    so the tower's parts are called directly (docs/design.md §7).
     """
     from transformers.masking_utils import create_causal_mask
 
@@ -212,6 +213,17 @@ class LatentDiffusionGenerator(Generator):
             ids = tt.input_ids.to(tower.embedding.weight.device)
             out.append(PromptTokens(ids, tower.embedding(ids).float(), texts))
         return out
+
+    def draw(self, pipe: Any, plugin: str, num_inference_steps: int | None = None,
+             guidance_scale: float | None = None, seed: int | None = None, **call: Any) -> list[GeneratedImage]:
+        """Run a diffusers pipeline built around this generator's parts, with the
+        options' defaults, at the training resolution."""
+        pipe.set_progress_bar_config(disable=True)
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        images = pipe(num_inference_steps=num_inference_steps or self.options.num_inference_steps,
+                      guidance_scale=self.options.guidance_scale if guidance_scale is None else guidance_scale,
+                      height=self.resolution, width=self.resolution, generator=gen, **call).images
+        return [GeneratedImage(image, "drawn", plugin) for image in images]
 
     def unet_conditioning(self, conditioning: Any, batch: int) -> dict[str, Any]:
         """Keyword arguments for ``unet(...)`` from ``encode``'s result."""

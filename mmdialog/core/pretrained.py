@@ -1,5 +1,7 @@
-"""Reading real checkpoint folders: existence checks before heavy work, and
-partial loads (the vision half of a BLIP-2 checkpoint without its 7B LM)."""
+"""Reading pretrained base-model folders (LLM, BLIP-2, Stable Diffusion):
+existence checks before heavy work, and partial loads (the vision half of a
+BLIP-2 checkpoint without its 7B LM). The training-checkpoint format is
+``core/checkpoint.py``."""
 from __future__ import annotations
 
 import json

@@ -1,75 +1,20 @@
-"""``mmdialog chat``, ``mmdialog serve`` and ``mmdialog export``.
-
-``register(app)`` adds them to the ``mmdialog`` typer app (``sdk/cli.py``).
-User errors raise ``MMDialogError``: ``cli.main`` prints them as one line.
-"""
+"""``mmdialog chat``, ``mmdialog serve`` and ``mmdialog export``: using a trained model."""
 from __future__ import annotations
 
 import ipaddress
 import json
-import os
-import sys
 import warnings
 from pathlib import Path
-from typing import Any
 
 import typer
 
-from mmdialog.core.config import chain_spec
-from mmdialog.core.errors import ConfigError, MMDialogError
-
-MODEL_ARG = typer.Argument("tiny", help="an exported folder, a training checkpoint (trainable.pt, .ckpt, run "
-                                        "folder), a preset (tiny, paper) or a YAML config")
-GENERATOR = typer.Option(None, "--generator", "-g",
-                         help="swap the generator: library (share real photos), library,sd (retrieve, else "
-                              "draw), sd, …")
-LIBRARY = typer.Option(None, "--library", help="photo folder for the library generator (captions.json or "
-                                               "file names); default: the embedded photos")
-MAX_NEW = typer.Option(64, "--max-new-tokens", min=1, max=4096, help="reply length limit (tokens)")
-TEMPERATURE = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy")
-BEAMS = typer.Option(1, "--beams", min=1, max=16, help="beam search width")
-STEPS = typer.Option(None, "--steps", min=1, max=1000, help="diffusion steps (default: the generator's)")
-GUIDANCE = typer.Option(None, "--guidance", min=0.0, help="classifier-free guidance scale")
-SEED = typer.Option(None, "--seed", min=0, help="fix sampling and diffusion noise")
+from mmdialog.core.errors import MMDialogError
+from mmdialog.sdk.commands.common import (BEAMS, GENERATOR, GUIDANCE, LIBRARY, MAX_NEW, MODEL_ARG, SEED, STEPS,
+                                          TEMPERATURE, generation_options, generator_spec, quiet)
 
 HELP = """commands: /image PATH  attach a photo to your next message
           /reset       start a new conversation
           /quit        leave (or Ctrl-D)"""
-
-
-def generator_spec(generator: str | None, library: str | None = None) -> dict[str, Any] | None:
-    """``"library,sd"`` → ``{"name": "library", "fallback": {"name": "sd"}}``; ``--library`` sets its folder."""
-    if generator is None:
-        if library is not None:
-            generator = "library"
-        else:
-            return None
-    try:
-        spec = chain_spec(generator)
-    except ConfigError as e:
-        raise MMDialogError(f"--generator {e}") from None
-    if library is not None:
-        if spec["name"] != "library":
-            raise MMDialogError("--library needs the library generator first: --generator library[,sd]")
-        folder = Path(library).expanduser()
-        if not folder.is_dir():
-            raise MMDialogError(f"--library '{library}' is not a folder of photos")
-        spec["folder"] = str(folder.resolve())
-    return spec
-
-
-def _quiet() -> None:
-    """Loading progress bars and library deprecation notes are not for chat users."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def _load(model: str, generator: str | None, library: str | None):
@@ -80,28 +25,25 @@ def _load(model: str, generator: str | None, library: str | None):
     if model not in PRESETS and not Path(model).expanduser().exists():
         raise MMDialogError(f"model '{model}' does not exist; give an exported folder (`mmdialog export`), "
                             f"a training checkpoint, or a preset ({', '.join(PRESETS)})")
-    _quiet()
+    quiet()
     typer.echo(f"loading {model} …", err=True)
     return load(model, generator=spec)
 
 
 def _print_reply(reply, as_json: bool = False) -> None:
-    photos = [{"path": str(p), "description": d.strip(),
-               "source": img.info.get("source", "generated") if hasattr(img, "info") else "generated"}
-              for p, d, img in zip(reply.paths, reply.descriptions, reply.images)]
+    photos = reply.photo_records()
     if as_json:
         typer.echo(json.dumps({"text": reply.plain, "raw_text": reply.text, "shared": reply.shared,
                                "photos": photos, "truncated": reply.truncated}))
         return
     typer.echo(reply.plain)
     for ph in photos:
-        src = ph["source"]
-        origin = f" (library: {Path(src).name})" if src and not src.startswith("generated") else ""
+        origin = f" (library: {Path(ph['file']).name})" if ph["source"] == "retrieved" else ""
         typer.echo(f"photo: {ph['path']}  — {ph['description']}{origin}")
 
 
 def _send(session, text: str, images: list[str], as_json: bool = False):
-    from mmdialog.sdk.session import HistoryTruncatedWarning
+    from mmdialog.core.session import HistoryTruncatedWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", HistoryTruncatedWarning)
@@ -130,15 +72,15 @@ def chat(
     as_json: bool = typer.Option(False, "--json", help="with --message: print the reply as one JSON line"),
 ) -> None:
     """Chat in the terminal. Shared photos are saved and their paths printed."""
-    from mmdialog.sdk.session import Session, check_image
+    from mmdialog.core.session import Session, check_image
 
     if image and message is None:
         raise MMDialogError("--image goes with --message; in the interactive chat type /image PATH")
+    options = generation_options(max_new_tokens, temperature, beams, steps, guidance, seed)
     for path in image:  # before the model loads: a typo should not cost a minute
         check_image(Path(path).expanduser())
     m = _load(model, generator, library)
-    session = Session(m, photos_dir=photos_dir, max_new_tokens=max_new_tokens, temperature=temperature,
-                      num_beams=beams, num_inference_steps=steps, guidance_scale=guidance, seed=seed)
+    session = Session(m, photos_dir=photos_dir, **options)
     if message is not None:
         _send(session, message, image, as_json)
         return
@@ -214,11 +156,11 @@ def serve(
 
     from mmdialog.sdk.server import Limits, create_app
 
+    options = generation_options(max_new_tokens, temperature, beams, steps, guidance, seed)
     m = _load(model, generator, library)
     limits = Limits(max_body_bytes=int(max_body_mb * 2**20), max_image_bytes=int(max_image_mb * 2**20),
                     max_images=max_images, max_messages=max_messages, max_queue=max_queue)
-    app = create_app(m, photos_dir, limits, max_new_tokens=max_new_tokens, temperature=temperature,
-                     num_beams=beams, num_inference_steps=steps, guidance_scale=guidance, seed=seed)
+    app = create_app(m, photos_dir, limits, **options)
     if not _is_loopback(host):
         typer.echo(f"warning: binding {host} makes the model reachable from other machines; "
                    "there is no authentication", err=True)
@@ -242,29 +184,10 @@ def export(
     if not Path(ckpt).expanduser().exists():
         raise MMDialogError(f"checkpoint '{ckpt}' does not exist; give the trainable.pt or .ckpt written by "
                             "`mmdialog train`")
-    _quiet()
+    quiet()
     out = run(ckpt, out_dir, metrics, overwrite=force)
     check_folder(out)
     manifest = json.loads((out / "mmdialog.json").read_text())
     typer.echo(f"exported {manifest['num_tensors']} trainable tensors ({manifest['num_parameters']:,} parameters) "
                f"to {out}")
     typer.echo(f"use it: mmdialog chat {out}   |   mmdialog.load({str(out)!r}).session()")
-
-
-COMMANDS = {"chat": chat, "serve": serve, "export": export}
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``chat``, ``serve`` and ``export`` to ``app`` (once; a second call does nothing)."""
-    have = {c.name or (c.callback.__name__ if c.callback else None) for c in app.registered_commands}
-    for name, fn in COMMANDS.items():
-        if name not in have:
-            app.command(name)(fn)
-
-
-if __name__ == "__main__":  # python -m mmdialog.sdk.commands … (same as the mmdialog command)
-    from mmdialog.sdk import cli
-
-    register(cli.app)
-    sys.argv[0] = "mmdialog"
-    cli.main()

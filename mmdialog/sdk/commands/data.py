@@ -1,5 +1,4 @@
-"""``mmdialog data …`` commands (mounted by the main CLI with
-``app.add_typer(data_app, name="data")``).
+"""``mmdialog data …``: check, download the photos of, and convert datasets.
 
 Exit codes: 0 = fine; 1 = the data has problems (``check``: bad records or
 files, corrupt or missing images; ``fetch-images``: some downloads failed);
@@ -9,13 +8,12 @@ one line on stderr without a stack trace.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from mmdialog.core.data.errors import DataError
+from mmdialog.core.errors import MMDialogError
 
 data_app = typer.Typer(
     help="Datasets: check PhotoChat / DialogCC / JSONL files, download their photos, convert to JSONL.",
@@ -24,23 +22,13 @@ data_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_FORMAT_HELP = "auto (detect from content), photochat, dialogcc or jsonl"
-
-
-def _fail(message: str) -> "typer.Exit":
-    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
-    return typer.Exit(code=2)
+_FORMAT_HELP = "auto (detect from content), photochat, dialogcc, jsonl, or a format a plugin registers"
 
 
 def _load(path: Path, fmt: str, split: Optional[str], strict: bool, image_dir: Optional[Path], **kw):
-    from mmdialog.core.data.loader import FORMATS, load_dialogues
+    from mmdialog.core.data.loader import load_dialogues
 
-    if fmt not in FORMATS:
-        raise _fail(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    try:
-        return load_dialogues(path, format=fmt, split=split, strict=strict, image_dir=image_dir, **kw)
-    except (DataError, ValueError) as e:
-        raise _fail(str(e)) from None
+    return load_dialogues(path, format=fmt, split=split, strict=strict, image_dir=image_dir, **kw)
 
 
 @data_app.command("check")
@@ -105,7 +93,7 @@ def fetch_cmd(
         rep = fetch_images(result.dialogues, out, workers=workers, retries=retries, timeout=timeout,
                            backoff=backoff, rate_limit=rate_limit, progress=progress)
     except OSError as e:
-        raise _fail(f"{out}: {e}") from None
+        raise MMDialogError(f"{out}: {e}") from None
     typer.echo(rep.summary())
     for f in rep.failures[:20]:
         typer.echo(f"failed: {f}")
@@ -130,13 +118,5 @@ def convert_cmd(
     try:
         n = write_jsonl(result.dialogues, out)
     except OSError as e:
-        raise _fail(f"{out}: {e}") from None
+        raise MMDialogError(f"{out}: {e}") from None
     typer.echo(f"wrote {n} dialogues to {out} ({result.report.bad_records} bad records skipped)")
-
-
-def main() -> None:  # pragma: no cover - for `python -m mmdialog.core.data.cli`
-    data_app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The training-checkpoint format, written and read in one place.
+
+Two files come out of ``mmdialog train``, both holding only the trainable
+weights and the full config (the base models stay where the config points):
+
+* ``trainable.pt``: ``{"trainable": {name: tensor}, "config": YAML}``, at the end;
+* ``checkpoints/last.ckpt``: Lightning's checkpoint (optimizer, scheduler and
+  loop state) whose ``state_dict`` is cut to the trainable weights
+  (``model.<name>``) and which carries the config under ``CONFIG_KEY``.
+
+Both are written atomically and read with ``torch.load(weights_only=True)``:
+opening a checkpoint someone sent you never runs code from it.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import yaml
+
+from mmdialog.core.errors import ConfigError
+from mmdialog.core.files import atomic_write
+
+if TYPE_CHECKING:
+    from mmdialog.core.model import DialogueModel
+
+CONFIG_KEY = "mmdialog_config"
+TRAINABLE, LAST = "trainable.pt", "checkpoints/last.ckpt"
+METRICS = "metrics.json"
+
+
+def trainable_state(model: DialogueModel) -> dict[str, torch.Tensor]:
+    """The weights the freeze policy trains, by ``DialogueModel`` parameter name."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trainable(model: DialogueModel, path: str | Path) -> Path:
+    """Write ``trainable.pt``: trainable weights + config, atomically."""
+    from mmdialog.core.config import dump_config
+
+    state = {n: p.detach().cpu() for n, p in trainable_state(model).items()}
+    with atomic_write(path) as tmp:
+        torch.save({"trainable": state, "config": dump_config(model.config)}, tmp)
+    return Path(path)
+
+
+def filter_lightning_state(checkpoint: dict[str, Any], model: DialogueModel) -> None:
+    """Cut a Lightning checkpoint (in place, before it is written) to the
+    trainable weights, and add the config."""
+    from mmdialog.core.config import dump_config
+
+    keep = {"model." + n for n in trainable_state(model)}
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+    checkpoint[CONFIG_KEY] = dump_config(model.config)
+
+
+def safe_load(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only. A
+    file that needs unpickling of anything else is refused, never executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"checkpoint '{path}' cannot be read safely ({first[:160]}); mmdialog reads only "
+                          "tensors and plain data, so give a trainable.pt or .ckpt written by `mmdialog train`"
+                          ) from None
+
+
+def find_checkpoint(ckpt: str | Path) -> Path:
+    """A checkpoint file, or the one inside a run folder (trainable.pt, else checkpoints/last.ckpt)."""
+    path = Path(ckpt).expanduser()
+    if path.is_dir():
+        found = [p for p in (path / TRAINABLE, path / LAST) if p.is_file()]
+        if not found:
+            raise ConfigError(f"checkpoint folder '{path}' has no {TRAINABLE} or {LAST}; "
+                              "give the file written by `mmdialog train`")
+        return found[0]
+    if not path.exists():
+        raise ConfigError(f"checkpoint '{path}' does not exist; give the {TRAINABLE} or .ckpt "
+                          "written by `mmdialog train`")
+    return path
+
+
+def read_checkpoint(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
+    """(trainable weights by parameter name, config YAML, metrics) of a
+    ``trainable.pt``, a Lightning ``.ckpt`` or a run folder holding either.
+    Metrics come from the checkpoint's ``metrics`` key or a ``metrics.json`` beside it."""
+    from mmdialog.core.config import read_json
+
+    path = find_checkpoint(ckpt)
+    data = safe_load(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{path}' is not an mmdialog checkpoint (no trainable weights + config)")
+    if "trainable" in data and "config" in data:
+        weights, config = data["trainable"], data["config"]
+    elif "state_dict" in data and CONFIG_KEY in data:
+        config = data[CONFIG_KEY]
+        weights = {k.removeprefix("model."): v for k, v in data["state_dict"].items()}
+    else:
+        raise ConfigError(f"'{path}' is not an mmdialog checkpoint: expected 'trainable' + 'config' "
+                          f"({TRAINABLE}) or 'state_dict' + '{CONFIG_KEY}' (Lightning .ckpt)")
+    if not isinstance(config, str):
+        config = yaml.safe_dump(config, sort_keys=False)
+    metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
+    side = path.parent / METRICS
+    if not metrics and side.is_file():
+        metrics = read_json(side, "metrics")
+    return {k: v for k, v in weights.items() if torch.is_tensor(v)}, config, metrics
+
+
+def weights_digest(model: DialogueModel) -> str:
+    """SHA-1 of the trainable weights, for comparing runs and ranks."""
+    h = hashlib.sha1()
+    for n, p in trainable_state(model).items():
+        h.update(n.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()

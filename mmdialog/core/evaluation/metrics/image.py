@@ -1,0 +1,379 @@
+"""Image metrics: FID, KID and Inception Score via ``torchmetrics`` with a
+pluggable feature network (:class:`ImageMetrics`, :func:`feature_extractor`),
+and CLIP score (:func:`clip_score`).
+
+Comparability: published FID/IS numbers use the TF-ported Inception-v3
+(``pt_inception-2015-12-05``) network. Only that network, loaded from a local
+weights file, gives ``comparable = True`` results; the fallback extractor is a
+seeded random-init conv net whose numbers are useful only for relative
+comparisons inside one run, and are flagged "not comparable with published
+FID/IS" everywhere they are reported.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+NOT_COMPARABLE_NOTE = "not comparable with published FID/IS"
+
+# --------------------------------------------------------------------------- #
+# Image metrics
+# --------------------------------------------------------------------------- #
+
+
+def _to_uint8(images: Tensor) -> Tensor:
+    """Convert (N,3,H,W) uint8 or float in [0, 1] images to uint8."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        return images
+    if not images.is_floating_point():
+        raise TypeError(f"expected uint8 or float images, got {images.dtype}")
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class RandomConvFeatureExtractor(nn.Module):
+    """Deterministic fallback feature network (**not comparable with published FID/IS**).
+
+    A small conv net with weights drawn from a private ``torch.Generator``
+    seeded with ``seed`` (global RNG untouched), so the same seed gives the
+    same network everywhere. Input: uint8 (N,3,H,W); images are resized to
+    ``resize`` x ``resize`` and mapped to [-1, 1]. Output:
+    ``(features (N, num_features), logits (N, num_classes))`` - the logits feed
+    the Inception Score; they are multiplied by ``logit_scale`` so that the
+    class posteriors are not near-uniform (which would pin IS at 1).
+    """
+
+    comparable = False
+
+    def __init__(
+        self,
+        num_features: int = 64,
+        num_classes: int = 100,
+        seed: int = 0,
+        resize: int = 64,
+        logit_scale: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.logit_scale = logit_scale
+        self.num_classes = num_classes
+        self.resize = resize
+        self.name = f"random-conv-fallback(seed={seed},d={num_features})"
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, num_features, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(num_features, num_classes)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                if p.ndim > 1:
+                    fan_in = p[0].numel()
+                    p.copy_(torch.randn(p.shape, generator=gen) * math.sqrt(2.0 / fan_in))
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+        self.eval()
+        self.requires_grad_(False)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        x = _to_uint8(images).float() / 127.5 - 1.0
+        x = nn.functional.interpolate(
+            x, size=(self.resize, self.resize), mode="bilinear", align_corners=False
+        )
+        feats = self.body(x)
+        return feats, self.logit_scale * self.head(feats)
+
+
+class TorchFidelityInceptionExtractor(nn.Module):
+    """The TF-ported Inception-v3 used for published FID/IS (via ``torch-fidelity``).
+
+    Wraps ``torch_fidelity.FeatureExtractorInceptionV3("inception-v3-compat",
+    ["2048", "logits_unbiased"], feature_extractor_weights_path=...)``; the
+    weights file is ``weights-inception-2015-12-05-6726825d.pth``. Input uint8
+    (N,3,H,W) of any size (resized internally to 299). Output
+    ``(pool features (N, 2048), logits (N, 1008))``.
+    """
+
+    comparable = True
+    num_features = 2048
+
+    def __init__(self, weights_path: str) -> None:
+        super().__init__()
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except Exception as exc:  # ImportError, or torchvision failing to import
+            raise ImportError(
+                "Inception-v3 FID/IS needs torch-fidelity, which needs torchvision: "
+                "`pip install torch-fidelity torchvision` with a torchvision matching your "
+                f"torch (docs/design.md §7); import failed: {exc!r}"
+            ) from exc
+        self.net = FeatureExtractorInceptionV3(
+            "inception-v3-compat",
+            ["2048", "logits_unbiased"],
+            feature_extractor_weights_path=str(weights_path),
+        )
+        self.net.eval()
+        self.name = f"inception-v3-compat({weights_path})"
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        feats, logits = self.net(_to_uint8(images))
+        return feats.flatten(1), logits.flatten(1)
+
+
+def feature_extractor(inception_weights: str | None = None, *, seed: int = 0) -> nn.Module:
+    """Build the feature network for :class:`ImageMetrics`.
+
+    * ``inception_weights`` given: the published-metrics Inception-v3 loaded from
+      that local file through ``torch-fidelity`` (:class:`TorchFidelityInceptionExtractor`,
+      ``comparable = True``). Raises ``ImportError`` saying what to install when
+      ``torch_fidelity`` (and hence torchvision) is unavailable, and
+      ``FileNotFoundError`` when the file does not exist.
+    * ``None``: :class:`RandomConvFeatureExtractor` (``comparable = False``) -
+      results are **not comparable with published FID/IS**.
+
+    Every returned module maps uint8 (N,3,H,W) to ``(features, logits)`` and
+    has ``name``, ``num_features`` and ``comparable`` attributes.
+    """
+    if inception_weights is None:
+        return RandomConvFeatureExtractor(seed=seed)
+    from pathlib import Path
+
+    if not Path(inception_weights).is_file():
+        raise FileNotFoundError(f"Inception weights file not found: {inception_weights}")
+    return TorchFidelityInceptionExtractor(inception_weights)
+
+
+class _CachedExtractor(nn.Module):
+    """Runs the wrapped extractor once per input tensor and serves both heads.
+
+    torchmetrics' FID, KID and IS each call their feature module on the same
+    tensor; caching by tensor identity avoids three forward passes.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self._last_input: Tensor | None = None
+        self._last_output: tuple[Tensor, Tensor] | None = None
+
+    def outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        if self._last_input is not images or self._last_output is None:
+            with torch.no_grad():
+                self._last_output = self.base(images)
+            self._last_input = images
+        return self._last_output
+
+    def clear(self) -> None:
+        self._last_input = None
+        self._last_output = None
+
+
+class _Head(nn.Module):
+    """A torchmetrics-compatible view (``num_features`` + forward) on one output."""
+
+    def __init__(self, cache: _CachedExtractor, index: int, num_features: int) -> None:
+        super().__init__()
+        self.cache = [cache]  # list: don't register as a submodule twice
+        self.index = index
+        self.num_features = num_features
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.cache[0].outputs(images)[self.index]
+
+
+class ImageMetrics:
+    """FID, KID and Inception Score of generated vs. real images (torchmetrics).
+
+    * FID: Heusel et al. 2017, ``||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2))``
+      on the extractor's features.
+    * KID: Binkowski et al. 2018, unbiased MMD^2 with the cubic polynomial kernel,
+      mean/std over ``kid_subsets`` random subsets of size ``min(kid_subset_size, n)``.
+    * IS: Salimans et al. 2016, ``exp(E_x KL(p(y|x) || p(y)))`` on the *generated*
+      images, mean/std over ``min(is_splits, n_fake)`` splits.
+
+    ``extractor`` (default: :func:`feature_extractor` of ``inception_weights``)
+    must map uint8 (N,3,H,W) to ``(features, logits)`` and have an integer
+    ``num_features`` (optional ``name``, ``comparable``, ``num_classes``).
+    ``update_real`` / ``update_fake`` take uint8 (N,3,H,W) or float in [0, 1].
+    ``compute()`` is seeded (``seed``) so KID/IS subsets are reproducible, and
+    returns NaN for metrics that need more samples than were given (FID and
+    KID need >= 2 real and >= 2 generated images, IS >= 1 generated image).
+    """
+
+    def __init__(
+        self,
+        extractor: nn.Module | None = None,
+        *,
+        inception_weights: str | None = None,
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+        is_splits: int = 10,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.inception import InceptionScore
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        base = extractor if extractor is not None else feature_extractor(inception_weights)
+        self.extractor = base
+        self.name: str = str(getattr(base, "name", type(base).__name__))
+        self.comparable: bool = bool(getattr(base, "comparable", False))
+        self.kid_subset_size = kid_subset_size
+        self.is_splits = is_splits
+        self.seed = seed
+        self.device = torch.device(device)
+        self._cache = _CachedExtractor(base)
+        feats = _Head(self._cache, 0, int(base.num_features))
+        logits = _Head(self._cache, 1, int(getattr(base, "num_classes", 1008)))
+        with warnings.catch_warnings():  # "will save all extracted features in buffer"
+            warnings.filterwarnings("ignore", message=".*save all extracted features.*")
+            self.fid = FrechetInceptionDistance(feature=feats)
+            self.kid = KernelInceptionDistance(feature=feats, subsets=kid_subsets, subset_size=1)
+            self.inception_score = InceptionScore(feature=logits, splits=1)
+        self._cache.to(self.device)
+        for m in (self.fid, self.kid, self.inception_score):
+            m.to(self.device)
+        self.n_real = 0
+        self.n_fake = 0
+
+    @torch.no_grad()
+    def update_real(self, images: Tensor) -> None:
+        """Add a batch of real (reference) images."""
+        x = _to_uint8(images).to(self.device)
+        self.fid.update(x, real=True)
+        self.kid.update(x, real=True)
+        self._cache.clear()
+        self.n_real += x.shape[0]
+
+    @torch.no_grad()
+    def update_fake(self, images: Tensor) -> None:
+        """Add a batch of generated images."""
+        x = _to_uint8(images).to(self.device)
+        self.fid.update(x, real=False)
+        self.kid.update(x, real=False)
+        self.inception_score.update(x)
+        self._cache.clear()
+        self.n_fake += x.shape[0]
+
+    def reset(self) -> None:
+        for m in (self.fid, self.kid, self.inception_score):
+            m.reset()
+        self.n_real = self.n_fake = 0
+
+    def compute(self) -> dict[str, Any]:
+        """Return ``{fid, kid_mean, kid_std, is_mean, is_std, n_images, n_real,
+        feature_extractor, comparable}`` (``n_images`` = number of generated
+        images). Non-comparable results also carry ``"note"``."""
+        nan = float("nan")
+        out: dict[str, Any] = {
+            "fid": nan, "kid_mean": nan, "kid_std": nan, "is_mean": nan, "is_std": nan,
+            "n_images": self.n_fake, "n_real": self.n_real,
+            "feature_extractor": self.name, "comparable": self.comparable,
+        }
+        if not self.comparable:
+            out["note"] = NOT_COMPARABLE_NOTE
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            if self.n_real >= 2 and self.n_fake >= 2:
+                out["fid"] = float(self.fid.compute())
+                self.kid.subset_size = max(2, min(self.kid_subset_size, self.n_real, self.n_fake))
+                kid_mean, kid_std = self.kid.compute()
+                out["kid_mean"], out["kid_std"] = float(kid_mean), float(kid_std)
+            if self.n_fake >= 1:
+                splits = max(1, min(self.is_splits, self.n_fake))
+                self.inception_score.splits = splits
+                with warnings.catch_warnings():  # std() of a single split
+                    warnings.filterwarnings("ignore", message=".*degrees of freedom.*")
+                    is_mean, is_std = self.inception_score.compute()
+                out["is_mean"] = float(is_mean)
+                out["is_std"] = float(is_std) if splits > 1 else 0.0
+        return out
+
+
+# --------------------------------------------------------------------------- #
+# CLIP score
+# --------------------------------------------------------------------------- #
+
+
+def _embeds(output: Any) -> Tensor:
+    """Projected embedding from ``get_*_features``: a tensor in transformers 4,
+    a ModelOutput whose ``pooler_output`` is the projection in transformers 5."""
+    if isinstance(output, Tensor):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    if pooled is None and isinstance(output, Mapping):
+        pooled = output.get("pooler_output")
+    if pooled is None:
+        raise TypeError(f"cannot find embeddings in {type(output).__name__}")
+    return pooled
+
+
+def _as_pil_list(images: Any) -> list[Any]:
+    from PIL import Image
+
+    if isinstance(images, Tensor):
+        arr = _to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a) for a in arr]
+    return list(images)
+
+
+@torch.no_grad()
+def clip_scores(
+    images: Any,
+    texts: Sequence[str],
+    model: Any,
+    processor: Any,
+    *,
+    batch_size: int = 32,
+) -> Tensor:
+    """Per-pair CLIP score (Hessel et al. 2021, without their w=2.5 rescaling).
+
+    ``score_i = 100 * max(cos(E_img(image_i), E_txt(text_i)), 0)``, as
+    torchmetrics' ``CLIPScore``. ``images``: a (N,3,H,W) uint8 / float [0,1]
+    tensor or a list of PIL images; ``processor``: a ``CLIPProcessor`` (or any
+    callable taking ``text=``, ``images=``, ``return_tensors=``, ``padding=``,
+    ``truncation=``). Texts longer than the tokenizer's maximum are truncated.
+    Returns a float tensor of shape (N,) on the CPU.
+    """
+    pil = _as_pil_list(images)
+    if len(pil) != len(texts):
+        raise ValueError(f"got {len(pil)} images but {len(texts)} texts")
+    device = next(model.parameters()).device
+    scores: list[Tensor] = []
+    for i in range(0, len(pil), batch_size):
+        batch = processor(
+            text=list(texts[i : i + batch_size]),
+            images=pil[i : i + batch_size],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+        )
+        img = _embeds(model.get_image_features(pixel_values=batch["pixel_values"].to(device)))
+        txt_kwargs = {"input_ids": batch["input_ids"].to(device)}
+        if "attention_mask" in batch:
+            txt_kwargs["attention_mask"] = batch["attention_mask"].to(device)
+        txt = _embeds(model.get_text_features(**txt_kwargs))
+        cos = nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
+        scores.append((100.0 * cos.clamp(min=0)).cpu())
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def clip_score(
+    images: Any, texts: Sequence[str], model: Any, processor: Any, *, batch_size: int = 32
+) -> float:
+    """Mean of :func:`clip_scores` over all pairs (0 for no pairs)."""
+    s = clip_scores(images, texts, model, processor, batch_size=batch_size)
+    return float(s.mean()) if s.numel() else 0.0

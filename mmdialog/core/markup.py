@@ -1,0 +1,52 @@
+"""The description markup, defined once.
+
+A shared photo appears in an agent's turn as ``[img] description [/img]``:
+the LLM learns to write it, and the description is what the generator draws
+(or the retriever matches). A photo the LLM *sees* is ``<image>`` repeated K
+times, each replaced by one of the perceiver's K embeddings.
+"""
+from __future__ import annotations
+
+import re
+
+IMG_OPEN = "[img]"
+IMG_CLOSE = "[/img]"
+IMAGE_TOKEN = "<image>"
+
+_SPAN = re.compile(r"\s*\[img\](.*?)(?:\[/img\]|$)\s*", re.IGNORECASE | re.DOTALL)
+_STRAY_CLOSE = re.compile(r"\[/img\]", re.IGNORECASE)
+
+
+def render(description: str) -> str:
+    """``[img] description [/img]``."""
+    return " ".join(p for p in (IMG_OPEN, description.strip(), IMG_CLOSE) if p)
+
+
+def strip(text: str) -> str:
+    """``text`` without its description spans, white space collapsed.
+
+    An ``[img]`` left open (a reply cut by the token limit) is removed up to
+    the end; a stray ``[/img]`` is dropped.
+    """
+    return " ".join(_STRAY_CLOSE.sub(" ", _SPAN.sub(" ", text)).split())
+
+
+def descriptions(text: str) -> list[str]:
+    """The descriptions of ``text``'s spans, in order (an open span counts)."""
+    return [m.group(1).strip() for m in _SPAN.finditer(text)]
+
+
+def spans(ids: list[int], open_id: int, close_id: int) -> list[list[int]]:
+    """Token ids between each ``[img]`` and the next ``[/img]`` (or the end)."""
+    out, cur = [], None
+    for i in ids:
+        if i == open_id:
+            cur = []
+        elif i == close_id and cur is not None:
+            out.append(cur)
+            cur = None
+        elif cur is not None:
+            cur.append(i)
+    if cur:  # generation stopped inside a description: use what was written
+        out.append(cur)
+    return out

@@ -1,0 +1,122 @@
+"""Training data: (dialogue, agent) samples in an order that depends only on
+(seed, epoch), served by a loader whose position inside the epoch is saved in
+checkpoints, so a resumed run sees exactly the batches it would have seen."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mmdialog.core.config import Config, DataConfig
+from mmdialog.core.data.collate import training_samples
+from mmdialog.core.data.schema import Dialogue
+from mmdialog.core.errors import MMDialogError
+
+DEMO = "embedded:demo"
+
+
+def read_dialogues(cfg: DataConfig, split: str | None = None) -> tuple[list[Dialogue], str]:
+    """Dialogues for a data config, and a one-line summary of what was read."""
+    from mmdialog.core.data import demo_dialogues, load_dialogues
+
+    split = split or cfg.split
+    if cfg.path == DEMO:
+        dialogues = demo_dialogues(split or "train")
+        return dialogues, f"embedded demo ({split or 'train'}): {len(dialogues)} dialogues"
+    result = load_dialogues(cfg.path, format=cfg.format, split=split, image_dir=cfg.image_dir)
+    if not result.dialogues:
+        raise MMDialogError(f"no usable dialogues in {cfg.path} (split {split}): "
+                            f"run `mmdialog data check {cfg.path}`")
+    return result.dialogues, result.report.headline()
+
+
+class SampleDataset(Dataset):
+    def __init__(self, samples: list[tuple[Dialogue, str]]) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Dialogue, str]:
+        return self.samples[i]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation that depends only on (seed, epoch): a resumed run sees the
+    same order as an uninterrupted one. Lightning calls ``set_epoch``."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position inside the epoch is saved in checkpoints.
+
+    ``training_step`` marks each batch consumed; on resume the first
+    ``consumed`` batches of the (seeded, hence identical) epoch order are
+    skipped, so a run resumed mid-epoch sees exactly the batches it would
+    have seen (Lightning restarts non-stateful loaders from the epoch start).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.consumed = 0
+        self._skip = 0
+
+    def mark_consumed(self) -> None:
+        self.consumed += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # A checkpoint taken after the epoch's last batch resumes at a new epoch.
+        self._skip = state["consumed"] if state["consumed"] < len(self) else 0
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        self.consumed = skip
+        it = super().__iter__()
+        for _ in range(skip):
+            next(it, None)
+        return it
+
+
+class DialogueDataModule(L.LightningDataModule):
+    def __init__(self, config: Config, collator) -> None:
+        super().__init__()
+        self.cfg = config.data
+        self.val_turns = config.train.val_turns
+        self.seed = config.model.seed
+        self.collator = collator
+        self.summary = ""
+
+    def setup(self, stage: str | None = None) -> None:
+        dialogues, self.summary = read_dialogues(self.cfg, self.cfg.split or "train")
+        self.train_set = SampleDataset(training_samples(dialogues, self.cfg.both_speakers))
+
+    def val_dataloader(self) -> DataLoader:
+        """Dev turns with gold context; the module scores BLEU-2 of the replies."""
+        from mmdialog.core.data.samples import dialogue_samples
+
+        dev, _ = read_dialogues(self.cfg, "dev")
+        samples = dialogue_samples(dev)[: self.val_turns]
+        return DataLoader(samples, batch_size=self.cfg.batch_size * 2, collate_fn=list)
+
+    def train_dataloader(self) -> DataLoader:
+        return ResumableLoader(self.train_set, batch_size=self.cfg.batch_size,
+                          sampler=EpochShuffleSampler(len(self.train_set), self.seed),
+                          collate_fn=self.collator, num_workers=self.cfg.num_workers,
+                          persistent_workers=self.cfg.num_workers > 0)

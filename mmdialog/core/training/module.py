@@ -1,0 +1,111 @@
+"""The LightningModule around a ``DialogueModel``: the training step, dev
+evaluation with plateau halving, the optimizer and the checkpoint contents."""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from mmdialog.core import checkpoint as ckpt_format
+from mmdialog.core import markup
+from mmdialog.core.data.collate import Batch
+from mmdialog.core.errors import TrainingError
+from mmdialog.core.model import DialogueModel
+from mmdialog.core.training.data import ResumableLoader
+
+
+class DialogueModule(L.LightningModule):
+    """Optimises the trainable groups of a ``DialogueModel`` (see the freeze policy)."""
+
+    strict_loading = False  # checkpoints hold only trainable weights
+
+    def __init__(self, model: DialogueModel) -> None:
+        super().__init__()
+        self.model = model
+        self.train_cfg = model.config.train
+        self.seed = model.config.model.seed
+        self.sample_log: list[str] = []
+        # Plateau halving on dev BLEU-2 (the reference recipe), applied on top of warm-up.
+        self.lr_scale, self.best_bleu2, self.bad_evals = 1.0, -1.0, 0
+        self._val: list[tuple[str, str]] = []
+
+    def transfer_batch_to_device(self, batch: Batch | list, device, dataloader_idx: int) -> Batch | list:
+        return batch.to(device) if isinstance(batch, Batch) else batch  # dev turns stay Python objects
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        if self.train_cfg.deterministic:
+            # Noise, timesteps and dropout depend on (seed, step, rank, micro-batch) only.
+            torch.manual_seed(hash((self.seed, self.global_step, self.global_rank, batch_idx)) % 2**62)
+        self.model.bridge.set_step(self.global_step)
+        out = self.model(batch)
+        if not torch.isfinite(out["loss"]):
+            raise TrainingError(
+                f"loss became {out['loss'].item()} at step {self.global_step} (text {out['text_loss'].item():.4g}, "
+                f"image {out['image_loss'].item():.4g}); the last good checkpoint is kept in "
+                f"{self.train_cfg.out_dir}/checkpoints — lower --lr or use --precision 32-true, then --resume")
+        self.sample_log.extend(batch.ids)
+        loader = self.trainer.train_dataloader
+        if isinstance(loader, ResumableLoader):
+            loader.mark_consumed()
+        n = len(batch)
+        self.log("loss", out["loss"].detach(), batch_size=n)
+        self.log("text_loss", out["text_loss"].detach(), prog_bar=True, batch_size=n)
+        self.log("image_loss", out["image_loss"].detach(), prog_bar=True, batch_size=n)
+        self.log("image_samples", out["image_samples"].float(), batch_size=n, reduce_fx="sum")
+        return out["loss"]
+
+    def validation_step(self, samples: list, batch_idx: int) -> None:
+        replies = self.model.respond_batch([(list(s.context), s.speaker) for s in samples], draw=False,
+                                           max_new_tokens=self.train_cfg.val_max_new_tokens)
+        gold = [s.target.text_with_photos() for s in samples]
+        self._val.extend(zip([r.text for r in replies], gold))
+
+    def on_validation_epoch_end(self) -> None:
+        from mmdialog.core.evaluation.metrics import text
+
+        if not self._val:
+            return
+        preds, golds = zip(*self._val)
+        self._val = []
+        bleu2 = text.bleu([markup.strip(p) for p in preds], [markup.strip(g) for g in golds], n=2)
+        if bleu2 > self.best_bleu2:
+            self.best_bleu2, self.bad_evals = bleu2, 0
+        else:
+            self.bad_evals += 1
+            if self.bad_evals % self.train_cfg.plateau_patience == 0:
+                self.lr_scale *= 0.5
+        self.log("val_bleu2", bleu2, sync_dist=True)
+        self.log("lr_scale", self.lr_scale)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.lr_scale, self.best_bleu2, self.bad_evals = checkpoint.get("mmdialog_plateau", (1.0, -1.0, 0))
+
+    def configure_optimizers(self):
+        t = self.train_cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        fused = t.fused_optimizer and all(p.is_cuda for p in params)
+        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+        warm = t.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (min(1.0, (s + 1) / warm) if warm else 1.0) * self.lr_scale)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        ckpt_format.filter_lightning_state(checkpoint, self.model)
+        checkpoint["mmdialog_plateau"] = (self.lr_scale, self.best_bleu2, self.bad_evals)
+
+
+def compile_repeated_blocks(model: torch.nn.Module) -> int:
+    """Regional ``torch.compile``: each transformers layer (``GradientCheckpointingLayer``)
+    and each block a diffusers model lists in ``_repeated_blocks``. Identical
+    blocks share one graph, so compiling costs about one layer, not the model;
+    module names and checkpoints are unchanged. Returns the number compiled."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    repeated = {name for mod in model.modules() for name in getattr(mod, "_repeated_blocks", None) or ()}
+    blocks = [mod for mod in model.modules()
+              if isinstance(mod, GradientCheckpointingLayer) or type(mod).__name__ in repeated]
+    for mod in blocks:
+        mod.compile()
+    return len(blocks)

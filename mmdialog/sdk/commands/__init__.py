@@ -1,0 +1,1 @@
+"""The commands of ``mmdialog``; ``sdk/cli.py`` puts them in one table."""

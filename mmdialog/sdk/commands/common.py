@@ -1,0 +1,104 @@
+"""What several commands share: the config options, the generation options
+(checked by ``GenerationOptions``, their one definition) and quiet loading.
+Nothing heavy is imported here: ``mmdialog --help`` stays fast."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from mmdialog.core.errors import MMDialogError
+
+CONFIG = typer.Option("tiny", "--config", "-c", help="preset name (tiny, paper) or YAML file")
+SET = typer.Option([], "--set", help="override any field: --set model.bridge.tau=0.5 (repeatable)")
+MODEL_ARG = typer.Argument("tiny", help="an exported folder, a training checkpoint (trainable.pt, .ckpt, run "
+                                        "folder), a preset (tiny, paper) or a YAML config")
+GENERATOR = typer.Option(None, "--generator", "-g",
+                         help="swap the generator: library (share real photos), library,sd (retrieve, else "
+                              "draw), sd, …")
+LIBRARY = typer.Option(None, "--library", help="photo folder for the library generator (captions.json or "
+                                               "file names); default: the embedded photos")
+MAX_NEW = typer.Option(64, "--max-new-tokens", help="reply length limit (tokens)")
+TEMPERATURE = typer.Option(0.0, "--temperature", help="0 = greedy")
+BEAMS = typer.Option(1, "--beams", help="beam search width")
+STEPS = typer.Option(None, "--steps", help="diffusion steps (default: the generator's)")
+GUIDANCE = typer.Option(None, "--guidance", help="classifier-free guidance scale")
+SEED = typer.Option(None, "--seed", help="fix sampling and diffusion noise")
+
+
+def generation_options(max_new_tokens: int, temperature: float, beams: int, steps: int | None,
+                       guidance: float | None, seed: int | None) -> dict[str, Any]:
+    """The generation flags as ``GenerationOptions`` fields, checked (one-line error)."""
+    from mmdialog.core.model import GenerationOptions
+
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, num_beams=beams,
+                   num_inference_steps=steps, guidance_scale=guidance, seed=seed)
+    flags = dict(max_new_tokens="--max-new-tokens", temperature="--temperature", num_beams="--beams",
+                 num_inference_steps="--steps", guidance_scale="--guidance", seed="--seed")
+    try:
+        return GenerationOptions.parse(options).model_dump()
+    except MMDialogError as e:
+        name = str(e).split(" ", 3)[2].rstrip(":")
+        raise MMDialogError(str(e).replace(f"generation option {name}", flags.get(name, name))) from None
+
+
+def parse_sets(sets: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MMDialogError(f"--set expects key=value (e.g. train.lr=1e-4), got '{item}'")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def config_from_cli(config: str, llm, perceiver, bridge, generator, sets: list[str], **fields: Any):
+    """The validated config of a command: the preset or YAML, the plugin flags,
+    the command's own flags (dotted keys) and ``--set``."""
+    from mmdialog.core.config import load_config
+
+    overrides = {k: v for k, v in fields.items() if v is not None}
+    overrides.update(parse_sets(sets))
+    return load_config(config, overrides, llm=llm, perceiver=perceiver, bridge=bridge, generator=generator)
+
+
+def generator_spec(generator: str | None, library: str | None = None) -> str | dict[str, Any] | None:
+    """``--generator`` (``sd``, ``library``, ``library,sd``) with ``--library FOLDER`` as the
+    library's folder; a chain with a folder is ``{name: library, folder, fallback: {name: sd}}``."""
+    from mmdialog.core.config import generator_chain
+    from mmdialog.core.errors import ConfigError
+
+    if generator is None and library is None:
+        return None
+    try:
+        retriever, drawer = generator_chain(generator or "library")
+    except ConfigError as e:
+        raise MMDialogError(f"--generator: {e}") from None
+    if library is None:
+        return generator
+    if "library" not in (retriever, drawer):
+        raise MMDialogError("--library needs the library generator: --generator library[,sd]")
+    folder = Path(library).expanduser()
+    if not folder.is_dir():
+        raise MMDialogError(f"--library '{library}' is not a folder of photos")
+    spec = {"name": "library", "folder": str(folder.resolve())}
+    return {**spec, "fallback": {"name": drawer}} if retriever else spec
+
+
+def quiet() -> None:
+    """Loading progress bars and library deprecation notes are not for chat users."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
