@@ -24,8 +24,8 @@ _EXPORTS = {
     "Config": "mmdialog.core.config",
     "load_config": "mmdialog.core.config",
     "DialogueModel": "mmdialog.core.model",
-    "Reply": "mmdialog.core.model",
-    "GenerationOptions": "mmdialog.core.model",
+    "Reply": "mmdialog.core.generation",
+    "GenerationOptions": "mmdialog.core.generation",
     "Session": "mmdialog.core.session",
     "Dialogue": "mmdialog.core.data.schema",
     "Turn": "mmdialog.core.data.schema",
@@ -92,16 +92,30 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from mmdialog.core.data.loader import load_dialogues
     from mmdialog.core.data.records import RawRecord, RecordError
     from mmdialog.core.data.schema import Dialogue, Photo, Turn
-    from mmdialog.core.errors import (ConfigError, DataError, ImageError, MMDialogError, PluginError,
-                                      TrainingError)
+    from mmdialog.core.errors import ConfigError, DataError, ImageError, MMDialogError, PluginError, TrainingError
     from mmdialog.core.files import atomic_write
+    from mmdialog.core.generation import GenerationOptions, Reply
     from mmdialog.core.hookspecs import DatasetFormat, Plugin, hookimpl
-    from mmdialog.core.interfaces import (Bridge, BuildContext, GeneratedImage, Generator, LanguageModel, Match,
-                                          Perceiver, PluginOptions, PromptTokens, Retriever, TextTower)
-    from mmdialog.core.model import DialogueModel, GenerationOptions, Reply
+    from mmdialog.core.interfaces import (
+        Bridge,
+        BuildContext,
+        GeneratedImage,
+        Generator,
+        LanguageModel,
+        Match,
+        Perceiver,
+        PluginOptions,
+        PromptTokens,
+        Retriever,
+        TextTower,
+    )
+    from mmdialog.core.model import DialogueModel
     from mmdialog.core.pretrained import load_prefixed, require_folder
     from mmdialog.core.session import Session
     from mmdialog.core.vocab import tokenize_for_tower
-    from mmdialog.plugins.generators.latent_diffusion import (LatentDiffusionGenerator, LatentDiffusionOptions,
-                                                              encode_text_tower)
+    from mmdialog.plugins.generators.latent_diffusion import (
+        LatentDiffusionGenerator,
+        LatentDiffusionOptions,
+        encode_text_tower,
+    )
     from mmdialog.sdk.export import load, save_pretrained

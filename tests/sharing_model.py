@@ -67,10 +67,24 @@ def exported_dir() -> Path:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def exported_sd_dir() -> Path:
+    """The same fine-tuning on the tiny preset as it is (generator ``sd``), exported:
+    a model whose trained generator weights are SD's."""
+    from mmdialog import build
+    from mmdialog.sdk.export import save_pretrained
+
+    model = build("tiny")
+    fine_tune(model)
+    out = Path(tempfile.mkdtemp(prefix="mmdialog-test-export-sd-")) / "model"
+    save_pretrained(model, out)
+    return out
+
+
 def run_cli(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """``mmdialog ARGS`` in a real subprocess (chat/serve/export registered on the app)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "mmdialog.sdk.commands", *args], input=stdin,
+    return subprocess.run([sys.executable, "-m", "mmdialog", *args], input=stdin,
                           capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
 
 
@@ -87,7 +101,7 @@ class ServerThread:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
-        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()

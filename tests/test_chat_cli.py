@@ -3,9 +3,9 @@ import json
 from pathlib import Path
 
 import pytest
-from sharing_model import CAT_PROMPT, exported_dir, run_cli
+from sharing_model import CAT_PROMPT, exported_dir, exported_sd_dir, run_cli
 
-from mmdialog.sdk.commands import generator_spec
+from mmdialog.sdk.commands.common import generator_spec
 
 
 def test_interactive_chat_attaches_photos_saves_shared_ones_and_survives_bad_input(tmp_path, cat_photo):
@@ -32,7 +32,8 @@ def test_one_shot_message_for_scripts(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     reply = json.loads(out.stdout.strip().splitlines()[-1])
     assert reply["text"] == "here she is" and reply["shared"]
-    assert Path(reply["photos"][0]["path"]).exists() and reply["photos"][0]["source"].endswith("chelsea.png")
+    photo = reply["photos"][0]
+    assert Path(photo["path"]).exists() and photo["source"] == "retrieved" and photo["file"].endswith("chelsea.png")
 
 
 def test_chat_works_on_the_embedded_default_with_no_setup():
@@ -61,7 +62,7 @@ def test_user_errors_are_clear_without_a_traceback(args, message):
 def test_export_command_writes_a_folder_that_chat_loads(tmp_path):
     from sharing_model import sharing_model
 
-    from mmdialog.core.training import save_trainable
+    from mmdialog.core.checkpoint import save_trainable
 
     pt = save_trainable(sharing_model(), tmp_path / "run" / "trainable.pt")
     out = run_cli("export", str(pt), str(tmp_path / "model"))
@@ -72,10 +73,28 @@ def test_export_command_writes_a_folder_that_chat_loads(tmp_path):
     assert again.returncode == 2 and "is not empty" in again.stderr
 
 
+@pytest.mark.parametrize("chain", ["library", "library,sd"])
+def test_a_model_exported_with_sd_chats_with_a_library_in_front(chain, tmp_path):
+    out = run_cli("chat", str(exported_sd_dir()), "--generator", chain, "--message", CAT_PROMPT, "--json",
+                  "--seed", "0", "--max-new-tokens", "20", "--steps", "2", "--photos-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    reply = json.loads(out.stdout.strip().splitlines()[-1])
+    assert reply["shared"] and len(reply["photos"]) == 1, reply
+    photo = reply["photos"][0]
+    assert Path(photo["path"]).is_file() and photo["score"] is not None
+    if chain == "library":  # alone, the library always shares its best match
+        assert photo["source"] == "retrieved" and photo["plugin"] == "library"
+    else:  # in front of sd: retrieved at or above the threshold, drawn by sd below it
+        assert (photo["source"], photo["plugin"]) == (("retrieved", "library") if photo["score"] >= 0.4
+                                                      else ("drawn", "sd"))
+
+
 def test_generator_spec():
-    assert generator_spec("library,sd") == {"name": "library", "fallback": {"name": "sd"}}
-    assert generator_spec(None) is None and generator_spec("sd") == {"name": "sd"}
-    assert generator_spec(None, ".")["folder"] == str(Path(".").resolve())
+    assert generator_spec("library,sd") == "library,sd"
+    assert generator_spec(None) is None and generator_spec("sd") == "sd"
+    assert generator_spec(None, ".") == {"name": "library", "folder": str(Path(".").resolve())}
+    assert generator_spec("library,sd", ".") == {"name": "library", "folder": str(Path(".").resolve()),
+                                                 "fallback": {"name": "sd"}}
 
 
 def test_serve_command_binds_loopback_and_answers(tmp_path):
@@ -92,7 +111,7 @@ def test_serve_command_binds_loopback_and_answers(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "mmdialog.sdk.commands", "serve", str(exported_dir()),
+    proc = subprocess.Popen([sys.executable, "-m", "mmdialog", "serve", str(exported_dir()),
                              "--port", str(port), "--photos-dir", str(tmp_path), "--seed", "0"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -12,9 +12,7 @@ from mmdialog.plugins.perceivers.qformer import TINY_BLIP2, QFormerOptions, QFor
 
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory, tiny):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from mmdialog.core import assets
 

@@ -11,7 +11,7 @@ DEMO = Path(__file__).resolve().parents[1] / "mmdialog" / "core" / "data" / "dem
 
 def run(*args, timeout=600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "mmdialog.sdk.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mmdialog", *args], capture_output=True, text=True,
                           env=env, timeout=timeout)
 
 

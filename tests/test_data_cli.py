@@ -8,7 +8,7 @@ import typer
 from typer.testing import CliRunner
 
 from mmdialog.core.data import DEMO_DIR, DataError, check_dataset
-from mmdialog.core.data.cli import data_app
+from mmdialog.sdk.commands.data import data_app
 
 runner = CliRunner()
 EXCERPT = DEMO_DIR / "photochat"

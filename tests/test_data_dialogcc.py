@@ -6,7 +6,6 @@ import json
 import pytest
 
 from mmdialog.core.data import detect_format, load_dialogues, write_jsonl
-from mmdialog.core.data.dialogcc import load_dialogcc
 
 RECORDS = [
     {
@@ -72,7 +71,7 @@ def test_dialogcc_both_layouts(tmp_path, layout):
         f.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
     assert detect_format(f) == "dialogcc"
     _check(load_dialogues(f))
-    _check(load_dialogcc(f))
+    _check(load_dialogues(f, format="dialogcc"))
 
 
 def test_dialogcc_round_trip_through_jsonl(tmp_path):

@@ -182,7 +182,7 @@ def test_connection_refused_is_retried_and_reported(tmp_path):
 def test_cli_fetch_images_against_local_server(tmp_path):
     from typer.testing import CliRunner
 
-    from mmdialog.core.data.cli import data_app
+    from mmdialog.sdk.commands.data import data_app
 
     runner = CliRunner()
     app = typer.Typer()

@@ -9,7 +9,14 @@ import torch
 from PIL import Image
 
 from mmdialog.core.data import (
-    DataError, ImageIndex, Photo, load_dialogues, load_image, resolve_image, to_tensor, url_filename,
+    DataError,
+    ImageIndex,
+    Photo,
+    load_dialogues,
+    load_image,
+    resolve_image,
+    to_tensor,
+    url_filename,
 )
 from mmdialog.core.data.images import verify_image
 

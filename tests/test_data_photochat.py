@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from mmdialog.core.data import DEMO_DIR, clean_description, detect_format, load_dialogues
-from mmdialog.core.data.photochat import load_photochat
 
 EXCERPT = DEMO_DIR / "photochat"
 SHARED = Path("/work/shared/data/photochat/sample")
@@ -106,7 +105,7 @@ def test_split_folder_root_and_single_file(tmp_path):
     assert len(load_dialogues(root, split="dev")) == 9
     assert len(load_dialogues(root, split="valid")) == 9  # alias
     assert len(load_dialogues(root / "test")) == 24
-    single = load_photochat(root / "train" / "train_00.json")
+    single = load_dialogues(root / "train" / "train_00.json", format="photochat")
     assert len(single) == 9 and single[0].id == "train/0"
     # a file whose name carries no split: plain ids
     plain = tmp_path / "mine.json"

@@ -76,7 +76,7 @@ def test_evaluate_writes_replies_for_both_speakers(tiny, tmp_path):
 
 def test_eval_cli_prints_the_paper_table(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "mmdialog.sdk.cli", "eval", "--limit", "4", "--max-new-tokens", "6",
+    out = subprocess.run([sys.executable, "-m", "mmdialog", "eval", "--limit", "4", "--max-new-tokens", "6",
                           "--out", str(tmp_path), "--bridge", "text", "--perceiver", "caption"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

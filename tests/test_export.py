@@ -8,7 +8,7 @@ from sharing_model import CAT_PROMPT, exported_dir, sharing_model
 
 import mmdialog
 from mmdialog import ConfigError
-from mmdialog.sdk.export import _remap, export, load
+from mmdialog.sdk.export import export, load
 
 
 def test_exported_folder_is_self_contained_and_reloads_identically():
@@ -36,7 +36,7 @@ def test_exported_folder_is_self_contained_and_reloads_identically():
 
 
 def test_export_reads_trainable_pt_and_lightning_checkpoints(tmp_path):
-    from mmdialog.core.training import save_trainable
+    from mmdialog.core.checkpoint import save_trainable
 
     model = sharing_model()
     pt = save_trainable(model, tmp_path / "run" / "trainable.pt")
@@ -78,8 +78,37 @@ def test_bad_folders_and_checkpoints_are_one_line_errors(tmp_path):
         export(tmp_path / "other.pt", tmp_path / "out")
 
 
-def test_generator_weights_follow_a_library_wrapper():
-    params = {"generator.fallback.unet.w": 0, "generator.unet.v": 0, "llm.x": 0}
-    assert _remap("generator.unet.w", params) == "generator.fallback.unet.w"     # sd → library,sd
-    assert _remap("generator.fallback.unet.v", params) == "generator.unet.v"     # library,sd → sd
-    assert _remap("llm.x", params) == "llm.x"
+def test_a_model_exported_with_sd_chats_with_library_and_library_sd(tmp_path):
+    """Generator weights have one name (``generator.*``) whatever the chain: swapping in a
+    retriever keeps the trained UNet; swapping the generator itself leaves its weights out."""
+    from mmdialog import Turn, build
+    from mmdialog.sdk.export import save_pretrained
+
+    model = build("tiny")
+    with torch.no_grad():  # "trained" UNet weights that a fresh build does not have
+        for p in model.generator.unet.parameters():
+            p.add_(0.01)
+    folder = save_pretrained(model, tmp_path / "sd-model")
+    trained = {n: p.detach().clone() for n, p in model.generator.unet.named_parameters()}
+
+    chain = load(folder, generator="library,sd")
+    assert type(chain.retriever).__name__ == "LibraryGenerator" and type(chain.generator).__name__ == "SDGenerator"
+    assert all(torch.equal(p, trained[n]) for n, p in chain.generator.unet.named_parameters())
+    shared = chain.share(chain.bridge(*_ids(chain, ["a tabby cat lying on a wooden floor",
+                                                   "a purple elephant playing chess"])),
+                         mmdialog.GenerationOptions(num_inference_steps=2, seed=0))
+    assert [p.source for p in shared] == ["retrieved", "drawn"]
+    assert shared[0].file.name == "chelsea.png" and shared[1].plugin == "sd" and shared[1].score < 0.4
+
+    alone = load(folder, generator="library")
+    assert type(alone.generator).__name__ == "LibraryGenerator" and alone.retriever is None
+    reply = alone.respond([Turn("user", "hi")], max_new_tokens=8)
+    assert isinstance(reply.text, str)
+
+
+def _ids(model, texts):
+    """Description ids as the LLM would write them, for the bridge."""
+    rows = [model.llm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [model.llm.pad_token_id] * (width - len(r)) for r in rows])
+    return ids, torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows])

@@ -1,17 +1,15 @@
-"""generator `library`: real photos, real captions, the real MiniLM embedder, composed with a real `sd`."""
+"""generator `library`: real photos, real captions, the real MiniLM embedder; in a chain
+(``library,sd``) the assembler puts it in front of a real `sd`."""
 import json
 import shutil
 
 import pytest
 import torch
 
-from mmdialog import ConfigError, load_config
-from mmdialog.core.interfaces import BuildContext, PromptTokens
-from mmdialog.plugins.generators.library import (
-    LibraryGenerator,
-    LibraryOptions,
-    caption_from_name,
-)
+from mmdialog import ConfigError, GenerationOptions, build, load_config
+from mmdialog.core.data.images import caption_from_filename as caption_from_name
+from mmdialog.core.interfaces import PromptTokens
+from mmdialog.plugins.generators.library import LibraryGenerator, LibraryOptions
 
 
 @pytest.fixture()
@@ -32,7 +30,7 @@ def test_caption_from_name():
 
 
 def test_matches_sidecar_captions_and_file_names_and_caches_embeddings(photo_folder, tmp_path):
-    ctx = BuildContext(cache_dir=str(tmp_path / "cache"))
+    ctx = str(tmp_path / "cache")
     with pytest.warns(UserWarning, match="names 1 missing file"):
         gen = LibraryGenerator(LibraryOptions(folder=str(photo_folder)), ctx)
     assert not gen.cache_hit and len(list((tmp_path / "cache" / "library").glob("*.safetensors"))) == 1
@@ -45,11 +43,12 @@ def test_matches_sidecar_captions_and_file_names_and_caches_embeddings(photo_fol
     ids = tower.tokenizer(["my cat"], return_tensors="pt")["input_ids"]
     texts = ["my cat sleeping", "an espresso coffee", "rocket launch at night"]
     cond = gen.encode([PromptTokens(ids.repeat(3, 1), tower.embedding(ids.repeat(3, 1)), [f" {t} " for t in texts])])
-    images = gen.generate(cond)
-    assert [img.info["source"].rsplit("/", 1)[-1] for img in images] == ["sleepy_tabby-cat.png", "IMG_0042.png", "launch.jpg"]
-    assert images[0].size == (451, 300) and images[0].mode == "RGB"     # the real photo, full size
-    assert all(m.retrieved and m.score > 0.4 for m in gen.last_matches)
-    # nothing to train without a fallback
+    photos = gen.generate(cond)
+    assert [p.file.name for p in photos] == ["sleepy_tabby-cat.png", "IMG_0042.png", "launch.jpg"]
+    assert photos[0].image.size == (451, 300) and photos[0].image.mode == "RGB"     # the real photo, full size
+    assert all(p.source == "retrieved" and p.plugin == "library" and p.score > 0.4 for p in photos)
+    assert photos[1].caption == "a cup of espresso on a wooden table"
+    # nothing to train
     loss = gen.loss(cond, torch.rand(3, 3, 64, 64))
     assert loss.item() == 0 and not loss.requires_grad
     assert list(gen.parameter_groups()) == ["embedder"]
@@ -58,26 +57,29 @@ def test_matches_sidecar_captions_and_file_names_and_caches_embeddings(photo_fol
     assert again.cache_hit and torch.equal(again.caption_embeddings, gen.caption_embeddings)
 
 
-def test_library_then_sd_retrieves_good_matches_and_draws_the_rest(tmp_path):
-    gen = LibraryGenerator(LibraryOptions(threshold=0.45, fallback={"name": "sd", "num_inference_steps": 2}),
-                           BuildContext(cache_dir=str(tmp_path)))
-    # the fallback's towers and parameter groups, so bridges and the freeze policy see SD
-    assert gen.text_towers is gen.fallback.text_towers and gen.resolution == 64
-    assert {"unet", "vae", "text_encoder"} <= set(gen.parameter_groups())
-    prompts = gen.fallback.text_prompts(["a cup of espresso coffee", "a purple elephant playing chess"])
-    cond = gen.encode(prompts)
-    images = gen.generate(cond, num_inference_steps=2, seed=0)
-    assert images[0].info["source"].endswith("coffee.png") and images[0].size == (600, 400)
-    assert images[1].info["source"] == "generated:sd" and images[1].size == (64, 64)
-    assert [m.retrieved for m in gen.last_matches] == [True, False]
-    assert gen.loss(cond, torch.rand(2, 3, 64, 64)).requires_grad     # the UNet trains as with plain sd
+def test_library_then_sd_retrieves_good_matches_and_draws_the_rest():
+    model = build("tiny", generator="library,sd", overrides={"model.retriever.threshold": 0.45})
+    # the assembler composes: the retriever sits in front, the generator (and its weights) stay sd's
+    assert type(model.retriever) is LibraryGenerator and type(model.generator).__name__ == "SDGenerator"
+    assert "generator.unet" in model.trainable_groups and not any(g.startswith("retriever") for g in
+                                                                      model.trainable_groups)
+    plain = build("tiny")  # the same random init as a build without the retriever
+    assert all(torch.equal(a, b) for a, b in zip(model.generator.parameters(), plain.generator.parameters()))
+    prompts = model.generator.text_prompts(["a cup of espresso coffee", "a purple elephant playing chess"])
+    photos = model.share(prompts, GenerationOptions(num_inference_steps=2, seed=0))
+    assert photos[0].source == "retrieved" and photos[0].file.name == "coffee.png"
+    assert photos[0].image.size == (600, 400)
+    assert photos[1].source == "drawn" and photos[1].plugin == "sd" and photos[1].image.size == (64, 64)
+    assert photos[1].score < 0.45
 
 
 @pytest.mark.parametrize("spec, message", [
     ({"name": "library", "fallback": {"name": "nope"}}, "unknown generator plugin 'nope'"),
-    ({"name": "library", "fallback": {"name": "sd", "steps": 3}}, "fallback.steps"),
-    ({"name": "library", "fallback": {"name": "library"}}, "cannot fall back to another library"),
+    ({"name": "library", "fallback": {"name": "sd", "steps": 3}}, "model.generator.steps"),
+    ("sd,library", "generator plugin 'sd' cannot retrieve photos"),
+    ("library,sd,sdxl", "give a generator"),
     ({"name": "library", "threshold": 2}, "model.generator.threshold"),
+    ({"name": "library", "threshold": 2, "fallback": {"name": "sd"}}, "model.retriever.threshold"),
 ])
 def test_bad_options_fail_when_the_config_loads(spec, message):
     with pytest.raises(ConfigError, match=message):

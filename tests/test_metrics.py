@@ -8,7 +8,10 @@ import math
 import pytest
 import torch
 
-from mmdialog.core import metrics as M
+from mmdialog.core import markup
+from mmdialog.core.evaluation import table as T
+from mmdialog.core.evaluation.metrics import image as I
+from mmdialog.core.evaluation.metrics import text as M
 
 # --------------------------------------------------------------------------- #
 # Text: tokenisation and description stripping
@@ -33,7 +36,7 @@ def test_tokenize_lowercases_and_splits_punctuation():
     ],
 )
 def test_strip_descriptions(text, expected):
-    assert M.strip_descriptions(text) == expected
+    assert markup.strip(text) == expected
 
 
 # --------------------------------------------------------------------------- #
@@ -291,7 +294,7 @@ def _smooth(n, seed, size=32):
 
 
 def test_feature_extractor_fallback_is_deterministic_and_labelled():
-    a, b = M.feature_extractor(None), M.feature_extractor(None)
+    a, b = I.feature_extractor(None), I.feature_extractor(None)
     assert a.comparable is False and "fallback" in a.name
     x = _noise(4, 0)
     fa, la = a(x)
@@ -304,7 +307,7 @@ def test_feature_extractor_fallback_is_deterministic_and_labelled():
 
 def test_feature_extractor_inception_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
-        M.feature_extractor(str(tmp_path / "missing.pth"))
+        I.feature_extractor(str(tmp_path / "missing.pth"))
     try:
         import torch_fidelity  # noqa: F401
 
@@ -314,11 +317,11 @@ def test_feature_extractor_inception_errors(tmp_path):
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"not really weights")
     with pytest.raises(ImportError, match="torch-fidelity"):
-        M.feature_extractor(str(weights))
+        I.feature_extractor(str(weights))
 
 
 def test_image_metrics_identical_sets_give_zero_fid():
-    m = M.ImageMetrics()
+    m = I.ImageMetrics()
     imgs = _noise(24, 0)
     m.update_real(imgs[:12])
     m.update_real(imgs[12:])
@@ -328,7 +331,7 @@ def test_image_metrics_identical_sets_give_zero_fid():
     assert out["kid_mean"] == pytest.approx(0.0, abs=1e-3)
     assert out["is_mean"] >= 1.0 - 1e-6
     assert out["n_images"] == 24 and out["n_real"] == 24
-    assert out["comparable"] is False and out["note"] == M.NOT_COMPARABLE_NOTE
+    assert out["comparable"] is False and out["note"] == I.NOT_COMPARABLE_NOTE
     assert "fallback" in out["feature_extractor"]
 
 
@@ -341,7 +344,7 @@ def test_image_metrics_distribution_shift_increases_fid():
     }
     results = {}
     for name, fake in fakes.items():
-        m = M.ImageMetrics(kid_subsets=10)
+        m = I.ImageMetrics(kid_subsets=10)
         m.update_real(real)
         m.update_fake(fake)
         results[name] = m.compute()
@@ -357,13 +360,13 @@ def test_image_metrics_distribution_shift_increases_fid():
 
 
 def test_image_metrics_small_samples_and_determinism():
-    m = M.ImageMetrics()  # default kid_subset_size 1000 > n: clipped to n
+    m = I.ImageMetrics()  # default kid_subset_size 1000 > n: clipped to n
     m.update_real(_noise(3, 4))
     m.update_fake(_smooth(3, 5))
     first, second = m.compute(), m.compute()
     assert math.isfinite(first["fid"]) and math.isfinite(first["kid_mean"])
     assert first == second  # compute() is seeded
-    single = M.ImageMetrics()
+    single = I.ImageMetrics()
     single.update_real(_noise(1, 6))
     single.update_fake(_noise(1, 7))
     out = single.compute()
@@ -418,18 +421,18 @@ def test_clip_score_tiny_model(tiny_clip):
     model, processor = tiny_clip
     images = _noise(3, 8, size=40)
     texts = ["the dog", "a cat on the mat", "the " * 100]  # last one needs truncation
-    per_pair = M.clip_scores(images, texts, model, processor, batch_size=2)
+    per_pair = I.clip_scores(images, texts, model, processor, batch_size=2)
     assert per_pair.shape == (3,)
     assert torch.all(per_pair >= 0) and torch.all(per_pair <= 100)
-    mean = M.clip_score(_smooth(3, 9, size=40), texts, model, processor)
+    mean = I.clip_score(_smooth(3, 9, size=40), texts, model, processor)
     assert 0.0 <= mean <= 100.0
     # PIL input gives the same scores as the equivalent uint8 tensor
     from PIL import Image
 
     pil = [Image.fromarray(a) for a in images.permute(0, 2, 3, 1).numpy()]
-    assert torch.allclose(M.clip_scores(pil, texts, model, processor), per_pair, atol=1e-5)
+    assert torch.allclose(I.clip_scores(pil, texts, model, processor), per_pair, atol=1e-5)
     with pytest.raises(ValueError):
-        M.clip_scores(images, texts[:2], model, processor)
+        I.clip_scores(images, texts[:2], model, processor)
 
 
 # --------------------------------------------------------------------------- #
@@ -445,7 +448,7 @@ def test_results_table_formatting():
          "fid": 40.0, "is_mean": 2.5, "comparable": False, "intent_f1": 55.5},
         {"model": "Text-only", "dataset": "DialogCC", "bleu1": 9.0, "fid": float("nan")},
     ]
-    table = M.results_table(rows)
+    table = T.results_table(rows)
     lines = table.strip().split("\n")
     assert lines[0] == "| Model | Dataset | BLEU-1 | BLEU-2 | ROUGE-L | FID ↓ | IS ↑ | Intent F1 |"
     assert lines[1] == "|---|---|---:|---:|---:|---:|---:|---:|"
@@ -453,16 +456,16 @@ def test_results_table_formatting():
     assert lines[3] == "| Ours | PhotoChat | 10.00 | 3.46 | 11.00 | 40.00 † | 2.50 † | 55.50 |"
     assert lines[4] == "| Text-only | DialogCC | 9.00 | – | – | – | – | – |"
     assert lines[5] == ""
-    assert lines[6].startswith("†") and M.NOT_COMPARABLE_NOTE in lines[6]
+    assert lines[6].startswith("†") and I.NOT_COMPARABLE_NOTE in lines[6]
     # all rows comparable -> no footnote
-    assert "†" not in M.results_table(rows[:1])
-    assert M.results_table([]).count("\n") == 2
+    assert "†" not in T.results_table(rows[:1])
+    assert T.results_table([]).count("\n") == 2
 
 
 def test_results_table_from_image_metrics_output():
-    m = M.ImageMetrics()
+    m = I.ImageMetrics()
     m.update_real(_noise(4, 10))
     m.update_fake(_noise(4, 11))
     row = {"model": "m", "dataset": "d", **M.text_scores(["hi"], ["hi"]), **m.compute()}
-    table = M.results_table([row])
-    assert "100.00" in table and "†" in table and M.NOT_COMPARABLE_NOTE in table
+    table = T.results_table([row])
+    assert "100.00" in table and "†" in table and I.NOT_COMPARABLE_NOTE in table

@@ -3,7 +3,7 @@ import torch
 
 from mmdialog import Photo, Reply, Turn
 from mmdialog.core.data.collate import IGNORE
-from mmdialog.core.model import description_spans
+from mmdialog.core.markup import spans as description_spans
 
 
 def test_respond_writes_a_reply_and_perceives_history_photos(tiny, cat_photo):

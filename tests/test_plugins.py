@@ -67,7 +67,7 @@ def test_third_party_options_are_validated(installed_plugin):
 
 def test_cli_lists_the_installed_plugin(installed_plugin):
     env = {"PYTHONPATH": str(installed_plugin), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "mmdialog.sdk.cli", "plugins"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "mmdialog", "plugins"], capture_output=True,
                          text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()

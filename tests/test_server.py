@@ -44,7 +44,8 @@ def test_health_page_and_a_reply_with_a_shared_photo(server):
     data = r.json()
     assert data["text"] == "here she is" and data["shared"] and not data["truncated"]
     photo = data["photos"][0]
-    assert photo["description"] == "my tabby cat" and photo["source"].endswith("chelsea.png")
+    assert photo["description"] == "my tabby cat" and photo["source"] == "retrieved"
+    assert photo["file"].endswith("chelsea.png") and photo["plugin"] == "library" and photo["score"] > 0.4
     img = client.get(photo["url"])
     assert img.status_code == 200 and img.headers["content-type"] == "image/png"
     assert img.headers["x-content-type-options"] == "nosniff"

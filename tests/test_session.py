@@ -6,7 +6,8 @@ from PIL import Image
 from sharing_model import CAT_PROMPT, HELLO_PROMPT, sharing_model
 
 from mmdialog import MMDialogError, Session, Turn
-from mmdialog.sdk.session import HistoryTruncatedWarning, ImageError, strip_markup
+from mmdialog.core.markup import strip as strip_markup
+from mmdialog.core.session import HistoryTruncatedWarning, ImageError
 
 
 def test_history_is_kept_and_shared_photos_come_back_as_files(tmp_path):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mmdialog import build
+from mmdialog.core.checkpoint import read_checkpoint, weights_digest
 from mmdialog.core.errors import ConfigError
-from mmdialog.core.training import TrainingError, compile_repeated_blocks, train, weights_digest
-from mmdialog.sdk.export import read_checkpoint
+from mmdialog.core.training import TrainingError, compile_repeated_blocks, train
 
 DEMO = Path(__file__).resolve().parents[1] / "mmdialog" / "core" / "data" / "demo" / "chat.jsonl"
 
@@ -93,7 +93,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(
-        [sys.executable, "-m", "mmdialog.sdk.cli", "train", "--devices", "2", "--strategy", "ddp",
+        [sys.executable, "-m", "mmdialog", "train", "--devices", "2", "--strategy", "ddp",
          "--set", "train.accelerator=cpu", "--data", str(DEMO), "--set", "data.split=train",
          "--set", "data.both_speakers=false", "--max-steps", "2", "--quiet", "--out-dir", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=600)
@@ -133,7 +133,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     import time
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "mmdialog.sdk.cli", "train", "--data", str(DEMO), "--set", "data.split=train",
+    cmd = [sys.executable, "-m", "mmdialog", "train", "--data", str(DEMO), "--set", "data.split=train",
            "--set", "data.both_speakers=false", "--set", "train.checkpoint_every=1000", "--quiet",
            "--out-dir", str(tmp_path)]
     proc = subprocess.Popen(cmd + ["--max-steps", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

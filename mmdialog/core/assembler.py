@@ -60,8 +60,12 @@ def build(config: str | Path | dict[str, Any] | Config = "tiny", /,
     return model
 
 
-def freeze_policy(overrides: dict[str, bool]) -> dict[str, bool]:
-    return {**DEFAULT_TRAINABLE, **overrides}
+def freeze_policy(model: DialogueModel, overrides: dict[str, bool]) -> dict[str, bool]:
+    """Group → trainable: each plugin's ``trainable_by_default``, then the
+    built-ins' defaults, then the config's overrides."""
+    plugins = {f"{slot}.{group}": True for slot, comp in model.components().items()
+               for group in comp.trainable_by_default}
+    return {**plugins, **DEFAULT_TRAINABLE, **overrides}
 
 
 def apply_freeze_policy(model: DialogueModel, overrides: dict[str, bool]) -> list[str]:
@@ -77,7 +81,7 @@ def apply_freeze_policy(model: DialogueModel, overrides: dict[str, bool]) -> lis
     if unknown:
         raise ConfigError(f"config field 'model.trainable.{unknown[0]}': no such parameter group; "
                           f"this model has: {', '.join(sorted(groups))}")
-    policy = freeze_policy(overrides)
+    policy = freeze_policy(model, overrides)
     model.requires_grad_(False)
     on = sorted(k for k in groups if policy.get(k, False))
     for key in on:

@@ -3,7 +3,8 @@ the perceiver's ViT + Q-Former features): a photo repeats every epoch, its
 encoding does not."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -38,7 +38,7 @@ class TrainingError(MMDialogError):
     """A run that had to stop (non-finite loss, out of memory)."""
 
 
-def validation_message(error: "ValidationError", prefix: str = "") -> str:
+def validation_message(error: ValidationError, prefix: str = "") -> str:
     """The first problem of a pydantic ``ValidationError`` as ``a.b.c: message``."""
     err = error.errors()[0]
     loc = ".".join(str(x) for x in (prefix, *err["loc"]) if x != "") or "value"

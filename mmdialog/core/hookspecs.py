@@ -17,8 +17,9 @@ same hooks.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -58,8 +59,8 @@ class DatasetFormat:
 
     name: str
     detect: Callable[[Any], bool]
-    record_id: Callable[[Any, "RawRecord"], str]
-    parse: Callable[..., "tuple[Dialogue, int]"]
+    record_id: Callable[[Any, RawRecord], str]
+    parse: Callable[..., tuple[Dialogue, int]]
     description: str = ""
     options: tuple[str, ...] = ()
 

@@ -38,8 +38,8 @@ class PluginOptions(BaseModel):
 class BuildContext:
     """What a factory may use: components built before it, and where to cache."""
 
-    llm: "LanguageModel | None" = None
-    generator: "Generator | None" = None
+    llm: LanguageModel | None = None
+    generator: Generator | None = None
     cache_dir: str | None = None
 
 
@@ -47,9 +47,12 @@ class Component(nn.Module, ABC):
     """Common base: an options model, a factory and named parameter groups."""
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions
+    #: Groups the freeze policy trains unless the config says otherwise (the
+    #: built-ins' defaults are ``config.DEFAULT_TRAINABLE``).
+    trainable_by_default: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
-    def from_options(cls, options: PluginOptions, ctx: BuildContext) -> "Component":
+    def from_options(cls, options: PluginOptions, ctx: BuildContext) -> Component:
         return cls(options)  # type: ignore[call-arg]
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -112,7 +115,7 @@ class Perceiver(Component):
     def forward(self, pixels: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} is a text perceiver")
 
-    def caption(self, photo: "Photo") -> str:
+    def caption(self, photo: Photo) -> str:
         raise NotImplementedError(f"{type(self).__name__} perceives pixels, not captions")
 
 
@@ -170,7 +173,7 @@ class GeneratedImage:
     is the retriever's similarity to the description, when one was asked.
     """
 
-    image: "Image.Image"
+    image: Image.Image
     source: Literal["drawn", "retrieved"] = "drawn"
     plugin: str = ""
     caption: str | None = None

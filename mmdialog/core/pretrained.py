@@ -12,16 +12,17 @@ import torch
 from mmdialog.core.errors import ConfigError
 
 
-def require_folder(path: str | Path, files: list[str], what: str) -> Path:
-    """Fail with one line if ``path`` lacks any of ``files`` (checked before loading)."""
+def require_folder(path: str | Path, files: tuple[str, ...] | list[str], what: str,
+                   expected: str = "a save_pretrained() folder of that model") -> Path:
+    """Fail with one line if ``path`` is not a folder holding all of ``files``
+    (checked before loading); ``expected`` says what the folder should be."""
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise ConfigError(f"{what}: folder '{p}' does not exist; point the option at a local "
-                          "checkpoint folder (or a file for GGUF)")
+        where = "is a file, not a folder" if p.exists() else "does not exist"
+        raise ConfigError(f"{what}: folder '{p}' {where}; give {expected}")
     missing = [f for f in files if not (p / f).exists()]
     if missing:
-        raise ConfigError(f"{what}: folder '{p}' is missing {', '.join(missing)}; "
-                          "it should be a save_pretrained() folder of that model")
+        raise ConfigError(f"{what}: folder '{p}' is missing {', '.join(missing)}; it should be {expected}")
     return p
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from mmdialog.core.data.images import MAX_PIXELS, caption_from_filename, verify_image
 from mmdialog.core.data.schema import Photo, Turn
 from mmdialog.core.errors import DataError, ImageError, MMDialogError
-from mmdialog.core.model import GenerationOptions, Reply
+from mmdialog.core.generation import GenerationOptions, Reply
 
 USER, AGENT = "user", "assistant"
 

@@ -29,6 +29,7 @@ from mmdialog.core.config import PRESETS, SLOTS, Config, config_from_yaml, dump_
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.files import atomic_folder
 from mmdialog.core.model import DialogueModel
+from mmdialog.core.pretrained import require_folder
 
 FORMAT = "mmdialog-export"
 FORMAT_VERSION = 1
@@ -142,17 +143,8 @@ def model_card(config: Config, manifest: dict[str, Any], metrics: dict[str, Any]
 # -- loading ----------------------------------------------------------------------------------
 def check_folder(path: str | Path) -> Path:
     """Fail with one line unless ``path`` is a complete exported folder."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ConfigError(f"model '{p}' does not exist; give a folder written by `mmdialog export` "
-                          f"(or a preset: {', '.join(PRESETS)})")
-    if not p.is_dir():
-        raise ConfigError(f"model '{p}' is a file, not an exported folder; "
-                          "run `mmdialog export CKPT OUT_DIR` first")
-    missing = [f for f in REQUIRED if not (p / f).is_file()]
-    if missing:
-        raise ConfigError(f"model folder '{p}' is missing {', '.join(missing)}; "
-                          "is it a folder written by `mmdialog export`?")
+    p = require_folder(path, REQUIRED, "model", "a folder written by `mmdialog export` (or a training "
+                       f"checkpoint, or a preset: {', '.join(PRESETS)})")
     manifest = read_json(p / MANIFEST, "manifest")
     if manifest.get("format") != FORMAT:
         raise ConfigError(f"model folder '{p}': {MANIFEST} is not an mmdialog export manifest")

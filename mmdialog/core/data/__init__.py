@@ -14,10 +14,14 @@ Nothing here imports torch (``to_tensor`` imports it when called) or typer
 """
 from mmdialog.core.data.check import check_dataset
 from mmdialog.core.data.demo import DEMO_DIR, demo_dialogues
-from mmdialog.core.errors import DataError
 from mmdialog.core.data.fetch import FetchReport, fetch_images, fetch_urls
 from mmdialog.core.data.images import (
-    ImageIndex, center_crop_resize, load_image, resolve_image, to_tensor, url_filename,
+    ImageIndex,
+    center_crop_resize,
+    load_image,
+    resolve_image,
+    to_tensor,
+    url_filename,
 )
 from mmdialog.core.data.jsonl import write_jsonl
 from mmdialog.core.data.loader import detect_format, formats, load_dialogues
@@ -25,6 +29,7 @@ from mmdialog.core.data.photochat import clean_description
 from mmdialog.core.data.report import LoadReport, LoadResult, Problem
 from mmdialog.core.data.samples import TurnSample, dialogue_samples, turn_samples
 from mmdialog.core.data.schema import Dialogue, Photo, Turn
+from mmdialog.core.errors import DataError
 
 __all__ = [
     "DEMO_DIR", "DataError", "Dialogue", "FetchReport", "ImageIndex", "LoadReport",

@@ -16,9 +16,9 @@ and end-of-turn marker), so any prefix-stable chat template works.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -49,7 +49,7 @@ class Batch:
     stats: dict[str, int] = field(default_factory=dict)
     ids: list[str] = field(default_factory=list)  # "dialogue_id@agent" of each sample
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
 
     def __len__(self) -> int:
@@ -108,7 +108,7 @@ class Collator:
         enc = self.llm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"][: self.max_length], enc["offset_mapping"][: self.max_length]
         labels = [i if any(s <= a < e for s, e in spans) else IGNORE for i, (a, _) in zip(ids, offsets)]
-        labels = [IGNORE if i == self.llm.image_token_id else l for i, l in zip(ids, labels)]
+        labels = [IGNORE if i == self.llm.image_token_id else lab for i, lab in zip(ids, labels)]
         photos = [p for t in dialogue.turns for p in t.photos]
         agent_photos = [p for t in dialogue.turns if t.speaker == agent for p in t.photos]
         return {"ids": ids, "labels": labels, "photos": photos, "agent_photos": agent_photos,

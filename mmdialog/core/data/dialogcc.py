@@ -27,13 +27,12 @@ Mapping:
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from mmdialog.core.data.records import RawRecord, RecordError, normalize_split
+from mmdialog.core.data.records import RawRecord, RecordError, add_message, normalize_split, object_list, text_field
 from mmdialog.core.data.report import LoadReport
-from mmdialog.core.hookspecs import DatasetFormat, hookimpl
 from mmdialog.core.data.schema import Dialogue, Photo, Turn
+from mmdialog.core.hookspecs import DatasetFormat, hookimpl
 
 URL_KEYS = ("image_url", "url", "img_url")
 ID_KEYS = ("image_id", "id", "img_id")
@@ -100,18 +99,7 @@ def parse_record(raw: RawRecord, *, file: str, report: LoadReport, split: str | 
     if speaker_names not in SPEAKER_MODES:
         raise ValueError(f"speaker_names must be one of {SPEAKER_MODES}, not {speaker_names!r}")
     rec = raw.value
-    if not isinstance(rec, dict):
-        raise RecordError(f"record is a {type(rec).__name__}, expected an object")
-    if "dialogue" not in rec:
-        raise RecordError("missing 'dialogue'")
-    utts = rec["dialogue"]
-    if not isinstance(utts, list):
-        raise RecordError(f"'dialogue' is a {type(utts).__name__}, expected a list of utterances")
-    if not utts:
-        raise RecordError("empty dialogue (no utterances)")
-    for i, u in enumerate(utts):
-        if not isinstance(u, dict):
-            raise RecordError(f"utterance {i} is a {type(u).__name__}, expected an object")
+    utts = object_list(rec, "dialogue", "utterance")
     idx = [u.get("utterance_idx") for u in utts]
     if all(isinstance(x, int) and not isinstance(x, bool) for x in idx):
         utts = [u for _, u in sorted(zip(idx, utts), key=lambda p: p[0])]
@@ -127,23 +115,10 @@ def parse_record(raw: RawRecord, *, file: str, report: LoadReport, split: str | 
         spk = str(spk).strip()
         if speaker_names == "index":
             spk = index_of.setdefault(spk, str(len(index_of)))
-        text = u.get("utterance")
-        if text is None:
-            text = ""
-        if not isinstance(text, str):
-            raise RecordError(f"{where}: utterance is a {type(text).__name__}, expected a string")
-        text = text.strip()
+        text = text_field(u.get("utterance"), f"{where}: utterance")
         photos = _photos(u.get("shared_image"), u.get("description"), where)
-        if not text and not photos:
-            continue
-        if not turns or turns[-1].speaker != spk:
-            turns.append(Turn(speaker=spk))
-        turn = turns[-1]
-        if text:
-            turn.text = f"{turn.text} {text}" if turn.text else text
-        for p in photos:
-            p.offset = len(turn.text)
-            turn.photos.append(p)
+        if text or photos:
+            add_message(turns, spk, text, photos)
     if not turns:
         raise RecordError("empty dialogue (every utterance is empty)")
     did = rec.get("dialogue_id")
@@ -153,15 +128,7 @@ def parse_record(raw: RawRecord, *, file: str, report: LoadReport, split: str | 
     return Dialogue(id=did, turns=turns, source="dialogcc", split=rsplit or split), len(utts)
 
 
-def load_dialogcc(path: str | Path, split: str | None = None, *, strict: bool = False,
-                  speaker_names: str = "keep", **kwargs: Any):
-    """Load DialogCC file(s); same as ``load_dialogues(path, format="dialogcc", ...)``."""
-    from mmdialog.core.data import load_dialogues
-
-    return load_dialogues(path, format="dialogcc", split=split, strict=strict,
-                          speaker_names=speaker_names, **kwargs)
-
-
 @hookimpl
 def mmdialog_dataset_formats() -> list[DatasetFormat]:
-    return [DatasetFormat("dialogcc", is_dialogcc_record, record_id, parse_record, "DialogCC (Hugging Face JSON; several photos per dialogue)", ("speaker_names",))]
+    return [DatasetFormat("dialogcc", is_dialogcc_record, record_id, parse_record,
+                          "DialogCC (Hugging Face JSON; several photos per dialogue)", ("speaker_names",))]

@@ -30,10 +30,11 @@ import urllib.error
 import urllib.request
 import uuid
 import warnings
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 from PIL import Image
@@ -255,28 +256,17 @@ def fetch_urls(
     return report
 
 
-def fetch_images(
-    dialogues: Iterable[Dialogue],
-    out_dir: str | os.PathLike,
-    workers: int = 8,
-    retries: int = 3,
-    backoff: float = 1.0,
-    timeout: float = 30.0,
-    *,
-    rate_limit: float | None = None,
-    update_paths: bool = True,
-    **kwargs,
-) -> FetchReport:
+def fetch_images(dialogues: Iterable[Dialogue], out_dir: str | os.PathLike, *, update_paths: bool = True,
+                 **kwargs: Any) -> FetchReport:
     """Download the photos of ``dialogues`` (a list or a ``LoadResult``) into ``out_dir``.
 
     With ``update_paths`` (default) each photo whose file is now present gets
-    ``Photo.path`` set. Other keyword arguments go to :func:`fetch_urls`
-    (``max_backoff``, ``max_bytes``, ``verify``, ``user_agent``, ``progress``).
+    ``Photo.path`` set. Keyword arguments go to :func:`fetch_urls` (``workers``,
+    ``retries``, ``backoff``, ``timeout``, ``rate_limit``, ``max_bytes``, …).
     """
     photos = [p for d in dialogues for p in d.photos]
     no_url = sum(1 for p in photos if not p.url)
-    report = fetch_urls((p.url for p in photos if p.url), out_dir, workers=workers, retries=retries,
-                        backoff=backoff, timeout=timeout, rate_limit=rate_limit, **kwargs)
+    report = fetch_urls((p.url for p in photos if p.url), out_dir, **kwargs)
     report.no_url = no_url
     if update_paths:
         out = Path(out_dir)

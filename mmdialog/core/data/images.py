@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import posixpath
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -41,8 +41,8 @@ from urllib.parse import unquote, urlsplit
 
 from PIL import Image, ImageOps
 
-from mmdialog.core.errors import DataError
 from mmdialog.core.data.schema import Photo
+from mmdialog.core.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -246,7 +246,7 @@ def load_image(path: PathLike, size: int | None = None, *, max_pixels: int | Non
     return out
 
 
-def to_tensor(image: Union[Image.Image, PathLike], size: int = 512) -> "torch.Tensor":
+def to_tensor(image: Union[Image.Image, PathLike], size: int = 512) -> torch.Tensor:
     """A float tensor ``(3, size, size)`` in ``[0, 1]``: shorter side resized to ``size``,
     center crop (the paper's 512² crop). ``image`` is a PIL image or a file path."""
     import numpy as np

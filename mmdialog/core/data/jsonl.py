@@ -40,13 +40,14 @@ import importlib.util
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from mmdialog.core.data.records import RawRecord, RecordError, normalize_split
+from mmdialog.core.data.records import RawRecord, RecordError, normalize_split, object_list
 from mmdialog.core.data.report import LoadReport
-from mmdialog.core.hookspecs import DatasetFormat, hookimpl
 from mmdialog.core.data.schema import Dialogue, Photo, Turn
+from mmdialog.core.hookspecs import DatasetFormat, hookimpl
 
 PKG_PREFIX = "pkg:"
 
@@ -111,18 +112,10 @@ def parse_record(raw: RawRecord, *, file: str, report: LoadReport, split: str | 
     did = _str(rec.get("id"), "'id'", required=True).strip()
     if not did:
         raise RecordError("empty 'id'")
-    if "turns" not in rec:
-        raise RecordError("missing 'turns'")
-    raw_turns = rec["turns"]
-    if not isinstance(raw_turns, list):
-        raise RecordError(f"'turns' is a {type(raw_turns).__name__}, expected a list")
-    if not raw_turns:
-        raise RecordError("empty dialogue (no turns)")
+    raw_turns = object_list(rec, "turns", "turn")
     base = Path(file).parent
     turns = []
     for i, t in enumerate(raw_turns):
-        if not isinstance(t, dict):
-            raise RecordError(f"turn {i} is a {type(t).__name__}, expected an object")
         spk = t.get("speaker")
         if isinstance(spk, bool) or not isinstance(spk, (str, int)) or not str(spk).strip():
             raise RecordError(f"turn {i}: unknown speaker type {type(spk).__name__} ({spk!r}); "
@@ -217,13 +210,7 @@ def write_jsonl(dialogues: Iterable[Dialogue], path: str | Path, *, relative_pat
     return n
 
 
-def load_jsonl(path: str | Path, split: str | None = None, *, strict: bool = False, **kwargs: Any):
-    """Load mmdialog JSONL file(s); same as ``load_dialogues(path, format="jsonl", ...)``."""
-    from mmdialog.core.data import load_dialogues
-
-    return load_dialogues(path, format="jsonl", split=split, strict=strict, **kwargs)
-
-
 @hookimpl
 def mmdialog_dataset_formats() -> list[DatasetFormat]:
-    return [DatasetFormat("jsonl", is_jsonl_record, record_id, parse_record, "mmdialog's own JSONL schema (one dialogue a line)", ())]
+    return [DatasetFormat("jsonl", is_jsonl_record, record_id, parse_record,
+                          "mmdialog's own JSONL schema (one dialogue a line)", ())]

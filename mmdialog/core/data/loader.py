@@ -8,10 +8,21 @@ from typing import Any
 from mmdialog.core.data import dialogcc, photochat
 from mmdialog.core.data.images import image_index, verify_image
 from mmdialog.core.data.records import (
-    RawRecord, RecordError, collect_files, find_bad_text, iter_records, normalize_split, split_hint,
+    RawRecord,
+    RecordError,
+    collect_files,
+    find_bad_text,
+    iter_records,
+    normalize_split,
+    split_hint,
 )
 from mmdialog.core.data.report import (
-    BAD_RECORD, CORRUPT_IMAGE, MISSING_IMAGE, WARNING, LoadReport, LoadResult,
+    BAD_RECORD,
+    CORRUPT_IMAGE,
+    MISSING_IMAGE,
+    WARNING,
+    LoadReport,
+    LoadResult,
 )
 from mmdialog.core.data.schema import Dialogue
 from mmdialog.core.errors import DataError

@@ -53,13 +53,12 @@ Descriptions in neither format are kept verbatim (stripped).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
-from mmdialog.core.data.records import RawRecord, RecordError
+from mmdialog.core.data.records import RawRecord, RecordError, add_message, object_list, text_field
 from mmdialog.core.data.report import WARNING, LoadReport
-from mmdialog.core.hookspecs import DatasetFormat, hookimpl
 from mmdialog.core.data.schema import Dialogue, Photo, Turn
+from mmdialog.core.hookspecs import DatasetFormat, hookimpl
 
 DESCRIPTION_STYLES = ("objects", "raw", "sentence")
 PERSON_MODES = ("drop", "keep")
@@ -136,15 +135,7 @@ def parse_record(raw: RawRecord, *, file: str, report: LoadReport, split: str | 
                  description_style: str = "objects", person: str = "drop") -> tuple[Dialogue, int]:
     """One PhotoChat record → (Dialogue, number of raw messages). Raises RecordError."""
     rec = raw.value
-    if not isinstance(rec, dict):
-        raise RecordError(f"record is a {type(rec).__name__}, expected an object")
-    if "dialogue" not in rec:
-        raise RecordError("missing 'dialogue'")
-    messages = rec["dialogue"]
-    if not isinstance(messages, list):
-        raise RecordError(f"'dialogue' is a {type(messages).__name__}, expected a list of messages")
-    if not messages:
-        raise RecordError("empty dialogue (no messages)")
+    messages = object_list(rec, "dialogue", "message")
     did = rec.get("dialogue_id")
     if isinstance(did, (dict, list, bool)) or did is None or str(did).strip() == "":
         did = raw.label.replace(" ", "")  # "#3" / "line7": position in the file
@@ -160,17 +151,10 @@ def parse_record(raw: RawRecord, *, file: str, report: LoadReport, split: str | 
     turns: list[Turn] = []
     shared = False
     for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise RecordError(f"message {i} is a {type(msg).__name__}, expected an object")
         if "user_id" not in msg:
             raise RecordError(f"message {i}: missing user_id")
         speaker = _speaker(msg["user_id"], i)
-        text = msg.get("message")
-        if text is None:
-            text = ""
-        if not isinstance(text, str):
-            raise RecordError(f"message {i}: 'message' is a {type(text).__name__}, expected a string")
-        text = text.strip()
+        text = text_field(msg.get("message"), f"message {i}: 'message'")
         share = msg.get("share_photo", False)
         if share in (0, 1, "true", "false", "True", "False") and not isinstance(share, bool):
             share = str(share).lower() in ("1", "true")
@@ -179,16 +163,9 @@ def parse_record(raw: RawRecord, *, file: str, report: LoadReport, split: str | 
         if share and not (url or pid or description):
             raise RecordError(f"message {i} shares a photo but the record has no photo_url, "
                               "photo_id or photo_description")
-        if not text and not share:
-            continue
-        if not turns or turns[-1].speaker != speaker:
-            turns.append(Turn(speaker=speaker))
-        turn = turns[-1]
-        if text:
-            turn.text = f"{turn.text} {text}" if turn.text else text
-        if share:
-            shared = True
-            turn.photos.append(Photo(id=pid, url=url, description=description, offset=len(turn.text)))
+        if text or share:
+            add_message(turns, speaker, text, [Photo(id=pid, url=url, description=description)] if share else [])
+            shared = shared or share
     if not turns:
         raise RecordError("empty dialogue (every message is empty)")
     did_full = f"{split}/{did}" if split else did
@@ -198,15 +175,7 @@ def parse_record(raw: RawRecord, *, file: str, report: LoadReport, split: str | 
     return Dialogue(id=did_full, turns=turns, source="photochat", split=split), len(messages)
 
 
-def load_photochat(path: str | Path, split: str | None = None, *, strict: bool = False,
-                   description_style: str = "objects", person: str = "drop", **kwargs: Any):
-    """Load PhotoChat file(s); same as ``load_dialogues(path, format="photochat", ...)``."""
-    from mmdialog.core.data import load_dialogues
-
-    return load_dialogues(path, format="photochat", split=split, strict=strict,
-                          description_style=description_style, person=person, **kwargs)
-
-
 @hookimpl
 def mmdialog_dataset_formats() -> list[DatasetFormat]:
-    return [DatasetFormat("photochat", is_photochat_record, record_id, parse_record, "PhotoChat official JSON (google-research/multimodalchat)", ("description_style", "person"))]
+    return [DatasetFormat("photochat", is_photochat_record, record_id, parse_record,
+                          "PhotoChat official JSON (google-research/multimodalchat)", ("description_style", "person"))]

@@ -18,11 +18,13 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from mmdialog.core.data.report import BAD_FILE, BAD_RECORD, WARNING, LoadReport
+from mmdialog.core.data.schema import Photo, Turn
 
 #: Canonical split names. ``valid``/``validation``/``val`` map to ``dev``.
 SPLIT_ALIASES = {
@@ -130,6 +132,47 @@ def _line_col(text: str, pos: int) -> tuple[int, int]:
 # -- records -------------------------------------------------------------------------
 class RecordError(Exception):
     """Raised by a record parser: the record is bad and is skipped (message = why)."""
+
+
+def object_list(rec: Any, key: str, item: str) -> list[dict]:
+    """``rec[key]`` of a record: a non-empty list of objects (``item``: what one is
+    called in messages, e.g. "message"). Otherwise RecordError saying what is wrong."""
+    if not isinstance(rec, dict):
+        raise RecordError(f"record is a {type(rec).__name__}, expected an object")
+    if key not in rec:
+        raise RecordError(f"missing '{key}'")
+    value = rec[key]
+    if not isinstance(value, list):
+        raise RecordError(f"'{key}' is a {type(value).__name__}, expected a list of {item}s")
+    if not value:
+        raise RecordError(f"empty dialogue (no {item}s)")
+    for i, v in enumerate(value):
+        if not isinstance(v, dict):
+            raise RecordError(f"{item} {i} is a {type(v).__name__}, expected an object")
+    return value
+
+
+def text_field(value: Any, what: str) -> str:
+    """A record's optional text, stripped ("" when absent); RecordError if it is not a string."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RecordError(f"{what} is a {type(value).__name__}, expected a string")
+    return value.strip()
+
+
+def add_message(turns: list[Turn], speaker: str, text: str, photos: list[Photo]) -> None:
+    """Append one message to ``turns``: consecutive messages of one speaker merge
+    into one turn, joined by a space (as the reference code merges them); each
+    photo's ``offset`` is where in the merged text it was shared."""
+    if not turns or turns[-1].speaker != speaker:
+        turns.append(Turn(speaker=speaker))
+    turn = turns[-1]
+    if text:
+        turn.text = f"{turn.text} {text}" if turn.text else text
+    for p in photos:
+        p.offset = len(turn.text)
+        turn.photos.append(p)
 
 
 @dataclass

@@ -6,11 +6,11 @@ is ``strict``, raises :class:`~mmdialog.core.errors.DataError` at once.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
-from mmdialog.core.errors import DataError
 from mmdialog.core.data.schema import Dialogue
+from mmdialog.core.errors import DataError
 
 #: Problem kinds. All but ``warning`` are errors (``strict`` raises on them).
 BAD_RECORD = "bad_record"  # record skipped

@@ -6,8 +6,8 @@ For a dialogue of turns ``t0 … tn`` there is one sample per turn ``ti``
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from mmdialog.core.data.schema import Dialogue, Turn
 

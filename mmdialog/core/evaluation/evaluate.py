@@ -18,9 +18,9 @@ import torch
 
 from mmdialog.core import markup
 from mmdialog.core.data.samples import TurnSample, dialogue_samples
+from mmdialog.core.data.schema import Dialogue
 from mmdialog.core.evaluation.metrics import text
 from mmdialog.core.evaluation.table import results_table
-from mmdialog.core.data.schema import Dialogue
 from mmdialog.core.model import DialogueModel
 
 

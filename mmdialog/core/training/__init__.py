@@ -26,8 +26,13 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from mmdialog.core.checkpoint import LAST, TRAINABLE, save_trainable, weights_digest
 from mmdialog.core.errors import MMDialogError, TrainingError
 from mmdialog.core.model import DialogueModel
-from mmdialog.core.training.callbacks import (AtomicCheckpointIO, LossHistory, SaveAtLastStep, SaveOnInterrupt,
-                                              Throughput)
+from mmdialog.core.training.callbacks import (
+    AtomicCheckpointIO,
+    LossHistory,
+    SaveAtLastStep,
+    SaveOnInterrupt,
+    Throughput,
+)
 from mmdialog.core.training.data import DialogueDataModule, read_dialogues
 from mmdialog.core.training.module import DialogueModule, compile_repeated_blocks
 

@@ -3,7 +3,8 @@
 checkpoints, so a resumed run sees exactly the batches it would have seen."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import lightning as L
 import torch

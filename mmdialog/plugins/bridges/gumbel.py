@@ -96,7 +96,7 @@ class GumbelBridge(Bridge):
         self._tables: dict[int, tuple[tuple, torch.Tensor]] = {}
 
     @classmethod
-    def from_options(cls, options: GumbelOptions, ctx: BuildContext) -> "GumbelBridge":
+    def from_options(cls, options: GumbelOptions, ctx: BuildContext) -> GumbelBridge:
         assert ctx.llm is not None and ctx.generator is not None
         return cls(options, ctx.llm.tokenizer, ctx.generator.text_towers, ctx.cache_dir)
 

@@ -31,7 +31,7 @@ class TextBridge(Bridge):
         self.towers = towers
 
     @classmethod
-    def from_options(cls, options: TextOptions, ctx: BuildContext) -> "TextBridge":
+    def from_options(cls, options: TextOptions, ctx: BuildContext) -> TextBridge:
         assert ctx.llm is not None and ctx.generator is not None
         return cls(options, ctx.llm.tokenizer, ctx.generator.text_towers)
 

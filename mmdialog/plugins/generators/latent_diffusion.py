@@ -18,9 +18,9 @@ from torch import nn
 
 from mmdialog.core import assets
 from mmdialog.core.caching import cached_per_photo
-from mmdialog.core.pretrained import resolve_folder
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.interfaces import GeneratedImage, Generator, PluginOptions, PromptTokens, TextTower
+from mmdialog.core.pretrained import resolve_folder
 from mmdialog.core.vocab import check_bridgeable, tokenize_for_tower
 
 #: Noise schedule of SD 1.x / 2.x (scheduler_config.json of both).
@@ -61,7 +61,8 @@ def load_schedulers(folder: Path | None = None) -> tuple[Any, Any]:
 
 
 def check_diffusers_folder(path: str, subfolders: list[str], what: str) -> Path:
-    files = ["model_index.json"] + [f"{s}/config.json" for s in subfolders if not s.startswith(("tokenizer", "scheduler"))]
+    files = ["model_index.json"]
+    files += [f"{s}/config.json" for s in subfolders if not s.startswith(("tokenizer", "scheduler"))]
     files += [f"{s}" for s in subfolders if s.startswith("tokenizer")]
     files += ["scheduler/scheduler_config.json"]
     return resolve_folder(path, files, what)
@@ -152,7 +153,14 @@ class LatentDiffusionOptions(PluginOptions):
 
 
 class LatentDiffusionGenerator(Generator):
-    """VAE + UNet + text tower(s) + scheduler, separately held (diffusers style)."""
+    """VAE + UNet + text tower(s) + scheduler, separately held (diffusers style).
+
+    A subclass calls ``super().__init__(options, text_parts, name)``, which reads
+    the VAE, UNet and schedulers (from ``options.path`` or random-init from the
+    options), then sets ``text_encoders`` and ``tokenizers`` and calls
+    ``init_towers()``. ``self.folder`` is the checked diffusers folder or None,
+    ``self.dtype_`` the parts' dtype.
+    """
 
     vae: nn.Module
     unet: nn.Module
@@ -160,6 +168,14 @@ class LatentDiffusionGenerator(Generator):
     tokenizers: list[Any]
     train_scheduler: Any
     sample_scheduler: Any
+
+    def __init__(self, options: LatentDiffusionOptions, text_parts: tuple[str, ...], name: str) -> None:
+        super().__init__()
+        self.options = options
+        self.dtype_ = getattr(torch, options.dtype)
+        self.folder = check_diffusers_folder(options.path, ["unet", "vae", *text_parts], f"generator {name}") \
+            if options.path else None
+        self._init_image_parts(self.folder, options, self.dtype_)
 
     def _init_image_parts(self, folder: Path | None, options: Any, dtype: torch.dtype) -> None:
         """VAE, UNet and schedulers from a diffusers folder, or random-init from the options."""
@@ -193,7 +209,8 @@ class LatentDiffusionGenerator(Generator):
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = any(name == b or name.startswith(b + ".") for b in blocks)
 
-    def _init_towers(self) -> None:
+    def init_towers(self) -> None:
+        """The ``text_towers`` a bridge feeds, from ``tokenizers`` and ``text_encoders``."""
         for i, tok in enumerate(self.tokenizers):
             check_bridgeable(tok, f"generator text tower {i}")
         self.text_towers = [

@@ -13,10 +13,15 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from mmdialog.plugins.generators.latent_diffusion import (LatentDiffusionGenerator, LatentDiffusionOptions, check_diffusers_folder,
-                                     encode_text_tower, load_tokenizer, tiny_clip_text_config)
 from mmdialog.core.hookspecs import Plugin, hookimpl
 from mmdialog.core.interfaces import GeneratedImage, PromptTokens
+from mmdialog.plugins.generators.latent_diffusion import (
+    LatentDiffusionGenerator,
+    LatentDiffusionOptions,
+    encode_text_tower,
+    load_tokenizer,
+    tiny_clip_text_config,
+)
 
 TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4,
                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
@@ -36,14 +41,10 @@ class SDGenerator(LatentDiffusionGenerator):
     Options = SDOptions
 
     def __init__(self, options: SDOptions) -> None:
-        super().__init__()
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        self.options = o = options
-        dtype = getattr(torch, o.dtype)
-        folder = check_diffusers_folder(o.path, ["unet", "vae", "text_encoder", "tokenizer"], "generator sd") \
-            if o.path else None
-        self._init_image_parts(folder, o, dtype)
+        super().__init__(options, ("text_encoder", "tokenizer"), "sd")
+        o, folder, dtype = options, self.folder, self.dtype_
         if folder:
             encoder = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", dtype=dtype)
             self.tokenizers = [load_tokenizer(str(folder / "tokenizer"))]
@@ -51,7 +52,7 @@ class SDGenerator(LatentDiffusionGenerator):
             encoder = CLIPTextModel(CLIPTextConfig(**o.text_encoder)).to(dtype)
             self.tokenizers = [load_tokenizer(o.tokenizer)]
         self.text_encoders = nn.ModuleList([encoder])
-        self._init_towers()
+        self.init_towers()
 
     def encode(self, prompts: list[PromptTokens]) -> torch.Tensor:
         hidden, _ = encode_text_tower(self.text_encoders[0], prompts[0])

@@ -10,10 +10,15 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from mmdialog.plugins.generators.latent_diffusion import (LatentDiffusionGenerator, LatentDiffusionOptions, check_diffusers_folder, encode_text_tower,
-                                     load_tokenizer, tiny_clip_text_config)
 from mmdialog.core.hookspecs import Plugin, hookimpl
 from mmdialog.core.interfaces import GeneratedImage, PromptTokens
+from mmdialog.plugins.generators.latent_diffusion import (
+    LatentDiffusionGenerator,
+    LatentDiffusionOptions,
+    encode_text_tower,
+    load_tokenizer,
+    tiny_clip_text_config,
+)
 
 TINY_TIME_DIM = 8
 TINY_SDXL_UNET = dict(sample_size=16, in_channels=4, out_channels=4,
@@ -39,15 +44,10 @@ class SDXLGenerator(LatentDiffusionGenerator):
     Options = SDXLOptions
 
     def __init__(self, options: SDXLOptions) -> None:
-        super().__init__()
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-        self.options = o = options
-        dtype = getattr(torch, o.dtype)
-        folder = check_diffusers_folder(
-            o.path, ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"], "generator sdxl") \
-            if o.path else None
-        self._init_image_parts(folder, o, dtype)
+        super().__init__(options, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"), "sdxl")
+        o, folder, dtype = options, self.folder, self.dtype_
         if folder:
             enc1 = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", dtype=dtype)
             enc2 = CLIPTextModelWithProjection.from_pretrained(str(folder), subfolder="text_encoder_2", dtype=dtype)
@@ -59,7 +59,7 @@ class SDXLGenerator(LatentDiffusionGenerator):
             tok2.pad_token = "!"  # SDXL's second tokenizer pads with "!" (id 0)
             self.tokenizers = [load_tokenizer(o.tokenizer), tok2]
         self.text_encoders = nn.ModuleList([enc1, enc2])
-        self._init_towers()
+        self.init_towers()
 
     def encode(self, prompts: list[PromptTokens]) -> dict[str, torch.Tensor]:
         h1, _ = encode_text_tower(self.text_encoders[0], prompts[0], hidden_layer=-2)     # (N, 77, d1)

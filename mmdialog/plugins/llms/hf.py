@@ -16,11 +16,11 @@ from pydantic import Field
 from torch import nn
 
 from mmdialog.core import assets
-from mmdialog.core.markup import IMAGE_TOKEN, IMG_CLOSE, IMG_OPEN
-from mmdialog.core.pretrained import is_local, require_folder
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.hookspecs import Plugin, hookimpl
 from mmdialog.core.interfaces import LanguageModel, PluginOptions
+from mmdialog.core.markup import IMAGE_TOKEN, IMG_CLOSE, IMG_OPEN
+from mmdialog.core.pretrained import is_local, require_folder
 
 #: Used when a tokenizer has no chat template of its own.
 FALLBACK_CHAT_TEMPLATE = (

@@ -15,9 +15,9 @@ from pydantic import Field
 from torch import nn
 
 from mmdialog.core.caching import cached_per_photo
-from mmdialog.core.pretrained import load_prefixed, resolve_folder
 from mmdialog.core.hookspecs import Plugin, hookimpl
 from mmdialog.core.interfaces import BuildContext, Perceiver, PluginOptions
+from mmdialog.core.pretrained import load_prefixed, resolve_folder
 
 # BLIP-2 / EVA-CLIP image normalisation (BlipImageProcessor defaults).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -81,7 +81,7 @@ class QFormerPerceiver(Perceiver):
         self.register_buffer("std", torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
-    def from_options(cls, options: QFormerOptions, ctx: BuildContext) -> "QFormerPerceiver":
+    def from_options(cls, options: QFormerOptions, ctx: BuildContext) -> QFormerPerceiver:
         assert ctx.llm is not None
         return cls(options, ctx.llm.hidden_size)
 

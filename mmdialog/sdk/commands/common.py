@@ -3,10 +3,13 @@
 Nothing heavy is imported here: ``mmdialog --help`` stays fast."""
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
@@ -21,28 +24,51 @@ GENERATOR = typer.Option(None, "--generator", "-g",
                               "draw), sd, …")
 LIBRARY = typer.Option(None, "--library", help="photo folder for the library generator (captions.json or "
                                                "file names); default: the embedded photos")
-MAX_NEW = typer.Option(64, "--max-new-tokens", help="reply length limit (tokens)")
-TEMPERATURE = typer.Option(0.0, "--temperature", help="0 = greedy")
-BEAMS = typer.Option(1, "--beams", help="beam search width")
-STEPS = typer.Option(None, "--steps", help="diffusion steps (default: the generator's)")
-GUIDANCE = typer.Option(None, "--guidance", help="classifier-free guidance scale")
-SEED = typer.Option(None, "--seed", help="fix sampling and diffusion noise")
+#: Flags of the commands that load a model and generate: GenerationOptions field → (type, option).
+GENERATION_FLAGS = {
+    "max_new_tokens": (int, typer.Option(64, "--max-new-tokens", help="reply length limit (tokens)")),
+    "temperature": (float, typer.Option(0.0, "--temperature", help="0 = greedy")),
+    "num_beams": (int, typer.Option(1, "--beams", help="beam search width")),
+    "num_inference_steps": (Optional[int], typer.Option(None, "--steps", help="diffusion steps "
+                                                                               "(default: the generator's)")),
+    "guidance_scale": (Optional[float], typer.Option(None, "--guidance", help="classifier-free guidance scale")),
+    "seed": (Optional[int], typer.Option(None, "--seed", help="fix sampling and diffusion noise")),
+}
 
 
-def generation_options(max_new_tokens: int, temperature: float, beams: int, steps: int | None,
-                       guidance: float | None, seed: int | None) -> dict[str, Any]:
-    """The generation flags as ``GenerationOptions`` fields, checked (one-line error)."""
-    from mmdialog.core.model import GenerationOptions
+@dataclass
+class ModelUse:
+    """What the model flags say: the generator to swap in (or None) and the
+    checked ``GenerationOptions`` fields."""
 
-    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, num_beams=beams,
-                   num_inference_steps=steps, guidance_scale=guidance, seed=seed)
-    flags = dict(max_new_tokens="--max-new-tokens", temperature="--temperature", num_beams="--beams",
-                 num_inference_steps="--steps", guidance_scale="--guidance", seed="--seed")
-    try:
-        return GenerationOptions.parse(options).model_dump()
-    except MMDialogError as e:
-        name = str(e).split(" ", 3)[2].rstrip(":")
-        raise MMDialogError(str(e).replace(f"generation option {name}", flags.get(name, name))) from None
+    generator: str | dict[str, Any] | None
+    options: dict[str, Any]
+
+
+def model_flags(command):
+    """Add ``--generator``, ``--library`` and the generation flags to ``command``,
+    which receives them checked, as ``use: ModelUse`` (a bad value is one line)."""
+    from mmdialog.core.generation import GenerationOptions
+
+    flags = {"generator": (Optional[str], GENERATOR), "library": (Optional[str], LIBRARY), **GENERATION_FLAGS}
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        given = {name: kwargs.pop(name) for name in flags}
+        spec = generator_spec(given.pop("generator"), given.pop("library"))
+        try:
+            options = GenerationOptions.parse(given).model_dump()
+        except MMDialogError as e:  # name the flag, not the field
+            for name, (_, option) in GENERATION_FLAGS.items():
+                e = MMDialogError(str(e).replace(f"generation option {name}", option.param_decls[0]))
+            raise e from None
+        return command(**kwargs, use=ModelUse(spec, options))
+
+    params = [p for p in inspect.signature(command).parameters.values() if p.name != "use"]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+               for name, (kind, option) in flags.items()]
+    wrapper.__signature__ = inspect.Signature(params)
+    return wrapper
 
 
 def parse_sets(sets: list[str]) -> dict[str, Any]:

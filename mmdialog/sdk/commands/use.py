@@ -9,25 +9,23 @@ from pathlib import Path
 import typer
 
 from mmdialog.core.errors import MMDialogError
-from mmdialog.sdk.commands.common import (BEAMS, GENERATOR, GUIDANCE, LIBRARY, MAX_NEW, MODEL_ARG, SEED, STEPS,
-                                          TEMPERATURE, generation_options, generator_spec, quiet)
+from mmdialog.sdk.commands.common import MODEL_ARG, ModelUse, model_flags, quiet
 
 HELP = """commands: /image PATH  attach a photo to your next message
           /reset       start a new conversation
           /quit        leave (or Ctrl-D)"""
 
 
-def _load(model: str, generator: str | None, library: str | None):
+def _load(model: str, use: ModelUse):
     from mmdialog.core.config import PRESETS
     from mmdialog.sdk.export import load
 
-    spec = generator_spec(generator, library)
     if model not in PRESETS and not Path(model).expanduser().exists():
         raise MMDialogError(f"model '{model}' does not exist; give an exported folder (`mmdialog export`), "
                             f"a training checkpoint, or a preset ({', '.join(PRESETS)})")
     quiet()
     typer.echo(f"loading {model} …", err=True)
-    return load(model, generator=spec)
+    return load(model, generator=use.generator)
 
 
 def _print_reply(reply, as_json: bool = False) -> None:
@@ -55,32 +53,25 @@ def _send(session, text: str, images: list[str], as_json: bool = False):
     return reply
 
 
+@model_flags
 def chat(
     model: str = MODEL_ARG,
     message: str | None = typer.Option(None, "--message", "-m", help="send one message, print the reply, exit"),
     image: list[str] = typer.Option([], "--image", "-i", help="photo to attach to --message (repeatable)"),
     photos_dir: str | None = typer.Option(None, "--photos-dir", help="where shared photos are saved "
                                                                         "(default: a new temporary folder)"),
-    generator: str | None = GENERATOR,
-    library: str | None = LIBRARY,
-    max_new_tokens: int = MAX_NEW,
-    temperature: float = TEMPERATURE,
-    beams: int = BEAMS,
-    steps: int | None = STEPS,
-    guidance: float | None = GUIDANCE,
-    seed: int | None = SEED,
     as_json: bool = typer.Option(False, "--json", help="with --message: print the reply as one JSON line"),
+    *, use: ModelUse,
 ) -> None:
     """Chat in the terminal. Shared photos are saved and their paths printed."""
     from mmdialog.core.session import Session, check_image
 
     if image and message is None:
         raise MMDialogError("--image goes with --message; in the interactive chat type /image PATH")
-    options = generation_options(max_new_tokens, temperature, beams, steps, guidance, seed)
     for path in image:  # before the model loads: a typo should not cost a minute
         check_image(Path(path).expanduser())
-    m = _load(model, generator, library)
-    session = Session(m, photos_dir=photos_dir, **options)
+    m = _load(model, use)
+    session = Session(m, photos_dir=photos_dir, **use.options)
     if message is not None:
         _send(session, message, image, as_json)
         return
@@ -131,36 +122,29 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+@model_flags
 def serve(
     model: str = MODEL_ARG,
     host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes the model to your network"),
     port: int = typer.Option(8000, min=0, max=65535),
     photos_dir: str | None = typer.Option(None, "--photos-dir", help="folder for shared photos and uploads "
                                                                         "(default: a new temporary folder)"),
-    generator: str | None = GENERATOR,
-    library: str | None = LIBRARY,
-    max_new_tokens: int = MAX_NEW,
-    temperature: float = TEMPERATURE,
-    beams: int = BEAMS,
-    steps: int | None = STEPS,
-    guidance: float | None = GUIDANCE,
-    seed: int | None = SEED,
     max_body_mb: float = typer.Option(24.0, min=0.001, help="largest request body"),
     max_image_mb: float = typer.Option(8.0, min=0.001, help="largest image"),
     max_images: int = typer.Option(4, min=0, help="images per request"),
     max_messages: int = typer.Option(64, min=1, help="messages per request"),
     max_queue: int = typer.Option(16, min=1, help="requests waiting for the model before 503"),
+    *, use: ModelUse,
 ) -> None:
     """Serve a JSON chat API (POST /v1/chat) and a chat page (/) over HTTP."""
     import uvicorn
 
     from mmdialog.sdk.server import Limits, create_app
 
-    options = generation_options(max_new_tokens, temperature, beams, steps, guidance, seed)
-    m = _load(model, generator, library)
+    m = _load(model, use)
     limits = Limits(max_body_bytes=int(max_body_mb * 2**20), max_image_bytes=int(max_image_mb * 2**20),
                     max_images=max_images, max_messages=max_messages, max_queue=max_queue)
-    app = create_app(m, photos_dir, limits, **options)
+    app = create_app(m, photos_dir, limits, **use.options)
     if not _is_loopback(host):
         typer.echo(f"warning: binding {host} makes the model reachable from other machines; "
                    "there is no authentication", err=True)

@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmdialog.core.data.schema import Photo, Turn
 from mmdialog.core.errors import MMDialogError, validation_message
-from mmdialog.core.model import GenerationOptions
+from mmdialog.core.generation import GenerationOptions
 from mmdialog.core.session import HistoryTruncatedWarning
 from mmdialog.sdk.server.limits import ApiError, BodyLimit, Limits, decode_image
 

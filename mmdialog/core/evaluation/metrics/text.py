@@ -198,7 +198,8 @@ def sacrebleu_score(hyps: Sequence[str], refs: References, **kwargs: Any) -> flo
 
     ``refs`` is one reference per hypothesis or a list of references per
     hypothesis (every hypothesis must then have the same number of
-    references; they are transposed into sacreBLEU's reference streams). Extra ``kwargs`` go to ``sacrebleu.corpus_bleu``
+    references; they are transposed into sacreBLEU's reference streams). Extra ``kwargs`` go to
+    ``sacrebleu.corpus_bleu``
     (e.g. ``tokenize="none"``, ``lowercase=True``). ``sacrebleu`` is imported
     lazily.
     """

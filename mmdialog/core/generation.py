@@ -1,0 +1,73 @@
+"""What ``DialogueModel.respond`` takes and gives: ``GenerationOptions`` (the
+one definition of the options and their bounds, for the session, the server
+and the CLI) and ``Reply``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mmdialog.core import markup
+from mmdialog.core.errors import MMDialogError, validation_message
+from mmdialog.core.interfaces import GeneratedImage
+
+
+class GenerationOptions(BaseModel):
+    """What ``respond`` takes, with its bounds: the one definition the session,
+    the server and the CLI check options against."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="reply length limit (tokens)")
+    temperature: float = Field(0.0, ge=0, le=10, allow_inf_nan=False, description="0 = greedy")
+    num_beams: int = Field(1, ge=1, le=16, description="beam search width")
+    num_inference_steps: int | None = Field(None, ge=1, le=1000, description="diffusion steps "
+                                                                            "(default: the generator's)")
+    guidance_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False,
+                                         description="classifier-free guidance scale")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="fix sampling and diffusion noise")
+
+    @classmethod
+    def parse(cls, options: dict[str, Any], field: str = "") -> GenerationOptions:
+        """Validate ``options``; a bad one is an ``MMDialogError`` naming it
+        (as ``field.name`` when the options came in a field of a request)."""
+        try:
+            return cls.model_validate(options)
+        except ValidationError as e:
+            raise MMDialogError(validation_message(e, field) if field
+                                else f"generation option {validation_message(e)}") from None
+
+
+@dataclass
+class Reply:
+    """What the agent says. ``text`` keeps any ``[img] … [/img]`` markup
+    (``plain`` is without it); ``shared`` is the agent's decision to share;
+    ``photos`` are the photos produced for ``descriptions``, in order (empty
+    when not drawn). A ``Session`` fills ``paths`` (where it saved each photo)
+    and ``truncated`` (older turns were dropped to fit the context)."""
+
+    text: str
+    photos: list[GeneratedImage] = field(default_factory=list)
+    shared: bool = False
+    descriptions: list[str] = field(default_factory=list)
+    paths: list[Path] = field(default_factory=list)
+    truncated: bool = False
+
+    @property
+    def images(self) -> list[Any]:
+        """The PIL images of ``photos``."""
+        return [p.image for p in self.photos]
+
+    @property
+    def plain(self) -> str:
+        return markup.strip(self.text)
+
+    def photo_records(self) -> list[dict[str, Any]]:
+        """One JSON-ready record per photo: its description, where it came from
+        (``source`` drawn | retrieved, the ``plugin``, the library ``file`` and
+        ``caption``, the retriever's ``score``) and the ``path`` it was saved to."""
+        paths = self.paths or [None] * len(self.photos)
+        return [{"description": d, "source": p.source, "plugin": p.plugin, "file": str(p.file) if p.file else None,
+                 "caption": p.caption, "score": p.score, "path": str(path) if path else None}
+                for d, p, path in zip(self.descriptions, self.photos, paths)]
