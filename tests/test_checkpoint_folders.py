@@ -93,7 +93,7 @@ def test_sd_folder_loads(tmp_path, tiny):
     m = build("tiny", overrides={"model.generator.path": str(tmp_path)})
     ids = torch.tensor([m.llm.tokenizer(" a cat")["input_ids"]])
     prompts = m.bridge(ids, torch.ones_like(ids, dtype=torch.bool))
-    img = m.generator.generate(m.generator.encode(prompts), num_inference_steps=2, seed=0)[0]
+    img = m.generator.generate(m.generator.encode(prompts), num_inference_steps=2, seed=0)[0].image
     assert img.size == (64, 64)
 
 
@@ -114,7 +114,7 @@ def test_sdxl_tiny_and_folder(tmp_path, tiny, cat_dialogue):
     assert loaded.tokenizers[1].pad_token == "!"
     cond = loaded.encode(loaded.text_prompts(["a cat"]))
     assert cond["prompt_embeds"].shape == (1, 77, 96) and cond["pooled"].shape == (1, 32)
-    assert loaded.generate(cond, num_inference_steps=2, seed=0)[0].size == (64, 64)
+    assert loaded.generate(cond, num_inference_steps=2, seed=0)[0].image.size == (64, 64)
 
 
 @pytest.mark.parametrize("override, message", [

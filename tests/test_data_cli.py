@@ -1,23 +1,19 @@
-"""`mmdialog data …` commands (the typer sub-app) and check_dataset."""
+"""`mmdialog data …` commands (in the main CLI's app) and check_dataset."""
 from __future__ import annotations
 
 import io
 import json
 
-import typer
 from typer.testing import CliRunner
 
 from mmdialog.core.data import DEMO_DIR, DataError, check_dataset
-from mmdialog.sdk.commands.data import data_app
+from mmdialog.sdk.cli import app
 
 runner = CliRunner()
 EXCERPT = DEMO_DIR / "photochat"
 
 
 def _app():
-    """Mounted the way the main CLI mounts it."""
-    app = typer.Typer()
-    app.add_typer(data_app, name="data")
     return app
 
 

@@ -8,7 +8,6 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import typer
 from PIL import Image
 
 from mmdialog.core.data import Dialogue, Photo, Turn, fetch_images, load_dialogues, url_filename
@@ -182,11 +181,9 @@ def test_connection_refused_is_retried_and_reported(tmp_path):
 def test_cli_fetch_images_against_local_server(tmp_path):
     from typer.testing import CliRunner
 
-    from mmdialog.sdk.commands.data import data_app
+    from mmdialog.sdk.cli import app
 
     runner = CliRunner()
-    app = typer.Typer()
-    app.add_typer(data_app, name="data")
     s = Server()
     try:
         recs = [{"id": "x", "turns": [{"speaker": "0", "text": "hi", "photos": [

@@ -1,4 +1,4 @@
-"""The aligned and bag dynamic vocabulary transformation matrices (DESIGN.md §2–3),
+"""The aligned and bag dynamic vocabulary transformation matrices (docs/design.md §2–3),
 on the real SmolLM2 and CLIP tokenizers."""
 import pytest
 import torch
@@ -130,7 +130,7 @@ def test_static_map_is_sparse_cached_and_correct(tiny, tmp_path):
     n = len(llm_tok)
     m = static_map(llm_tok, clip_tok, n, tmp_path)
     assert m.is_sparse and m.shape == (n, len(clip_tok))
-    assert 40_000 < m._nnz() < 100_000          # ~66k for SmolLM2 × CLIP (research notes)
+    assert 40_000 < m._nnz() < 100_000          # ~66k for SmolLM2 × CLIP (docs/design.md §3)
     assert len(list((tmp_path / "vocab_maps").glob("*.safetensors"))) == 1
     again = static_map(llm_tok, clip_tok, n, tmp_path)
     assert torch.equal(again.indices(), m.indices()) and torch.equal(again.values(), m.values())

@@ -37,8 +37,8 @@ def test_score_on_hand_made_turns(tiny, tmp_path, cat_photo):
     ids = tiny.llm.tokenizer(" a tabby cat", add_special_tokens=False, return_tensors="pt")["input_ids"]
     cond = tiny.generator.encode(tiny.bridge(ids.repeat(2, 1), ids.repeat(2, 1) > -1))
     fakes = []
-    for i, img in enumerate(tiny.generator.generate(cond, num_inference_steps=2, seed=0)):
-        img.save(tmp_path / f"fake{i}.png")
+    for i, photo in enumerate(tiny.generator.generate(cond, num_inference_steps=2, seed=0)):
+        photo.image.save(tmp_path / f"fake{i}.png")
         fakes.append(str(tmp_path / f"fake{i}.png"))
     turns = [
         GeneratedTurn("d#1", "0", "look [img] a cat [/img]", "my cat [img] cat, animal [/img]", True, True,

@@ -61,11 +61,11 @@ def build(config: str | Path | dict[str, Any] | Config = "tiny", /,
 
 
 def freeze_policy(model: DialogueModel, overrides: dict[str, bool]) -> dict[str, bool]:
-    """Group → trainable: each plugin's ``trainable_by_default``, then the
-    built-ins' defaults, then the config's overrides."""
+    """Group → trainable: the built-in defaults, then what each plugin marks
+    ``trainable_by_default`` (it knows its own parts), then the config's overrides."""
     plugins = {f"{slot}.{group}": True for slot, comp in model.components().items()
                for group in comp.trainable_by_default}
-    return {**plugins, **DEFAULT_TRAINABLE, **overrides}
+    return {**DEFAULT_TRAINABLE, **plugins, **overrides}
 
 
 def apply_freeze_policy(model: DialogueModel, overrides: dict[str, bool]) -> list[str]:

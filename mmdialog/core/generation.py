@@ -32,6 +32,10 @@ class GenerationOptions(BaseModel):
     def parse(cls, options: dict[str, Any], field: str = "") -> GenerationOptions:
         """Validate ``options``; a bad one is an ``MMDialogError`` naming it
         (as ``field.name`` when the options came in a field of a request)."""
+        unknown = sorted(set(options) - set(cls.model_fields))
+        if unknown:
+            name = f"{field}.{unknown[0]}" if field else unknown[0]
+            raise MMDialogError(f"unknown generation option '{name}'; use {', '.join(cls.model_fields)}")
         try:
             return cls.model_validate(options)
         except ValidationError as e:

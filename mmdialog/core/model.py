@@ -177,7 +177,8 @@ class DialogueModel(nn.Module):
                                             num_inference_steps=options.num_inference_steps,
                                             guidance_scale=options.guidance_scale, seed=options.seed)
             for n, photo in zip(todo, drawn):
-                photo.score = scores[n]
+                if scores[n] is not None:  # the retriever's best match was not good enough
+                    photo.score = scores[n]
                 photos[n] = photo
         return photos  # type: ignore[return-value]
 

@@ -11,6 +11,7 @@ import typer
 
 from mmdialog.core.errors import MMDialogError
 from mmdialog.sdk.commands import data, info, train, use
+from mmdialog.sdk.commands.common import one_line_errors
 
 #: name → function (a command) or Typer app (a group of commands).
 COMMANDS = {
@@ -28,9 +29,11 @@ app = typer.Typer(help="Photo-sharing multimodal dialogue: train, inspect, run."
                   pretty_exceptions_enable=False, no_args_is_help=True, add_completion=False)
 for name, command in COMMANDS.items():
     if isinstance(command, typer.Typer):
+        for sub in command.registered_commands:
+            sub.callback = one_line_errors(sub.callback)
         app.add_typer(command, name=name)
     else:
-        app.command(name)(command)
+        app.command(name)(one_line_errors(command))
 
 
 def main() -> None:

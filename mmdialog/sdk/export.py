@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import yaml
 
-from mmdialog.core.checkpoint import find_checkpoint, read_checkpoint, trainable_state
+from mmdialog.core.checkpoint import LAST, TRAINABLE, find_checkpoint, read_checkpoint, trainable_state
 from mmdialog.core.config import PRESETS, SLOTS, Config, config_from_yaml, dump_config, read_json
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.files import atomic_folder
@@ -200,18 +200,17 @@ def load(path: str | Path = "tiny", *, generator: str | dict[str, Any] | None = 
         model.eval()
         return model.to(device) if device is not None else model
     folder = Path(text).expanduser()
-    if folder.is_dir() and (folder / MANIFEST).exists():
+    is_run = folder.is_file() or (folder / TRAINABLE).is_file() or (folder / LAST).is_file()
+    if not is_run or (folder / MANIFEST).exists():
         check_folder(folder)
         config_yaml = (folder / CONFIG).read_text(encoding="utf-8")
         tokens = read_json(folder / TOKENS, "tokenizer additions")
         where = f"model folder '{folder}'"
         weights = _read_weights(folder / WEIGHTS, where)
-    elif folder.is_file() or folder.is_dir():
+    else:
         where = f"checkpoint '{find_checkpoint(folder)}'"
         weights, config_yaml, _ = read_checkpoint(folder)
         tokens = None
-    else:
-        check_folder(folder)  # says what is missing
     trained = config_from_yaml(config_yaml, where)
     config = config_from_yaml(config_yaml, where, **components)
     swapped = () if config.model.generator.name == trained.model.generator.name else ("generator",)

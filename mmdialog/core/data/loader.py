@@ -106,7 +106,7 @@ def load_dialogues(
 
     reg = default_registry()
     if format != "auto" and format not in reg.dataset_formats():
-        raise DataError(f"--format must be auto or one of {', '.join(reg.dataset_formats())}, not {format!r}")
+        raise DataError(f"--format must be one of auto, {', '.join(reg.dataset_formats())}, not {format!r}")
     try:
         photochat.clean_description("", description_style, person)  # validate options early
     except ValueError as e:

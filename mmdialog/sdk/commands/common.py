@@ -71,6 +71,19 @@ def model_flags(command):
     return wrapper
 
 
+def one_line_errors(command):
+    """A user error inside ``command`` is one line on stderr and exit status 2."""
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except MMDialogError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
 def parse_sets(sets: list[str]) -> dict[str, Any]:
     import yaml
 
@@ -104,7 +117,7 @@ def generator_spec(generator: str | None, library: str | None = None) -> str | d
     try:
         retriever, drawer = generator_chain(generator or "library")
     except ConfigError as e:
-        raise MMDialogError(f"--generator: {e}") from None
+        raise MMDialogError(f"--{e}") from None
     if library is None:
         return generator
     if "library" not in (retriever, drawer):
