@@ -1,5 +1,9 @@
-"""Save / load: a trained model exported to a folder comes back identical."""
+"""Save / load: a trained model exported to a folder comes back identical;
+a folder changed after export, or weights holding NaN / inf, are refused."""
+import hashlib
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -8,7 +12,29 @@ from sharing_model import CAT_PROMPT, exported_dir, sharing_model
 
 import mmdialog
 from mmdialog import ConfigError
-from mmdialog.sdk.export import export, load
+from mmdialog.sdk.export import check_folder, export, load, save_pretrained
+
+WEIGHTS, MANIFEST = "model.safetensors", "mmdialog.json"
+
+
+def _copy_export(tmp_path, name):
+    """A private copy of the shared exported folder, to tamper with."""
+    folder = tmp_path / name
+    shutil.copytree(exported_dir(), folder)
+    return folder
+
+
+def _manifest(folder, **changes):
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if changes:
+        manifest.update(changes)
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+    return manifest
+
+
+def _rehash(folder):
+    """Record the weights' current SHA-256, as a careful tamperer would."""
+    _manifest(folder, sha256={WEIGHTS: hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()})
 
 
 def test_exported_folder_is_self_contained_and_reloads_identically():
@@ -64,10 +90,9 @@ def test_bad_folders_and_checkpoints_are_one_line_errors(tmp_path):
     (tmp_path / "half" / "config.yaml").write_text("model: {}")
     with pytest.raises(ConfigError, match=r"is missing mmdialog.json, model.safetensors"):
         load(tmp_path / "half")
-    broken = tmp_path / "broken"
-    import shutil
-    shutil.copytree(exported_dir(), broken)
+    broken = _copy_export(tmp_path, "broken")
     (broken / "model.safetensors").write_bytes(b"not safetensors")
+    _rehash(broken)  # past the digest check, to the reader
     with pytest.raises(ConfigError, match="model.safetensors cannot be read"):
         load(broken)
     (tmp_path / "junk.pt").write_bytes(b"\x00junk")
@@ -78,11 +103,99 @@ def test_bad_folders_and_checkpoints_are_one_line_errors(tmp_path):
         export(tmp_path / "other.pt", tmp_path / "out")
 
 
+def test_the_manifest_records_the_weights_sha256_and_one_flipped_byte_is_refused(tmp_path):
+    folder = _copy_export(tmp_path, "flipped")
+    data = (folder / WEIGHTS).read_bytes()
+    manifest = _manifest(folder)
+    assert manifest["format_version"] == 2
+    assert manifest["sha256"] == {WEIGHTS: hashlib.sha256(data).hexdigest()}
+    assert manifest["sha256"][WEIGHTS] in (folder / "README.md").read_text()
+    check_folder(folder)
+    flipped = bytearray(data)
+    flipped[-3] ^= 0x01  # one bit of the last weight: the file still parses, the values differ
+    (folder / WEIGHTS).write_bytes(bytes(flipped))
+    for entry in (load, check_folder):
+        with pytest.raises(ConfigError, match=r"model.safetensors does not match the SHA-256 recorded in "
+                                              r"mmdialog.json; the folder is damaged or was changed after export"
+                           ) as err:
+            entry(folder)
+        assert "\n" not in str(err.value) and str(folder) in str(err.value)
+
+
+def test_weights_rewritten_as_nan_are_refused_at_load_even_when_the_sha_matches(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy_export(tmp_path, "nan")
+    weights = load_file(str(folder / WEIGHTS))
+    n = len(weights)
+    save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, str(folder / WEIGHTS),
+              metadata={"format": "mmdialog-export"})
+    _rehash(folder)
+    check_folder(folder)  # intact as a folder: what it holds is the problem
+    first = next(iter(load_file(str(folder / WEIGHTS))))
+    with pytest.raises(ConfigError, match=rf"model folder '.*': weight '{re.escape(first)}' holds "
+                                          rf"{weights[first].numel():,} NaN/inf values \({n} of {n} tensors are not "
+                                          r"finite\)") as err:
+        load(folder)
+    assert "\n" not in str(err.value)
+    # one inf in one tensor is enough
+    last = list(weights)[-1]
+    weights[last].view(-1)[0] = float("inf")
+    save_file(weights, str(folder / WEIGHTS), metadata={"format": "mmdialog-export"})
+    _rehash(folder)
+    with pytest.raises(ConfigError, match=rf"weight '{re.escape(last)}' holds 1 NaN/inf values \(1 of {n} tensors"):
+        load(folder)
+
+
+def test_a_model_with_a_nan_weight_is_refused_at_save_and_export_and_nothing_is_written(tmp_path, tiny):
+    from mmdialog.core.checkpoint import save_trainable
+
+    name, param = next((n, p) for n, p in tiny.named_parameters() if p.requires_grad)
+    index = (0,) * param.dim()
+    good = param.detach()[index].item()
+    try:
+        with torch.no_grad():
+            param[index] = float("nan")
+        out = tmp_path / "out"
+        with pytest.raises(ConfigError, match=rf"^refusing to save the model: weight '{re.escape(name)}' holds 1 "
+                                              r"NaN/inf values \(1 of \d+ tensors are not finite\)") as err:
+            save_pretrained(tiny, out)
+        assert "\n" not in str(err.value)
+        assert not out.exists() and list(tmp_path.iterdir()) == []  # not even a temporary folder
+        # training's own checkpoint holds it (a diverged run), but it does not become an export
+        ckpt = save_trainable(tiny, tmp_path / "run" / "trainable.pt")
+        with pytest.raises(ConfigError, match=rf"refusing to export checkpoint '.*trainable.pt': weight "
+                                              rf"'{re.escape(name)}' holds 1 NaN/inf"):
+            export(ckpt, out)
+        assert not out.exists()
+        with pytest.raises(ConfigError, match=rf"checkpoint '.*trainable.pt': weight '{re.escape(name)}' holds 1"):
+            load(ckpt)  # nor is it loaded
+    finally:
+        with torch.no_grad():
+            param[index] = good
+
+
+def test_an_older_export_without_sha256_still_loads(tmp_path):
+    folder = _copy_export(tmp_path, "v1")
+    manifest = _manifest(folder)
+    del manifest["sha256"]
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "format_version": 1}))
+    loaded = load(folder)
+    params = dict(loaded.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in sharing_model().named_parameters() if p.requires_grad)
+    # from version 2 on the digest is part of the format: dropping it is a change
+    _manifest(folder, format_version=2)
+    with pytest.raises(ConfigError, match="mmdialog.json has no SHA-256 of model.safetensors; the folder is damaged"):
+        check_folder(folder)
+    _manifest(folder, format_version=3)
+    with pytest.raises(ConfigError, match="written by a newer mmdialog"):
+        check_folder(folder)
+
+
 def test_a_model_exported_with_sd_chats_with_library_and_library_sd(tmp_path):
     """Generator weights have one name (``generator.*``) whatever the chain: swapping in a
     retriever keeps the trained UNet; swapping the generator itself leaves its weights out."""
     from mmdialog import Turn, build
-    from mmdialog.sdk.export import save_pretrained
 
     model = build("tiny")
     with torch.no_grad():  # "trained" UNet weights that a fresh build does not have

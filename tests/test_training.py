@@ -1,11 +1,12 @@
 """Training: checkpoints (trainable-only, atomic), exact resume, bad runs."""
 import json
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from mmdialog import build
+from mmdialog import MMDialogError, build
 from mmdialog.core.checkpoint import read_checkpoint, weights_digest
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.training import TrainingError, compile_repeated_blocks, train
@@ -33,7 +34,7 @@ def test_checkpoint_holds_only_trainable_weights_and_config(uninterrupted):
     out, model, result = uninterrupted
     assert result["steps"] == 5 and len(result["history"]) == 5
     assert all(r["image_loss"] > 0 for r in result["history"])  # every sample shares a real photo
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {k.removeprefix("model.") for k in ckpt["state_dict"]} == trainable
     assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
@@ -53,7 +54,7 @@ def test_resume_reaches_the_same_weights(tmp_path, uninterrupted, first, every):
     _, full, _ = uninterrupted
     train(make(tmp_path, first, **{"train.checkpoint_every": every}), progress=False)
     # The run's last steps are saved even when they end between periodic saves.
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == first
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == first
     resumed = make(tmp_path, 5)
     result = train(resumed, progress=False, resume=True)
     assert result["steps"] == 5
@@ -63,7 +64,7 @@ def test_resume_reaches_the_same_weights(tmp_path, uninterrupted, first, every):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     from mmdialog import MMDialogError
 
-    with pytest.raises(MMDialogError, match="nothing to resume"):
+    with pytest.raises(MMDialogError, match="cannot resume: .*last.ckpt does not exist"):
         train(make(tmp_path, 1), progress=False, resume=True)
 
 
@@ -124,10 +125,11 @@ def test_dev_bleu2_plateau_halves_the_lr_and_early_stops(tmp_path):
     assert scales == [1.0, 0.5, 0.25]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
-    """A real SIGINT to a running `mmdialog train`: checkpoint written, clean exit, resumable."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_a_checkpoint_exits_non_zero_and_resume_continues(tmp_path, signum):
+    """A real SIGTERM (a batch scheduler) or SIGINT (Ctrl-C) to a running `mmdialog train`:
+    checkpoint written, exit 128 + signal, and the resumed run carries the manifest on."""
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -142,17 +144,34 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     while time.time() < deadline and not list((tmp_path / "logs").rglob("metrics.csv")):
         time.sleep(0.5)
     time.sleep(3)  # a few steps in (metrics are flushed as they are logged)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-2000:]
-    assert "interrupted at step" in stderr
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert proc.returncode == 128 + signum, stderr[-2000:]
+    assert f"stopped by {signal.Signals(signum).name} at step" in stderr and "--resume last" in stderr
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     done = ckpt["global_step"]
-    assert 0 < done < 1000
+    assert 0 < done < 1000 and len(ckpt["mmdialog_samples"]) == 2 * done
     out = subprocess.run(cmd + ["--max-steps", str(done + 1), "--resume", "last"], capture_output=True,
                          text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads((tmp_path / "manifest_rank0.json").read_text())["steps"] == done + 1
+    manifest = json.loads((tmp_path / "manifest_rank0.json").read_text())
+    assert manifest["steps"] == done + 1 and len(manifest["samples"]) == 2 * (done + 1)  # both processes
+
+
+def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    train(make(tmp_path, 2, **{"train.checkpoint_every": 1}), progress=False)
+    last, prev = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "checkpoints" / "last.prev.ckpt"
+    assert torch.load(prev, weights_only=True)["global_step"] == 1
+    last.write_bytes(last.read_bytes()[:1000])                      # truncated, as by a full disk
+    (tmp_path / "checkpoints" / ".last.ckpt.abc123.tmp").write_bytes(b"half")  # a killed run's temp file
+    result = train(make(tmp_path, 3), progress=False, resume=True)
+    assert result["steps"] == 3 and any("resuming from the previous checkpoint" in n for n in result["notes"])
+    assert any("removed 1 temporary file" in n for n in result["notes"])
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
+    last.write_bytes(b"")
+    prev.write_bytes(b"")
+    with pytest.raises(MMDialogError, match="cannot resume: .*damaged.* and so is the previous one"):
+        train(make(tmp_path, 4), progress=False, resume=True)
 
 
 @pytest.mark.parametrize("llm_every,unet_blocks", [(True, True), (2, ["down_blocks.0", "mid_block"])],
@@ -275,5 +294,5 @@ def test_training_compiled_runs_and_writes_the_same_checkpoint_keys(tmp_path, un
     assert result["steps"] == 2
     assert all(torch.isfinite(torch.tensor(r["text_loss"])) and r["image_loss"] > 0 for r in result["history"])
     assert sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()) > 30
-    keys = lambda out: set(torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"])  # noqa: E731
+    keys = lambda out: set(torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])  # noqa: E731
     assert keys(tmp_path) == keys(eager_out)

@@ -56,13 +56,63 @@ def filter_lightning_state(checkpoint: dict[str, Any], model: DialogueModel) -> 
     checkpoint[CONFIG_KEY] = dump_config(model.config)
 
 
-def safe_load(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)``: tensors and plain containers only. A
-    file that needs unpickling of anything else is refused, never executed."""
+def previous_checkpoint(path: str | Path) -> Path:
+    """Where the checkpoint that ``path`` replaced is kept: ``last.ckpt`` → ``last.prev.ckpt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def is_complete(path: Path) -> bool:
+    """A ``torch.save`` file whose zip directory is intact (cheap: reads the end of the file)."""
+    import zipfile
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with zipfile.ZipFile(path) as z:
+            return bool(z.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def resume_checkpoint(path: str | Path) -> tuple[Path, str | None]:
+    """The checkpoint to resume from, checked before anything is built: ``path``,
+    or the previous one kept beside it when ``path`` is damaged. Returns it and
+    a one-line note when it fell back; ``ConfigError`` when neither is usable.
+    The file is read safely here (tensors mapped, not loaded), because some
+    Lightning strategies load it later with their own unrestricted unpickler."""
+    path = Path(path).expanduser()
+    prev = previous_checkpoint(path)
+    if path.is_file() and is_complete(path):
+        safe_load(path, mmap=True)
+        return path, None
+    what = "is damaged (truncated or not a checkpoint)" if path.is_file() else "does not exist"
+    if prev.is_file() and is_complete(prev):
+        safe_load(prev, mmap=True)
+        return prev, f"{path} {what}; resuming from the previous checkpoint {prev}"
+    raise ConfigError(f"cannot resume: {path} {what}" + (" and so is the previous one" if prev.exists() else "")
+                      + "; start without --resume, or give another .ckpt")
+
+
+def safe_load(path: str | Path, *, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only. A
+    file that needs unpickling of anything else is refused, never executed.
+    ``mmap=True`` maps the tensors instead of reading them: a cheap check of a
+    file that something else (a Lightning strategy) will load."""
+    import re
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's message carries terminal colours and advice to retry with weights_only=False:
+        # keep only the reason, which follows "WeightsUnpickler error:"
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+        text = text.split("WeightsUnpickler error:", 1)[-1].strip()
+        name = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if name:
+            raise ConfigError(f"checkpoint '{path}' is refused: it holds Python objects besides tensors and plain "
+                              f"data, and unpickling them could run code (it would import {name.group(1)}); "
+                              "mmdialog never does, so give a trainable.pt or .ckpt written by `mmdialog train`"
+                              ) from None
+        first = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
         raise ConfigError(f"checkpoint '{path}' cannot be read safely ({first[:160]}); mmdialog reads only "
                           "tensors and plain data, so give a trainable.pt or .ckpt written by `mmdialog train`"
                           ) from None

@@ -5,7 +5,7 @@ An exported folder holds only what training changed; the base checkpoints
 folder or an ``embedded:`` asset named in the config — as peft adapters do::
 
     OUT_DIR/
-      mmdialog.json              format, versions, parameter count
+      mmdialog.json              format, versions, parameter count, SHA-256 of the weights
       config.yaml                the full, validated Config (base checkpoints by reference)
       model.safetensors          the trainable weights, by DialogueModel parameter name
       tokenizer_additions.json   the tokens added to the LLM's tokenizer, with their ids
@@ -14,9 +14,15 @@ folder or an ``embedded:`` asset named in the config — as peft adapters do::
 
 ``load`` rebuilds the model with ``mmdialog.build(config)`` — same seed, so
 random-init components come out identical — and copies the weights on top.
+
+Integrity: the manifest records the SHA-256 of ``model.safetensors`` (format
+version 2; version-1 folders have none and still load), and ``load`` /
+``check_folder`` refuse a folder whose weights no longer match it. Weights
+holding NaN or inf are refused both when written and when read.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -32,7 +38,7 @@ from mmdialog.core.model import DialogueModel
 from mmdialog.core.pretrained import require_folder
 
 FORMAT = "mmdialog-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest records "sha256": {file name: hex digest}; 1 is still read
 MANIFEST, CONFIG, WEIGHTS, TOKENS, CARD, METRICS = (
     "mmdialog.json", "config.yaml", "model.safetensors", "tokenizer_additions.json", "README.md", "metrics.json")
 REQUIRED = (MANIFEST, CONFIG, WEIGHTS, TOKENS)
@@ -43,6 +49,7 @@ def save_pretrained(model: DialogueModel, out_dir: str | Path, metrics: dict[str
                     *, overwrite: bool = True) -> Path:
     """Write ``model``'s trainable weights, config, tokenizer additions and card to ``out_dir``."""
     weights = trainable_state(model)
+    _check_finite(weights, "refusing to save the model")
     return _write(weights, model.config, _token_additions(model), out_dir, metrics, overwrite)
 
 
@@ -54,6 +61,7 @@ def export(ckpt: str | Path, out_dir: str | Path, metrics: dict[str, Any] | str 
     record the tokenizer additions the weights were trained with.
     """
     weights, config_yaml, ckpt_metrics = read_checkpoint(ckpt)
+    _check_finite(weights, f"refusing to export checkpoint '{ckpt}'")
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output folder '{out}' is not empty; choose a new folder (or --force)")
@@ -92,11 +100,13 @@ def _write(weights: dict[str, torch.Tensor], config: Config, tokens: dict[str, A
     with atomic_folder(out, replace=True) as tmp:  # the folder appears complete, or not at all
         tensors = {n: t.detach().to("cpu").contiguous() for n, t in weights.items()}
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        digest = file_sha256(tmp / WEIGHTS)  # of the bytes on disk, as load will read them
         (tmp / CONFIG).write_text(dump_config(config), encoding="utf-8")
         (tmp / TOKENS).write_text(json.dumps(tokens, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "mmdialog_version": __version__,
                     "torch_version": torch.__version__.split("+")[0], "weights": WEIGHTS,
-                    "num_tensors": len(tensors), "num_parameters": sum(t.numel() for t in tensors.values())}
+                    "num_tensors": len(tensors), "num_parameters": sum(t.numel() for t in tensors.values()),
+                    "sha256": {WEIGHTS: digest}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if metrics:
             (tmp / METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n", encoding="utf-8")
@@ -124,7 +134,11 @@ def model_card(config: Config, manifest: dict[str, Any], metrics: dict[str, Any]
     lines += ["", f"This folder holds only the trainable weights ({manifest['num_tensors']} tensors, "
               f"{manifest['num_parameters']:,} parameters, `{WEIGHTS}`); the base checkpoints above are "
               "loaded from where the config points (a hub id, a local folder, or an asset embedded in "
-              "mmdialog's dependencies).", "", "## Use", "", "```python", "import mmdialog", "",
+              "mmdialog's dependencies)."]
+    digest = (manifest.get("sha256") or {}).get(WEIGHTS)
+    if digest:
+        lines += ["", f"SHA-256 of `{WEIGHTS}`: `{digest}` (`mmdialog.load` checks it)."]
+    lines += ["", "## Use", "", "```python", "import mmdialog", "",
               "session = mmdialog.load(\"path/to/this/folder\").session(seed=0)",
               "reply = session.send(\"what did you do this weekend?\")",
               "print(reply.text, reply.images)", "```", "",
@@ -140,17 +154,66 @@ def model_card(config: Config, manifest: dict[str, Any], metrics: dict[str, Any]
     return "\n".join(lines)
 
 
+# -- integrity --------------------------------------------------------------------------------
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks (weights can be gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_finite(weights: dict[str, torch.Tensor], where: str) -> None:
+    """One line naming the first weight holding NaN / inf, and how many do."""
+    bad = {}
+    for name, t in weights.items():
+        if t.is_floating_point() or t.is_complex():
+            n = int((~torch.isfinite(t.detach())).sum())
+            if n:
+                bad[name] = n
+    if bad:
+        first, n = next(iter(bad.items()))
+        raise ConfigError(f"{where}: weight '{first}' holds {n:,} NaN/inf values ({len(bad)} of {len(weights)} "
+                          "tensors are not finite); training diverged or the weights are damaged — use an "
+                          "earlier checkpoint")
+
+
+def _check_digests(p: Path, manifest: dict[str, Any], version: int) -> None:
+    """Compare each file's SHA-256 with the manifest's (format version 2 on)."""
+    digests = manifest.get("sha256")
+    if digests is None and version < 2:
+        return  # written before exports recorded digests
+    if not isinstance(digests, dict) or not isinstance(digests.get(WEIGHTS), str):
+        raise ConfigError(f"model folder '{p}': {MANIFEST} has no SHA-256 of {WEIGHTS}; the folder is damaged "
+                          "or was changed after export")
+    for name, expected in digests.items():
+        f = p / str(name)
+        if Path(str(name)).name != name or not f.is_file():
+            raise ConfigError(f"model folder '{p}': {MANIFEST} lists a SHA-256 for '{name}', which is not a "
+                              "file of the folder; the folder is damaged or was changed after export")
+        if file_sha256(f) != str(expected).lower():
+            raise ConfigError(f"model folder '{p}': {name} does not match the SHA-256 recorded in {MANIFEST}; "
+                              "the folder is damaged or was changed after export (copy or export it again)")
+
+
 # -- loading ----------------------------------------------------------------------------------
 def check_folder(path: str | Path) -> Path:
-    """Fail with one line unless ``path`` is a complete exported folder."""
+    """Fail with one line unless ``path`` is a complete exported folder whose
+    weights match the SHA-256 its manifest recorded."""
     p = require_folder(path, REQUIRED, "model", "a folder written by `mmdialog export` (or a training "
                        f"checkpoint, or a preset: {', '.join(PRESETS)})")
     manifest = read_json(p / MANIFEST, "manifest")
     if manifest.get("format") != FORMAT:
         raise ConfigError(f"model folder '{p}': {MANIFEST} is not an mmdialog export manifest")
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+    try:
+        version = int(manifest.get("format_version", 0))
+    except (TypeError, ValueError):
+        raise ConfigError(f"model folder '{p}': {MANIFEST} has a format_version that is not a number") from None
+    if version > FORMAT_VERSION:
         raise ConfigError(f"model folder '{p}' was written by a newer mmdialog "
                           f"({manifest.get('mmdialog_version')}); upgrade mmdialog to load it")
+    _check_digests(p, manifest, version)
     return p
 
 
@@ -211,6 +274,7 @@ def load(path: str | Path = "tiny", *, generator: str | dict[str, Any] | None = 
         where = f"checkpoint '{find_checkpoint(folder)}'"
         weights, config_yaml, _ = read_checkpoint(folder)
         tokens = None
+    _check_finite(weights, where)  # before anything is built or copied
     trained = config_from_yaml(config_yaml, where)
     config = config_from_yaml(config_yaml, where, **components)
     swapped = () if config.model.generator.name == trained.model.generator.name else ("generator",)

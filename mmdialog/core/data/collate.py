@@ -24,6 +24,7 @@ import torch
 
 from mmdialog.core import markup
 from mmdialog.core.data.schema import Dialogue, Photo, Turn
+from mmdialog.core.errors import DataError
 
 IGNORE = -100
 ImageLoader = Callable[[Path, int], torch.Tensor]  # (path, size) -> (3, size, size) in [0, 1]
@@ -145,6 +146,15 @@ class Collator:
             desc_has_image=torch.zeros(0, dtype=torch.bool), desc_keys=[],
             shares_photo=torch.zeros(1, dtype=torch.bool))
 
+    def _readable(self, photo: Photo, size: int, stats: dict[str, int]) -> torch.Tensor | None:
+        """The photo's pixels, or None (counted) when its file broke after the data
+        was checked: training never dies on a photo; that sample trains the text."""
+        try:
+            return self.load_image(photo.path, size)
+        except DataError:
+            stats["photos_unreadable"] += 1
+            return None
+
     # -- batch -------------------------------------------------------------------------------
     def __call__(self, samples: list[tuple[Dialogue, str]]) -> Batch:
         encoded = [self.encode(d, a) for d, a in samples]
@@ -154,7 +164,7 @@ class Collator:
         mask = torch.zeros((len(encoded), t), dtype=torch.long)
         labels = torch.full((len(encoded), t), IGNORE, dtype=torch.long)
         slots, slot_px, slot_keys, d_idx, d_start, d_len, d_px, d_has, d_keys = [], [], [], [], [], [], [], [], []
-        stats = {"photos_missing": 0, "spans_truncated": 0}
+        stats = {"photos_missing": 0, "spans_truncated": 0, "photos_unreadable": 0}
         for b, e in enumerate(encoded):
             n = len(e["ids"])
             ids[b, :n] = torch.tensor(e["ids"])
@@ -162,12 +172,13 @@ class Collator:
             labels[b, :n] = torch.tensor(e["labels"])
             row = e["ids"]
             for pos, photo in self.photo_slots(row, e["photos"]):
-                if pos + self.k <= n:
+                pixels = self._readable(photo, self.perceiver.image_size, stats) if pos + self.k <= n else None
+                if pixels is not None:
                     slots.append((b, pos))
-                    slot_px.append(self.load_image(photo.path, self.perceiver.image_size))
+                    slot_px.append(pixels)
                     slot_keys.append(str(photo.path))
-                else:  # truncated mid-photo: hide the partial slots
-                    mask[b, pos:n] = 0
+                else:  # truncated mid-photo, or unreadable since the data was checked: hide the slots
+                    mask[b, pos:min(pos + self.k, n)] = 0
             # Description spans in the agent's (labelled) turns, in order of its photos.
             agent_photos = iter(e["agent_photos"])
             opens = [i for i, x in enumerate(row) if x == self.llm.img_open_id and e["labels"][i] != IGNORE]
@@ -181,12 +192,11 @@ class Collator:
                 d_idx.append(b)
                 d_start.append(o + 1)
                 d_len.append(close - o - 1)
-                has = photo is not None and photo.path is not None
-                stats["photos_missing"] += not has
-                d_has.append(has)
-                d_keys.append(str(photo.path) if has else "")
-                d_px.append(self.load_image(photo.path, self.gen_res) if has
-                            else torch.zeros(3, self.gen_res, self.gen_res))
+                pixels = self._readable(photo, self.gen_res, stats) if photo is not None and photo.path else None
+                stats["photos_missing"] += pixels is None
+                d_has.append(pixels is not None)
+                d_keys.append(str(photo.path) if pixels is not None else "")
+                d_px.append(pixels if pixels is not None else torch.zeros(3, self.gen_res, self.gen_res))
         p_size = self.perceiver.image_size
         return Batch(
             input_ids=ids, attention_mask=mask, labels=labels,

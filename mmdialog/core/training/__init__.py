@@ -21,18 +21,15 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-from mmdialog.core.checkpoint import LAST, TRAINABLE, save_trainable, weights_digest
-from mmdialog.core.errors import MMDialogError, TrainingError
+from mmdialog.core.checkpoint import LAST, TRAINABLE, resume_checkpoint, save_trainable, weights_digest
+from mmdialog.core.data.schema import Dialogue
+from mmdialog.core.errors import ConfigError, TrainingError
+from mmdialog.core.files import atomic_write
 from mmdialog.core.model import DialogueModel
-from mmdialog.core.training.callbacks import (
-    AtomicCheckpointIO,
-    LossHistory,
-    SaveAtLastStep,
-    SaveOnInterrupt,
-    Throughput,
-)
+from mmdialog.core.training.callbacks import AtomicCheckpointIO, LossHistory, SaveAtLastStep, StopOnSignal, Throughput
 from mmdialog.core.training.data import DialogueDataModule, read_dialogues
 from mmdialog.core.training.module import DialogueModule, compile_repeated_blocks
 
@@ -51,36 +48,9 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def train(model: DialogueModel, progress: bool = True, resume: str | bool | None = None) -> dict[str, Any]:
-    """Train ``model`` per its config. Returns the loss history and output paths.
-
-    ``resume``: True → ``out_dir/checkpoints/last.ckpt``; a path → that file.
-    """
-    cfg = model.config
-    t = cfg.train
-    out = Path(t.out_dir)
-    ckpt_dir = out / "checkpoints"
-    ckpt_path = None
-    if resume:
-        ckpt_path = str(out / LAST) if resume is True else str(resume)
-        if not Path(ckpt_path).is_file():
-            raise MMDialogError(f"nothing to resume: {ckpt_path} does not exist")
-    history = LossHistory()
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=t.checkpoint_every,
-                                 save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=False)
-    interrupt = SaveOnInterrupt(out / LAST)
-    callbacks: list[L.Callback] = [history, checkpoint, SaveAtLastStep(out / LAST, t.checkpoint_every),
-                                   interrupt, Throughput(),
-                                   L.pytorch.callbacks.LearningRateMonitor("step")]
-    validate = t.val_every > 0
-    if validate:
-        callbacks.append(EarlyStopping(monitor="val_bleu2", mode="max", patience=t.early_stop_patience,
-                                       check_on_train_epoch_end=False))
-    loggers = [L.pytorch.loggers.CSVLogger(out, name="logs"),
-               L.pytorch.loggers.TensorBoardLogger(out, name="tensorboard")]
-    if t.deterministic:
-        L.seed_everything(cfg.model.seed, workers=True, verbose=False)
-    trainer = L.Trainer(
+def _trainer(t: Any, out: Path, callbacks: list[L.Callback], loggers: list, progress: bool,
+             validate: bool) -> L.Trainer:
+    return L.Trainer(
         max_steps=t.max_steps, accumulate_grad_batches=t.accumulate, precision=resolve_precision(t.precision),
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
         default_root_dir=out, log_every_n_steps=t.log_every, callbacks=callbacks, logger=loggers,
@@ -89,26 +59,79 @@ def train(model: DialogueModel, progress: bool = True, resume: str | bool | None
         val_check_interval=t.val_every * t.accumulate if validate else None,
         check_val_every_n_epoch=None if validate else 1, limit_val_batches=None if validate else 0,
         num_sanity_val_steps=0)
+
+
+def remove_stale_temp_files(out: Path) -> int:
+    """Temporary files a killed run left beside its checkpoints (``core/files.py``
+    names them ``.<name>.<random>.tmp``); returns how many were removed."""
+    stale = [f for d in (out, out / "checkpoints") if d.is_dir() for f in d.glob(".*.tmp") if f.is_file()]
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return len(stale)
+
+
+def train(model: DialogueModel, progress: bool = True, resume: str | Path | bool | None = None,
+          dialogues: list[Dialogue] | None = None) -> dict[str, Any]:
+    """Train ``model`` per its config. Returns the loss history and output paths.
+
+    ``resume``: True → ``out_dir/checkpoints/last.ckpt``; a path → that file
+    (a damaged one falls back to the previous checkpoint kept beside it).
+    ``dialogues``: the training split, when the caller has read it already.
+    """
+    cfg = model.config
+    t = cfg.train
+    out = Path(t.out_dir)
+    ckpt_path, notes = None, []
+    if resume:
+        ckpt, note = resume_checkpoint(out / LAST if resume is True else resume)
+        ckpt_path = str(ckpt)
+        notes += [note] if note else []
+    if removed := remove_stale_temp_files(out):
+        notes.append(f"removed {removed} temporary file(s) left by an interrupted run in {out}")
+    history = LossHistory()
+    checkpoint = ModelCheckpoint(dirpath=out / LAST.rsplit("/", 1)[0], filename="last",
+                                 every_n_train_steps=t.checkpoint_every, save_top_k=1,
+                                 enable_version_counter=False, save_on_train_epoch_end=False)
+    stop = StopOnSignal(out / LAST)
+    callbacks: list[L.Callback] = [history, checkpoint, SaveAtLastStep(out / LAST, t.checkpoint_every), stop,
+                                   Throughput(), L.pytorch.callbacks.LearningRateMonitor("step")]
+    validate = t.val_every > 0
+    if validate:
+        callbacks.append(EarlyStopping(monitor="val_bleu2", mode="max", patience=t.early_stop_patience,
+                                       check_on_train_epoch_end=False))
+    loggers = [L.pytorch.loggers.CSVLogger(out, name="logs"),
+               L.pytorch.loggers.TensorBoardLogger(out, name="tensorboard")]
+    if t.deterministic:
+        L.seed_everything(cfg.model.seed, workers=True, verbose=False)
+    try:
+        trainer = _trainer(t, out, callbacks, loggers, progress, validate)
+    except (ValueError, MisconfigurationException) as e:  # a strategy, accelerator or precision this machine lacks
+        raise ConfigError(f"train: {str(e).splitlines()[0]}") from None
     if t.compile:
         compile_repeated_blocks(model)
     module = DialogueModule(model)
-    data = DialogueDataModule(cfg, model.collator)
+    data = DialogueDataModule(cfg, model.collator, dialogues)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     except SystemExit:
-        if not interrupt.interrupted:
-            raise
+        if stop.signal is not None:  # a second Ctrl-C: stop now, without a checkpoint
+            raise KeyboardInterrupt from None
+        raise
     except Exception as e:
         if _is_oom(e):
             raise TrainingError(
                 f"out of memory at step {trainer.global_step}: try --batch-size 1 with --accumulate, "
                 "--gradient-checkpointing, --precision bf16-mixed, or --set model.max_length=256") from None
         raise
+    finally:
+        stop.restore()
     result: dict[str, Any] = {"data": data.summary, "steps": trainer.global_step, "history": history.rows,
-                              "interrupted": interrupt.interrupted, "global_zero": trainer.is_global_zero}
+                              "signal": stop.signal, "global_zero": trainer.is_global_zero, "notes": notes,
+                              "photos_skipped": module.photos_skipped}
     manifest = {"rank": trainer.global_rank, "steps": trainer.global_step, "samples": module.sample_log,
-                "weights_sha1": weights_digest(model)}
-    (out / f"manifest_rank{trainer.global_rank}.json").write_text(json.dumps(manifest))
+                "photos_skipped": module.photos_skipped, "weights_sha1": weights_digest(model)}
+    with atomic_write(out / f"manifest_rank{trainer.global_rank}.json") as tmp:
+        tmp.write_text(json.dumps(manifest))
     if trainer.is_global_zero:
         result["weights"] = str(save_trainable(model, out / TRAINABLE))
         result["checkpoint"] = str(out / LAST)

@@ -1,7 +1,13 @@
-"""Callbacks of ``mmdialog train``: atomic checkpoint writes, a checkpoint at
-Ctrl-C and at the last step, throughput in the progress bar, the loss history."""
+"""Callbacks of ``mmdialog train``: atomic checkpoint writes that keep the
+previous checkpoint, a checkpoint at SIGTERM / Ctrl-C and at the last step,
+throughput in the progress bar, the loss history."""
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -10,35 +16,92 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from mmdialog.core.checkpoint import safe_load
+from mmdialog.core.checkpoint import previous_checkpoint, safe_load
+from mmdialog.core.errors import TrainingError
 from mmdialog.core.files import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save to a temporary file in the same folder, then rename: a crash
-    mid-write never leaves a half-written checkpoint under the real name.
-    Loading is ``weights_only``, as every checkpoint mmdialog reads."""
+    mid-write never leaves a half-written checkpoint under the real name. The
+    checkpoint it replaces is kept as ``<name>.prev`` (a hard link), so a
+    checkpoint damaged later still has a good one beside it. Loading is
+    ``weights_only``, as every checkpoint mmdialog reads."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        with atomic_write(path) as tmp:
-            torch.save(checkpoint, tmp)
+        path = Path(path)
+        try:
+            with atomic_write(path) as tmp:
+                torch.save(checkpoint, tmp)
+                if path.exists():
+                    prev = previous_checkpoint(path)
+                    prev.unlink(missing_ok=True)
+                    try:
+                        os.link(path, prev)
+                    except OSError:  # a file system without hard links
+                        shutil.copy2(path, prev)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            need = sum(t.numel() * t.element_size() for t in _tensors(checkpoint))
+            free = shutil.disk_usage(path.parent).free
+            raise TrainingError(f"no space left on the device of {path}: the checkpoint needs about "
+                                f"{need / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB are free; free some space "
+                                "(the last checkpoint is intact), then --resume last") from None
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None
                         ) -> dict[str, Any]:
         return safe_load(path)  # resume never unpickles code
 
 
-class SaveOnInterrupt(L.Callback):
-    """Ctrl-C: Lightning stops and exits; first write a checkpoint of the work done."""
+def _tensors(obj: Any):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+class StopOnSignal(L.Callback):
+    """SIGTERM (a batch scheduler's notice) or Ctrl-C: finish the optimizer step in
+    progress, write a checkpoint and stop, so the run resumes exactly with
+    ``--resume last``. ``signal`` says which one came (the CLI exits 128 + its
+    number: 143, 130). A second Ctrl-C stops at once, without a checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.interrupted = False
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.restore()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt):
-            self.interrupted = True
+        self.restore()
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.signal is not None and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
             trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
 
 
 class SaveAtLastStep(L.Callback):

@@ -19,14 +19,20 @@ DEMO = "embedded:demo"
 
 
 def read_dialogues(cfg: DataConfig, split: str | None = None) -> tuple[list[Dialogue], str]:
-    """Dialogues for a data config, and a one-line summary of what was read."""
+    """Dialogues for a data config, and a one-line summary of what was read.
+
+    Every photo is decoded once here (cheaply): one that is missing, corrupt or
+    over the pixel limit loses its path, so its sample trains the text only, and
+    is counted in the summary; ``cfg.strict`` makes it a one-line error instead.
+    """
     from mmdialog.core.data import demo_dialogues, load_dialogues
 
     split = split or cfg.split
     if cfg.path == DEMO:
         dialogues = demo_dialogues(split or "train")
         return dialogues, f"embedded demo ({split or 'train'}): {len(dialogues)} dialogues"
-    result = load_dialogues(cfg.path, format=cfg.format, split=split, image_dir=cfg.image_dir)
+    result = load_dialogues(cfg.path, format=cfg.format, split=split, image_dir=cfg.image_dir,
+                            strict=cfg.strict, verify_images=True)
     if not result.dialogues:
         raise MMDialogError(f"no usable dialogues in {cfg.path} (split {split}): "
                             f"run `mmdialog data check {cfg.path}`")
@@ -96,16 +102,19 @@ class ResumableLoader(DataLoader):
 
 
 class DialogueDataModule(L.LightningDataModule):
-    def __init__(self, config: Config, collator) -> None:
+    def __init__(self, config: Config, collator, dialogues: list[Dialogue] | None = None) -> None:
         super().__init__()
         self.cfg = config.data
         self.val_turns = config.train.val_turns
         self.seed = config.model.seed
         self.collator = collator
-        self.summary = ""
+        self.dialogues = dialogues
+        self.summary = f"{len(dialogues)} dialogues" if dialogues is not None else ""
 
     def setup(self, stage: str | None = None) -> None:
-        dialogues, self.summary = read_dialogues(self.cfg, self.cfg.split or "train")
+        dialogues = self.dialogues
+        if dialogues is None:
+            dialogues, self.summary = read_dialogues(self.cfg, self.cfg.split or "train")
         self.train_set = SampleDataset(training_samples(dialogues, self.cfg.both_speakers))
 
     def val_dataloader(self) -> DataLoader:

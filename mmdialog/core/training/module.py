@@ -25,7 +25,8 @@ class DialogueModule(L.LightningModule):
         self.model = model
         self.train_cfg = model.config.train
         self.seed = model.config.model.seed
-        self.sample_log: list[str] = []
+        self.sample_log: list[str] = []  # over every process of the run: resumed ones continue it
+        self.photos_skipped = 0  # photos that could not be read: their samples train the text only
         # Plateau halving on dev BLEU-2 (the reference recipe), applied on top of warm-up.
         self.lr_scale, self.best_bleu2, self.bad_evals = 1.0, -1.0, 0
         self._val: list[tuple[str, str]] = []
@@ -45,6 +46,7 @@ class DialogueModule(L.LightningModule):
                 f"image {out['image_loss'].item():.4g}); the last good checkpoint is kept in "
                 f"{self.train_cfg.out_dir}/checkpoints — lower --lr or use --precision 32-true, then --resume")
         self.sample_log.extend(batch.ids)
+        self.photos_skipped += batch.stats.get("photos_unreadable", 0)
         loader = self.trainer.train_dataloader
         if isinstance(loader, ResumableLoader):
             loader.mark_consumed()
@@ -80,6 +82,8 @@ class DialogueModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.lr_scale, self.best_bleu2, self.bad_evals = checkpoint.get("mmdialog_plateau", (1.0, -1.0, 0))
+        self.sample_log = list(checkpoint.get("mmdialog_samples", []))
+        self.photos_skipped = int(checkpoint.get("mmdialog_photos_skipped", 0))
 
     def configure_optimizers(self):
         t = self.train_cfg
@@ -93,6 +97,8 @@ class DialogueModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         ckpt_format.filter_lightning_state(checkpoint, self.model)
+        checkpoint["mmdialog_samples"] = list(self.sample_log)
+        checkpoint["mmdialog_photos_skipped"] = self.photos_skipped
         checkpoint["mmdialog_plateau"] = (self.lr_scale, self.best_bleu2, self.bad_evals)
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import signal
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -27,37 +29,68 @@ def train(
     out_dir: Optional[str] = typer.Option(None),
     gradient_checkpointing: bool = typer.Option(False, help="recompute LLM and UNet activations (less memory)"),
     resume: Optional[str] = typer.Option(None, help="'last' (out_dir/checkpoints/last.ckpt) or a .ckpt path"),
+    strict: bool = typer.Option(False, "--strict", help="a bad record or photo is an error before any step "
+                                                         "(default: skipped for the image loss and counted)"),
     sets: list[str] = SET,
     quiet: bool = typer.Option(False, help="no progress bar"),
 ) -> None:
-    """Train a model (the end-to-end one by default) and print its losses."""
+    """Train a model (the end-to-end one by default) and print its losses.
+
+    SIGTERM and Ctrl-C write a checkpoint and exit with 143 / 130; continue with --resume last."""
     cfg = config_from_cli(config, llm, perceiver, bridge, generator, sets, **{
         "data.path": data, "train.max_steps": max_steps, "data.batch_size": batch_size, "train.lr": lr,
         "train.accumulate": accumulate, "train.precision": precision,
         "train.devices": int(devices) if devices and devices.isdigit() else devices,
         "train.num_nodes": num_nodes, "train.strategy": strategy, "train.out_dir": out_dir,
+        "data.strict": strict or None,
         **({"model.llm.gradient_checkpointing": True, "model.generator.gradient_checkpointing": True}
            if gradient_checkpointing else {})})
     from mmdialog.core.assembler import build
+    from mmdialog.core.checkpoint import LAST, resume_checkpoint
+    from mmdialog.core.errors import MMDialogError
     from mmdialog.core.training import train as run
+    from mmdialog.core.training.data import read_dialogues
 
+    # Everything a user can get wrong is checked before the model builds (minutes at paper scale).
+    out = Path(cfg.train.out_dir)
+    checkpoint = None
+    if resume:
+        checkpoint, note = resume_checkpoint(out / LAST if resume == "last" else resume)
+        if note:
+            typer.echo(f"note: {note}", err=True)
+    dialogues, summary = read_dialogues(cfg.data, cfg.data.split or "train")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").touch()
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise MMDialogError(f"cannot write to the output folder {out}: {e.strerror or e}; choose --out-dir") from None
+    typer.echo(f"data: {summary}", err=True)
     m = cfg.model
     typer.echo(f"building llm={m.llm.name} perceiver={m.perceiver.name} bridge={m.bridge.name} "
                f"generator={m.generator.name}", err=True)
     model = build(cfg)
     typer.echo(f"trainable groups: {', '.join(model.trainable_groups)}", err=True)
-    result = run(model, progress=not quiet, resume=True if resume == "last" else resume)
+    result = run(model, progress=not quiet, resume=checkpoint, dialogues=dialogues)
+    for note in result["notes"]:
+        typer.echo(f"note: {note}", err=True)
     if not result["global_zero"]:
-        return
-    typer.echo(f"data: {result['data']}")
+        raise typer.Exit(128 + result["signal"] if result["signal"] else 0)
+    typer.echo(f"data: {summary}")
     for row in result["history"]:
         typer.echo(f"step {row['step']:>4}  text_loss {row.get('text_loss', float('nan')):.4f}  "
                    f"image_loss {row.get('image_loss', float('nan')):.4f}")
-    if result["interrupted"]:
-        typer.echo(f"interrupted at step {result['steps']}; continue with --resume last", err=True)
+    if result["photos_skipped"]:
+        typer.echo(f"note: {result['photos_skipped']} photo(s) could not be read during training; their samples "
+                   "trained the text only (manifest_rank*.json)", err=True)
     if "weights" in result:
         typer.echo(f"trainable weights: {result['weights']}")
         typer.echo(f"checkpoint: {result['checkpoint']}")
+    if result["signal"]:
+        name = signal.Signals(result["signal"]).name
+        typer.echo(f"stopped by {name} at step {result['steps']}: checkpoint {result['checkpoint']}; "
+                   "continue with --resume last", err=True)
+        raise typer.Exit(128 + result["signal"])
 
 
 def evaluate(

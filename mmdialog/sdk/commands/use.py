@@ -134,21 +134,32 @@ def serve(
     max_images: int = typer.Option(4, min=0, help="images per request"),
     max_messages: int = typer.Option(64, min=1, help="messages per request"),
     max_queue: int = typer.Option(16, min=1, help="requests waiting for the model before 503"),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", metavar="NAME",
+                                           help="another name clients reach the server by (its Host header: a LAN "
+                                                "name, a reverse proxy's); loopback names and --host are always "
+                                                "allowed (repeatable)"),
+    api_key: str | None = typer.Option(None, "--api-key", metavar="KEY", envvar="MMDIALOG_API_KEY",
+                                       help="require 'Authorization: Bearer KEY' or 'X-API-Key: KEY' on the API "
+                                            "(the page: open /?key=KEY); prefer the env var, flags show in ps"),
     *, use: ModelUse,
 ) -> None:
     """Serve a JSON chat API (POST /v1/chat) and a chat page (/) over HTTP."""
     import uvicorn
 
     from mmdialog.sdk.server import Limits, create_app
+    from mmdialog.sdk.server.limits import check_api_key, host_names
 
+    host_names([host, *allowed_host])  # before the model loads: a typo should not cost a minute
+    check_api_key(api_key)
     m = _load(model, use)
     limits = Limits(max_body_bytes=int(max_body_mb * 2**20), max_image_bytes=int(max_image_mb * 2**20),
                     max_images=max_images, max_messages=max_messages, max_queue=max_queue)
-    app = create_app(m, photos_dir, limits, **use.options)
-    if not _is_loopback(host):
-        typer.echo(f"warning: binding {host} makes the model reachable from other machines; "
-                   "there is no authentication", err=True)
-    typer.echo(f"mmdialog: chat page at http://{host}:{port}/ (photos in {app.state.root})", err=True)
+    app = create_app(m, photos_dir, limits, allowed_hosts=[host, *allowed_host], api_key=api_key, **use.options)
+    if not _is_loopback(host) and api_key is None:
+        typer.echo(f"warning: binding {host} makes the model reachable from other machines with no "
+                   "authentication; use --api-key KEY (or MMDIALOG_API_KEY)", err=True)
+    how = "; open it as /?key=YOUR_KEY" if api_key is not None else ""
+    typer.echo(f"mmdialog: chat page at http://{host}:{port}/ (photos in {app.state.root}){how}", err=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
     except OSError as e:
