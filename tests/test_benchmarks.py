@@ -137,3 +137,23 @@ def test_dropout_saves_a_bool_mask_as_on_cuda():
     assert torch.equal(x.grad, kept.float() * 2) and 300 < int(kept.sum()) < 700
     assert "forward" not in vars(model[0])  # restored
     assert torch.equal(model.eval()(x), x)
+
+
+@pytest.mark.slow
+def test_fault_injection_kills_resumes_and_reaches_the_same_weights(tmp_path):
+    """Real SIGKILLs at random moments of `mmdialog train`, each followed by --resume last."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fault_injection.py"), "--kills", "2",
+                          "--steps", "6", "--max-delay", "1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    assert r["kills"] == 2 and r["resumes"] >= 2 and r["digest_equal"] and r["corrupt_checkpoints"] == 0
+
+
+def test_bench_cli_prints_ratios():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cli.py"), "--repeat", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    assert r["import_torch_s"] > 0 and set(r["cases"]) >= {"mmdialog --help", "import mmdialog"}

@@ -27,7 +27,7 @@ def test_jsonl_round_trip(tmp_path):
     ds = _dialogues(img)
     out = tmp_path / "data" / "d.jsonl"
     assert write_jsonl(ds, out) == 2
-    assert not list(out.parent.glob(".*.part"))
+    assert not list(out.parent.glob(".*.tmp"))
     back = load_dialogues(out)
     assert back.report.bad_records == 0
     ds[1].source = "jsonl"  # the default source of the reader

@@ -125,7 +125,8 @@ def test_dev_bleu2_plateau_halves_the_lr_and_early_stops(tmp_path):
     assert scales == [1.0, 0.5, 0.25]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_a_checkpoint_exits_non_zero_and_resume_continues(tmp_path, signum):
     """A real SIGTERM (a batch scheduler) or SIGINT (Ctrl-C) to a running `mmdialog train`:
     checkpoint written, exit 128 + signal, and the resumed run carries the manifest on."""
@@ -296,3 +297,74 @@ def test_training_compiled_runs_and_writes_the_same_checkpoint_keys(tmp_path, un
     assert sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()) > 30
     keys = lambda out: set(torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])  # noqa: E731
     assert keys(tmp_path) == keys(eager_out)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 4 MiB file system (tmpfs), for a checkpoint that does not fit."""
+    import subprocess
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_half_file(small_disk):
+    with pytest.raises(TrainingError, match=r"no space left on the device of .*last.ckpt: the checkpoint needs "
+                                            r"about [\d,]+ MiB, [\d,.]+ MiB are free"):
+        train(make(small_disk / "run", 1), progress=False)
+    assert not list((small_disk / "run" / "checkpoints").glob(".*.tmp"))
+    assert not (small_disk / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header declares ``width`` × ``height`` pixels (a 144-megapixel photo
+    without the 400 MB): the loader must refuse it from the header, before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.fixture()
+def bad_photo_data(tmp_path, cat_photo):
+    (tmp_path / "trunc.png").write_bytes(cat_photo.read_bytes()[:2000])
+    _png_header_only(tmp_path / "huge.png", 12000, 12000)
+    dialogues = [{"id": name, "turns": [{"speaker": "a", "text": "show me a photo"},
+                                        {"speaker": "b", "text": "here", "photos": [
+                                            {"path": str(path), "description": f"a {name} photo"}]}]}
+                 for name, path in (("cat", cat_photo), ("trunc", tmp_path / "trunc.png"),
+                                    ("huge", tmp_path / "huge.png"))]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(json.dumps(d) for d in dialogues))
+    return path
+
+
+def test_bad_photos_are_skipped_and_counted_and_strict_refuses_before_any_step(tmp_path, bad_photo_data):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "mmdialog", "train", "--data", str(bad_photo_data), "--max-steps", "2", "--quiet"]
+    ok = subprocess.run(cmd + ["--out-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env,
+                        timeout=600)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "3 dialogues" in ok.stdout and "2 corrupt images" in ok.stdout    # reported, the text still trains
+    assert (tmp_path / "run" / "trainable.pt").is_file()
+    assert "2 corrupt images" in json.loads((tmp_path / "run" / "manifest_rank0.json").read_text())["data"]
+
+    strict = subprocess.run(cmd + ["--strict", "--out-dir", str(tmp_path / "strict")], capture_output=True,
+                            text=True, env=env, timeout=600)
+    assert strict.returncode == 2 and "Traceback" not in strict.stderr
+    last = strict.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and ("trunc.png" in last or "huge.png" in last)
+    assert not (tmp_path / "strict" / "checkpoints").exists()                # refused before any step

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mmdialog.core.errors import ConfigError
+from mmdialog.core.files import atomic_write
 
 
 def check_bridgeable(tokenizer, what: str) -> None:
@@ -108,9 +107,6 @@ def static_map(llm_tokenizer, tower_tokenizer, n_llm: int, cache_dir: str | Path
         return torch.sparse_coo_tensor(t["indices"], t["values"], shape, is_coalesced=True,
                                        check_invariants=True, device="cpu")  # a file may be corrupt
     m = build_static_map(llm_tokenizer, tower_tokenizer, n_llm)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    save_file({"indices": m.indices().contiguous(), "values": m.values().contiguous()}, tmp)
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    with atomic_write(path) as tmp:  # a reader never sees half a file
+        save_file({"indices": m.indices().contiguous(), "values": m.values().contiguous()}, str(tmp))
     return m

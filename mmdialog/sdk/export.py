@@ -116,7 +116,7 @@ def _write(weights: dict[str, torch.Tensor], config: Config, tokens: dict[str, A
 
 def model_card(config: Config, manifest: dict[str, Any], metrics: dict[str, Any]) -> str:
     m = config.model
-    bases = {kind: getattr(m, kind).options.get("path") for kind in ("llm", "perceiver", "generator")}
+    bases = {slot: getattr(m, slot).options.get("path") for slot in SLOTS if getattr(m, slot) is not None}
     front = {"library_name": "mmdialog", "tags": ["photo-sharing", "multimodal-dialogue", "mmdialog"],
              "base_model": [b for b in bases.values() if b and not str(b).startswith("embedded:")] or None}
     lines = ["---", yaml.safe_dump({k: v for k, v in front.items() if v}, sort_keys=False).strip(), "---", "",

@@ -7,7 +7,7 @@ image_dir=out_dir)`` looks. It is
 
 * **parallel**: ``workers`` threads;
 * **resumable**: a file that already exists is skipped, and every download is
-  written to a hidden ``.part`` file and renamed into place only when complete
+  written to a hidden temporary file (``core/files.py``) and renamed into place only when complete
   and valid, so an interrupted run never leaves a half file under the final name;
 * **retrying**: network errors, time-outs, truncated bodies, bodies that are not
   a decodable image, and HTTP 408/425/429/5xx are retried up to ``retries``
@@ -28,7 +28,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -41,6 +40,7 @@ from PIL import Image
 
 from mmdialog.core.data.images import url_filename
 from mmdialog.core.data.schema import Dialogue
+from mmdialog.core.files import atomic_write
 
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 USER_AGENT = "mmdialog-fetch/1.0 (+https://github.com/; research dataset download)"
@@ -172,12 +172,8 @@ def _fetch_one(url: str, dest: Path, *, retries: int, backoff: float, max_backof
             data = _download(url, timeout, max_bytes, user_agent)
             if verify:
                 _validate_image(data)
-            tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
-            try:
+            with atomic_write(dest) as tmp:
                 tmp.write_bytes(data)
-                os.replace(tmp, dest)
-            finally:
-                tmp.unlink(missing_ok=True)
             return "downloaded", attempts, len(data), None
         except _Permanent as e:
             return "failed", attempts, 0, str(e)

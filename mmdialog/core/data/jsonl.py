@@ -39,7 +39,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from typing import Any
 from mmdialog.core.data.records import RawRecord, RecordError, normalize_split, object_list
 from mmdialog.core.data.report import LoadReport
 from mmdialog.core.data.schema import Dialogue, Photo, Turn
+from mmdialog.core.files import atomic_write
 from mmdialog.core.hookspecs import DatasetFormat, hookimpl
 
 PKG_PREFIX = "pkg:"
@@ -194,19 +194,12 @@ def write_jsonl(dialogues: Iterable[Dialogue], path: str | Path, *, relative_pat
     Returns the number of dialogues written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     base = path.parent.absolute() if relative_paths else None
     n = 0
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for d in dialogues:
-                f.write(json.dumps(dialogue_to_dict(d, relative_to=base), ensure_ascii=False) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for d in dialogues:
+            f.write(json.dumps(dialogue_to_dict(d, relative_to=base), ensure_ascii=False) + "\n")
+            n += 1
     return n
 
 

@@ -15,6 +15,7 @@ no distribution code lives here. What is ours:
 """
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from mmdialog.core.checkpoint import LAST, TRAINABLE, resume_checkpoint, save_trainable, weights_digest
 from mmdialog.core.data.schema import Dialogue
-from mmdialog.core.errors import ConfigError, TrainingError
+from mmdialog.core.errors import ConfigError, MMDialogError, TrainingError
 from mmdialog.core.files import atomic_write
 from mmdialog.core.model import DialogueModel
 from mmdialog.core.training.callbacks import AtomicCheckpointIO, LossHistory, SaveAtLastStep, StopOnSignal, Throughput
@@ -42,6 +43,17 @@ def resolve_precision(precision: str) -> str:
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32-true"
+
+
+def _user_error_within(e: BaseException) -> MMDialogError | None:
+    """An ``MMDialogError`` that ``e`` was raised while handling, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, MMDialogError):
+            return e
+        seen.add(id(e))
+        e = e.__context__
+    return None
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -71,12 +83,13 @@ def remove_stale_temp_files(out: Path) -> int:
 
 
 def train(model: DialogueModel, progress: bool = True, resume: str | Path | bool | None = None,
-          dialogues: list[Dialogue] | None = None) -> dict[str, Any]:
+          data: tuple[list[Dialogue], str] | None = None) -> dict[str, Any]:
     """Train ``model`` per its config. Returns the loss history and output paths.
 
     ``resume``: True → ``out_dir/checkpoints/last.ckpt``; a path → that file
     (a damaged one falls back to the previous checkpoint kept beside it).
-    ``dialogues``: the training split, when the caller has read it already.
+    ``data``: the training split and its summary (``read_dialogues``), when the
+    caller has read it already.
     """
     cfg = model.config
     t = cfg.train
@@ -110,7 +123,7 @@ def train(model: DialogueModel, progress: bool = True, resume: str | Path | bool
     if t.compile:
         compile_repeated_blocks(model)
     module = DialogueModule(model)
-    data = DialogueDataModule(cfg, model.collator, dialogues)
+    data = DialogueDataModule(cfg, model.collator, data)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     except SystemExit:
@@ -122,14 +135,21 @@ def train(model: DialogueModel, progress: bool = True, resume: str | Path | bool
             raise TrainingError(
                 f"out of memory at step {trainer.global_step}: try --batch-size 1 with --accumulate, "
                 "--gradient-checkpointing, --precision bf16-mixed, or --set model.max_length=256") from None
+        cause = _user_error_within(e)
+        if cause is not None:  # e.g. Lightning's clean-up failed too on the full disk a checkpoint met
+            raise cause from None
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise TrainingError(f"no space left on the device of {out}: free some space (the last checkpoint "
+                                "is intact), then --resume last") from None
         raise
     finally:
         stop.restore()
     result: dict[str, Any] = {"data": data.summary, "steps": trainer.global_step, "history": history.rows,
                               "signal": stop.signal, "global_zero": trainer.is_global_zero, "notes": notes,
                               "photos_skipped": module.photos_skipped}
-    manifest = {"rank": trainer.global_rank, "steps": trainer.global_step, "samples": module.sample_log,
-                "photos_skipped": module.photos_skipped, "weights_sha1": weights_digest(model)}
+    manifest = {"rank": trainer.global_rank, "steps": trainer.global_step, "data": data.summary,
+                "samples": module.sample_log, "photos_skipped": module.photos_skipped,
+                "weights_sha1": weights_digest(model)}
     with atomic_write(out / f"manifest_rank{trainer.global_rank}.json") as tmp:
         tmp.write_text(json.dumps(manifest))
     if trainer.is_global_zero:

@@ -40,11 +40,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                         os.link(path, prev)
                     except OSError:  # a file system without hard links
                         shutil.copy2(path, prev)
-        except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as an iostream RuntimeError
             need = sum(t.numel() * t.element_size() for t in _tensors(checkpoint))
             free = shutil.disk_usage(path.parent).free
+            if getattr(e, "errno", None) != errno.ENOSPC and free >= need:
+                raise
             raise TrainingError(f"no space left on the device of {path}: the checkpoint needs about "
                                 f"{need / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB are free; free some space "
                                 "(the last checkpoint is intact), then --resume last") from None
@@ -83,7 +83,9 @@ class StopOnSignal(L.Callback):
             raise KeyboardInterrupt
         self.signal = signum
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
+        # After Lightning installed its own SIGTERM handler (which would end the run at
+        # the next batch, mid-accumulation and without a checkpoint): ours replaces it.
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 

@@ -102,19 +102,17 @@ class ResumableLoader(DataLoader):
 
 
 class DialogueDataModule(L.LightningDataModule):
-    def __init__(self, config: Config, collator, dialogues: list[Dialogue] | None = None) -> None:
+    def __init__(self, config: Config, collator, data: tuple[list[Dialogue], str] | None = None) -> None:
         super().__init__()
         self.cfg = config.data
         self.val_turns = config.train.val_turns
         self.seed = config.model.seed
         self.collator = collator
-        self.dialogues = dialogues
-        self.summary = f"{len(dialogues)} dialogues" if dialogues is not None else ""
+        self.data = data
+        self.summary = data[1] if data is not None else ""
 
     def setup(self, stage: str | None = None) -> None:
-        dialogues = self.dialogues
-        if dialogues is None:
-            dialogues, self.summary = read_dialogues(self.cfg, self.cfg.split or "train")
+        dialogues, self.summary = self.data or read_dialogues(self.cfg, self.cfg.split or "train")
         self.train_set = SampleDataset(training_samples(dialogues, self.cfg.both_speakers))
 
     def val_dataloader(self) -> DataLoader:

@@ -71,7 +71,7 @@ def train(
                f"generator={m.generator.name}", err=True)
     model = build(cfg)
     typer.echo(f"trainable groups: {', '.join(model.trainable_groups)}", err=True)
-    result = run(model, progress=not quiet, resume=checkpoint, dialogues=dialogues)
+    result = run(model, progress=not quiet, resume=checkpoint, data=(dialogues, summary))
     for note in result["notes"]:
         typer.echo(f"note: {note}", err=True)
     if not result["global_zero"]:

@@ -142,8 +142,7 @@ def create_app(model_or_factory: Any, out_dir: str | Path | None = None, limits:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc: RequestValidationError):
-        err = exc.errors()[0]
-        return error(422, "invalid_request", f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}")
+        return error(422, "invalid_request", validation_message(exc))
 
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):
