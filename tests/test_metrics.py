@@ -236,7 +236,7 @@ def test_text_scores_strip_descriptions():
     hyps = ["nice! [img] a dog on the beach [/img] look at this"]
     refs = ["nice! look at this [img] something else entirely [/img]"]
     s = M.text_scores(hyps, refs)
-    assert s == {"bleu1": pytest.approx(100.0), "bleu2": pytest.approx(100.0), "rouge_l": pytest.approx(100.0)}
+    assert s == {k + suffix: pytest.approx(100.0) for k in ("bleu1", "bleu2", "rouge_l") for suffix in ("", "_norm")}
     assert M.text_scores(hyps, refs, strip=False)["bleu1"] < 100
 
 
@@ -445,16 +445,18 @@ def test_results_table_formatting():
         {"model": "Divter", "dataset": "PhotoChat", "bleu1": 6.52, "bleu2": 1.66, "rouge_l": 5.69,
          "fid": 29.16, "is": 15.8, "intent_f1": None},
         {"model": "Ours", "dataset": "PhotoChat", "bleu1": 10.0, "bleu2": 3.456, "rouge_l": 11.0,
-         "fid": 40.0, "is_mean": 2.5, "comparable": False, "intent_f1": 55.5},
+         "fid": 40.0, "is_mean": 2.5, "comparable": False, "intent_f1": 55.5, "bleu2_norm": 4.0,
+         "n_turns": 1234, "n_image_pairs": 12},
         {"model": "Text-only", "dataset": "DialogCC", "bleu1": 9.0, "fid": float("nan")},
     ]
     table = T.results_table(rows)
     lines = table.strip().split("\n")
-    assert lines[0] == "| Model | Dataset | BLEU-1 | BLEU-2 | ROUGE-L | FID ↓ | IS ↑ | Intent F1 |"
-    assert lines[1] == "|---|---|---:|---:|---:|---:|---:|---:|"
-    assert lines[2] == "| Divter | PhotoChat | 6.52 | 1.66 | 5.69 | 29.16 | 15.80 | – |"
-    assert lines[3] == "| Ours | PhotoChat | 10.00 | 3.46 | 11.00 | 40.00 † | 2.50 † | 55.50 |"
-    assert lines[4] == "| Text-only | DialogCC | 9.00 | – | – | – | – | – |"
+    assert lines[0] == ("| Model | Dataset | BLEU-1 | BLEU-2 | ROUGE-L | FID ↓ | IS ↑ | Intent F1 "
+                        "| BLEU-2 (norm.) | sacreBLEU | Turns | Photo pairs |")
+    assert lines[1] == "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    assert lines[2] == "| Divter | PhotoChat | 6.52 | 1.66 | 5.69 | 29.16 | 15.80 | – | – | – | – | – |"
+    assert lines[3] == "| Ours | PhotoChat | 10.00 | 3.46 | 11.00 | 40.00 † | 2.50 † | 55.50 | 4.00 | – | 1,234 | 12 |"
+    assert lines[4] == "| Text-only | DialogCC | 9.00 | – | – | – | – | – | – | – | – | – |"
     assert lines[5] == ""
     assert lines[6].startswith("†") and I.NOT_COMPARABLE_NOTE in lines[6]
     # all rows comparable -> no footnote
@@ -469,3 +471,50 @@ def test_results_table_from_image_metrics_output():
     row = {"model": "m", "dataset": "d", **M.text_scores(["hi"], ["hi"]), **m.compute()}
     table = T.results_table([row])
     assert "100.00" in table and "†" in table and I.NOT_COMPARABLE_NOTE in table
+
+
+def _reference_formula(hyps, refs):
+    """An independent implementation of the reference code's text metrics
+    (utils/bleu.py, utils/rouge.py): str.split() tokens, case kept; BLEU-n the
+    corpus-level clipped n-gram precision of that single n times the corpus
+    brevity penalty; ROUGE-L the mean sentence-level LCS F1; all x100."""
+    import math
+    from collections import Counter
+
+    def grams(toks, n):
+        return Counter(tuple(toks[i:i + n]) for i in range(len(toks) - n + 1))
+
+    out = {}
+    for n in (1, 2):
+        match = total = 0
+        for h, r in zip(hyps, refs):
+            hg, rg = grams(h.split(), n), grams(r.split(), n)
+            match += sum(min(c, rg[g]) for g, c in hg.items())
+            total += sum(hg.values())
+        c, r_len = sum(len(h.split()) for h in hyps), sum(len(r.split()) for r in refs)
+        bp = 1.0 if c >= r_len else math.exp(1 - r_len / c)
+        out[f"bleu{n}"] = 100 * bp * match / total
+    f1s = []
+    for h, r in zip(hyps, refs):
+        a, b = h.split(), r.split()
+        table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+        for i, x in enumerate(a):
+            for j, y in enumerate(b):
+                table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
+        lcs = table[-1][-1]
+        f1s.append(0.0 if lcs == 0 else 2 * (lcs / len(a)) * (lcs / len(b)) / (lcs / len(a) + lcs / len(b)))
+    out["rouge_l"] = 100 * sum(f1s) / len(f1s)
+    return out
+
+
+def test_headline_text_metrics_are_the_reference_formula():
+    hyps = ["Hi, how are you?", "I went to the beach [img] a beach [/img] yesterday.", "That sounds GREAT!",
+            "ok", "My dog loves the park , too"]
+    refs = ["hi how are you", "I went to the beach yesterday!", "that sounds great", "Okay then.",
+            "My dog loves the park, too"]
+    ours = M.text_scores(hyps, refs)
+    expected = _reference_formula([markup.strip(h) for h in hyps], refs)
+    for key in ("bleu1", "bleu2", "rouge_l"):
+        assert ours[key] == pytest.approx(expected[key], abs=1e-9), key
+    # the normalised variant ignores case and punctuation, so it scores these pairs higher
+    assert ours["bleu1_norm"] > ours["bleu1"] and ours["rouge_l_norm"] > ours["rouge_l"]

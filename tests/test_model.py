@@ -125,3 +125,25 @@ def test_build_on_a_device_creates_parameters_there_and_keeps_cpu_state_on_cpu(t
     assert trainable(m) == trainable(tiny)
     assert all(torch.equal(a.indices(), b.indices()) and torch.equal(a.values(), b.values())
                for a, b in zip(m.bridge.maps, tiny.bridge.maps))
+
+
+def test_a_photo_is_written_where_it_was_shared_in_the_turn(tiny, cat_photo):
+    """PhotoChat merges a speaker's messages into a turn and records where the photo
+    came (``Photo.offset``); the sharer's text after the photo stays after it."""
+    from mmdialog import Dialogue, Photo
+
+    text = "I adopted a cat. She loves the sofa"
+    d = Dialogue("mid", [Turn("0", "how was your week?"),
+                         Turn("1", text, [Photo(description="a tabby cat", path=cat_photo, offset=16)])])
+    batch = tiny.collator([(d, "1")])
+    decoded = tiny.llm.tokenizer.decode(batch.input_ids[0])
+    k = tiny.perceiver.num_tokens
+    assert f"I adopted a cat. [img] a tabby cat [/img]{'<image>' * k} She loves the sofa" in decoded
+    # the description span and the photo slots are found where the photo sits
+    start, length = int(batch.desc_start[0]), int(batch.desc_len[0])
+    assert tiny.llm.tokenizer.decode(batch.input_ids[0, start:start + length]).strip() == "a tabby cat"
+    assert batch.desc_has_image.tolist() == [True]
+    # the text after the photo is trained too
+    labels = batch.labels[0]
+    sofa = tiny.llm.tokenizer(" sofa", add_special_tokens=False)["input_ids"][-1]
+    assert sofa in labels.tolist()

@@ -72,6 +72,9 @@ class LanguageModel(Component):
       rows are left-padded, and generation stops at ``stop_ids``.
     * ``render(messages, add_generation_prompt)`` applies the chat template to
       ``[{"role": "user"|"assistant", "content": str}]`` and returns a string.
+    * ``user_first``: the chat template needs the user to speak first (Llama-2-chat
+      raises otherwise); the collator then opens an agent-first conversation with
+      an empty user message.
     """
 
     tokenizer: Any
@@ -81,6 +84,7 @@ class LanguageModel(Component):
     image_token_id: int  # placeholder replaced by a perceiver's K embeddings
     pad_token_id: int
     stop_ids: list[int]  # ids that end the assistant's turn
+    user_first: bool = False
 
     @abstractmethod
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...

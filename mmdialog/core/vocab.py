@@ -56,6 +56,7 @@ class TowerTokens:
     input_ids: torch.Tensor           # (N, S)
     offsets: list[list[tuple[int, int]]]  # per sample, per position; (0, 0) for specials/padding
     texts: list[str]
+    attention_mask: torch.Tensor | None = None  # (N, S): 1 on BOS, the text and EOS; 0 on padding
 
 
 def tokenize_for_tower(tokenizer, texts: list[str], max_length: int) -> TowerTokens:
@@ -63,7 +64,7 @@ def tokenize_for_tower(tokenizer, texts: list[str], max_length: int) -> TowerTok
     enc = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
                     return_offsets_mapping=True, return_tensors="pt")
     offsets = [[tuple(map(int, o)) for o in row] for row in enc["offset_mapping"].tolist()]
-    return TowerTokens(enc["input_ids"], offsets, texts)
+    return TowerTokens(enc["input_ids"], offsets, texts, enc.get("attention_mask"))
 
 
 def _vocab_fingerprint(tokenizer) -> str:

@@ -74,14 +74,14 @@ class Collator:
         msgs: list[dict[str, str]] = []
         for turn in turns:
             role = "assistant" if turn.speaker == agent else "user"
-            parts = [turn.text] if turn.text else []
-            for photo in turn.photos:
-                parts.append(self.photo_text(photo, shared_by_agent=role == "assistant"))
-            content = " ".join(parts)
+            # Each photo where it was shared in the turn (the reference does so), not after the text.
+            content = turn.text_with_photos(lambda p, agent=role == "assistant": self.photo_text(p, agent))
             if msgs and msgs[-1]["role"] == role:
                 msgs[-1]["content"] += " " + content
             else:
                 msgs.append({"role": role, "content": content})
+        if msgs and msgs[0]["role"] == "assistant" and self.llm.user_first:
+            msgs.insert(0, {"role": "user", "content": ""})  # the template wants the user first
         return msgs
 
     def photo_text(self, photo: Photo, shared_by_agent: bool) -> str:
@@ -108,10 +108,12 @@ class Collator:
             prev = end
         enc = self.llm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"][: self.max_length], enc["offset_mapping"][: self.max_length]
-        labels = [i if any(s <= a < e for s, e in spans) else IGNORE for i, (a, _) in zip(ids, offsets)]
+        # A token is labelled when it overlaps an assistant span: SentencePiece tokens carry the
+        # space before a word ("▁hey"), so the first word of a Llama-2 turn starts before the span.
+        labels = [i if any(a < e and b > s for s, e in spans) else IGNORE for i, (a, b) in zip(ids, offsets)]
         labels = [IGNORE if i == self.llm.image_token_id else lab for i, lab in zip(ids, labels)]
-        photos = [p for t in dialogue.turns for p in t.photos]
-        agent_photos = [p for t in dialogue.turns if t.speaker == agent for p in t.photos]
+        photos = [p for t in dialogue.turns for p in t.ordered_photos]
+        agent_photos = [p for t in dialogue.turns if t.speaker == agent for p in t.ordered_photos]
         return {"ids": ids, "labels": labels, "photos": photos, "agent_photos": agent_photos,
                 "shares": bool(agent_photos)}
 
@@ -131,7 +133,7 @@ class Collator:
         """A one-sample batch that ends with the agent's generation prompt."""
         text = self.llm.render(self.messages(turns, agent), add_generation_prompt=True)
         row = self.llm.tokenizer(text, add_special_tokens=False)["input_ids"]
-        photos = [p for t in turns for p in t.photos]
+        photos = [p for t in turns for p in t.ordered_photos]
         found = self.photo_slots(row, photos)
         size = self.perceiver.image_size
         empty = torch.zeros(0, dtype=torch.long)

@@ -5,6 +5,7 @@ collate turns them into model batches. Nothing here imports torch.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,26 +43,26 @@ class Turn:
     def shares_photo(self) -> bool:
         return bool(self.photos)
 
-    def text_with_photos(self) -> str:
-        """The turn text with each photo rendered as ``[img] description [/img]``.
+    @property
+    def ordered_photos(self) -> list[Photo]:
+        """The photos in the order they appear in the turn (by ``offset``; ``None`` = after the text)."""
+        end = len(self.text)
+        return [p for _, p in sorted(enumerate(self.photos),
+                                     key=lambda ip: (end if ip[1].offset is None else ip[1].offset, ip[0]))]
+
+    def text_with_photos(self, render: Callable[[Photo], str] = lambda p: markup.render(p.description)) -> str:
+        """The turn text with each photo rendered (default ``[img] description [/img]``).
 
         A photo is inserted at its ``offset`` in ``text`` (PhotoChat: where the
         share message sat among the speaker's merged messages), or appended
         after the text when ``offset`` is ``None``. Pieces are joined by single
         spaces.
         """
-        if not self.photos:
-            return self.text
-        ordered = sorted(
-            enumerate(self.photos),
-            key=lambda ip: (len(self.text) if ip[1].offset is None else ip[1].offset, ip[0]),
-        )
         parts: list[str] = []
         pos = 0
-        for _, photo in ordered:
+        for photo in self.ordered_photos:
             off = len(self.text) if photo.offset is None else max(0, min(photo.offset, len(self.text)))
-            parts.append(self.text[pos:off].strip())
-            parts.append(markup.render(photo.description))
+            parts += [self.text[pos:off].strip(), render(photo)]
             pos = off
         parts.append(self.text[pos:].strip())
         return " ".join(p for p in parts if p)

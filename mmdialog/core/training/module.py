@@ -70,7 +70,9 @@ class DialogueModule(L.LightningModule):
             return
         preds, golds = zip(*self._val)
         self._val = []
-        bleu2 = text.bleu([markup.strip(p) for p in preds], [markup.strip(g) for g in golds], n=2)
+        # Dev BLEU-2 as the reference selects on it: str.split() tokens, case kept.
+        bleu2 = text.bleu([markup.strip(p) for p in preds], [markup.strip(g) for g in golds], n=2,
+                          tokenizer=text.reference_tokenize)
         if bleu2 > self.best_bleu2:
             self.best_bleu2, self.bad_evals = bleu2, 0
         else:

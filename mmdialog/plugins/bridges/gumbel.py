@@ -19,7 +19,10 @@ position m reaches only the LLM positions it came from.
 ``alignment="bag"`` reproduces the reference code's set-to-set matrix:
 x = (Σ_t Y_t)·T with T the complete 0/1 block between the set of predicted
 LLM tokens and the set of tower tokens, O = onehot(c) + x − sg x, E = O W —
-one scalar per sample spread over a token set, added at every position.
+one scalar per sample spread over a token set, added at every position of the
+text (BOS to EOS; padding rows stay constant one-hots, as the reference pads
+after the straight-through). The predicted tokens are decoded as the reference
+decodes them: special tokens skipped, tokenisation spaces cleaned up.
 """
 from __future__ import annotations
 
@@ -132,7 +135,11 @@ class GumbelBridge(Bridge):
             y = y * mask[..., None]
             ids = torch.where(mask, y.argmax(-1), ids)                  # the sampled tokens
         rows = [ids[n][mask[n]].tolist() for n in range(ids.shape[0])]
-        decoded = [decode_with_offsets(self.llm_tokenizer, r) for r in rows]
+        if o.alignment == "bag":  # the reference's decoding; no offsets needed
+            decoded = [(self.llm_tokenizer.decode(r, skip_special_tokens=True, clean_up_tokenization_spaces=True), [])
+                       for r in rows]
+        else:
+            decoded = [decode_with_offsets(self.llm_tokenizer, r) for r in rows]
         texts = [text for text, _ in decoded]
         out = []
         for k, tower in enumerate(self.towers):
@@ -144,7 +151,8 @@ class GumbelBridge(Bridge):
                 continue
             table = self.vocab_table(k)
             if o.alignment == "bag":
-                emb = base + self._bag_delta(y, rows, c, tower)
+                text_rows = tt.attention_mask.to(base.device, base.dtype)[..., None]   # (N, S, 1)
+                emb = base + self._bag_delta(y, rows, c, tower) * text_rows
             else:
                 a = torch.stack([
                     alignment_matrix(tt.offsets[n], spans + [(0, 0)] * (ids.shape[1] - len(spans)), ids.shape[1])

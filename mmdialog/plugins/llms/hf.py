@@ -133,6 +133,7 @@ class HFLanguageModel(LanguageModel):
         im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.stop_ids = sorted({i for i in (self.tokenizer.eos_token_id, im_end)
                                 if isinstance(i, int) and i != self.tokenizer.unk_token_id})
+        self.user_first = not _renders(self.tokenizer, [{"role": "assistant", "content": "hi"}])
 
     @property
     def base_model(self) -> nn.Module:
@@ -191,6 +192,18 @@ class HFLanguageModel(LanguageModel):
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _renders(tokenizer: Any, messages: list[dict[str, str]]) -> bool:
+    """Whether the chat template accepts ``messages`` (Llama-2-chat's raises unless
+    the roles alternate starting with the user)."""
+    from jinja2 import TemplateError
+
+    try:
+        tokenizer.apply_chat_template(messages, tokenize=False)
+        return True
+    except TemplateError:
+        return False
 
 
 def _load(o: HFOptions) -> tuple[Any, nn.Module]:

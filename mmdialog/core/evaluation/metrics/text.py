@@ -5,7 +5,10 @@ on replies with their ``[img] … [/img]`` spans removed; standard sacreBLEU
 precision / recall / F1 (:func:`intent_prf`) and description scores on share
 turns (:func:`description_scores`).
 
-Tokenisation used by BLEU / ROUGE-L (:func:`tokenize`): the text is lower-cased
+Two tokenisations. The headline numbers use the reference code's,
+:func:`reference_tokenize` (``str.split()``, case kept), so they can be put
+next to the paper's. The normalised variant (:func:`tokenize`, the default of
+the functions below) is reported beside them, labelled: the text is lower-cased
 and split with the regular expression ``\\w+|[^\\w\\s]``, i.e. maximal runs of
 word characters (letters, digits, underscore, Unicode-aware) are tokens and
 every other non-space character is a token on its own
@@ -17,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 from mmdialog.core import markup
@@ -31,6 +34,14 @@ References = Union[Sequence[str], Sequence[Sequence[str]]]
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 _WS_RE = re.compile(r"\s+")
+
+
+Tokenizer = Callable[[str], list[str]]
+
+
+def reference_tokenize(text: str) -> list[str]:
+    """The reference code's tokenisation for BLEU and ROUGE-L: ``text.split()``, case kept."""
+    return text.split()
 
 
 def tokenize(text: str) -> list[str]:
@@ -69,7 +80,7 @@ def _closest_ref_len(hyp_len: int, ref_lens: Sequence[int]) -> int:
 
 
 def ngram_stats(
-    hyps: Sequence[str], refs: References, max_n: int = 4
+    hyps: Sequence[str], refs: References, max_n: int = 4, tokenizer: Tokenizer = tokenize
 ) -> dict[str, Any]:
     """Corpus-level sufficient statistics for BLEU.
 
@@ -87,8 +98,8 @@ def ngram_stats(
     totals = [0] * max_n
     hyp_len = ref_len = 0
     for hyp, rs in zip(hyps, ref_lists):
-        h = tokenize(hyp)
-        r_toks = [tokenize(r) for r in rs]
+        h = tokenizer(hyp)
+        r_toks = [tokenizer(r) for r in rs]
         hyp_len += len(h)
         ref_len += _closest_ref_len(len(h), [len(r) for r in r_toks])
         for n in range(1, max_n + 1):
@@ -110,7 +121,7 @@ def _brevity_penalty(hyp_len: int, ref_len: int) -> float:
     return math.exp(1.0 - ref_len / hyp_len)
 
 
-def bleu(hyps: Sequence[str], refs: References, n: int = 1) -> float:
+def bleu(hyps: Sequence[str], refs: References, n: int = 1, tokenizer: Tokenizer = tokenize) -> float:
     """The paper's BLEU-n: single-order modified n-gram precision x brevity penalty.
 
     ``BLEU-n = 100 * BP * p_n`` with the corpus-level modified precision
@@ -119,14 +130,14 @@ def bleu(hyps: Sequence[str], refs: References, n: int = 1) -> float:
     ``r``: summed closest reference lengths). Unlike standard BLEU-4 there is
     no geometric mean over orders 1..n: BLEU-2 uses bigram precision only, as
     in the photo-sharing dialogue literature (PhotoChat / Guo et al. 2024).
-    Texts are tokenised with :func:`tokenize`. Returns 0 when the hypotheses
-    contain no n-grams.
+    Texts are tokenised with ``tokenizer`` (:func:`tokenize`; the reference's is
+    :func:`reference_tokenize`). Returns 0 when the hypotheses contain no n-grams.
     """
     if n < 1:
         raise ValueError("n must be >= 1")
     if not hyps:
         return 0.0
-    st = ngram_stats(hyps, refs, max_n=n)
+    st = ngram_stats(hyps, refs, max_n=n, tokenizer=tokenizer)
     total = st["totals"][n - 1]
     if total == 0:
         return 0.0
@@ -174,22 +185,22 @@ def _rouge_l_f1(hyp: Sequence[str], ref: Sequence[str]) -> float:
     return 2 * p * r / (p + r)
 
 
-def rouge_l(hyps: Sequence[str], refs: References) -> float:
+def rouge_l(hyps: Sequence[str], refs: References, tokenizer: Tokenizer = tokenize) -> float:
     """Mean sentence-level ROUGE-L F1 (Lin 2004, sec. 3.1), x100.
 
     Per sentence: ``P = LCS/|hyp|``, ``R = LCS/|ref|``,
     ``F = (1 + b^2) P R / (R + b^2 P)`` with ``b = 1`` (i.e. ``2PR/(P+R)``);
     with several references the best F is kept (as ``rouge_score``'s
     ``score_multi``). Empty hypothesis or reference scores 0. Texts are
-    tokenised with :func:`tokenize` (no stemming).
+    tokenised with ``tokenizer`` (no stemming).
     """
     ref_lists = _normalise_refs(refs, len(hyps))
     if not hyps:
         return 0.0
     total = 0.0
     for hyp, rs in zip(hyps, ref_lists):
-        h = tokenize(hyp)
-        total += max(_rouge_l_f1(h, tokenize(r)) for r in rs)
+        h = tokenizer(hyp)
+        total += max(_rouge_l_f1(h, tokenizer(r)) for r in rs)
     return 100.0 * total / len(hyps)
 
 
@@ -220,8 +231,10 @@ def text_scores(
     """BLEU-1, BLEU-2 and ROUGE-L of replies, descriptions removed first.
 
     With ``strip=True`` (the paper's protocol) :func:`markup.strip` is
-    applied to hypotheses and references. Returns
-    ``{"bleu1", "bleu2", "rouge_l"}``, all x100.
+    applied to hypotheses and references. Returns ``{"bleu1", "bleu2",
+    "rouge_l"}`` computed as the reference code computes them
+    (:func:`reference_tokenize`), and the same three with the normalised
+    tokenisation as ``bleu1_norm``, ``bleu2_norm``, ``rouge_l_norm``; all x100.
     """
     if strip:
         hyps = [markup.strip(h) for h in hyps]
@@ -229,11 +242,12 @@ def text_scores(
             markup.strip(r) if isinstance(r, str) else [markup.strip(x) for x in r]
             for r in refs
         ]
-    return {
-        "bleu1": bleu(hyps, refs, 1),
-        "bleu2": bleu(hyps, refs, 2),
-        "rouge_l": rouge_l(hyps, refs),
-    }
+    out = {}
+    for suffix, tok in (("", reference_tokenize), ("_norm", tokenize)):
+        out[f"bleu1{suffix}"] = bleu(hyps, refs, 1, tok)
+        out[f"bleu2{suffix}"] = bleu(hyps, refs, 2, tok)
+        out[f"rouge_l{suffix}"] = rouge_l(hyps, refs, tok)
+    return out
 
 
 # --------------------------------------------------------------------------- #
