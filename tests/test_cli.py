@@ -28,6 +28,9 @@ def test_train_prints_both_losses(tmp_path, perceiver, bridge):
     assert all(float(s.split("image_loss")[1]) > 0 for s in steps)
     assert (tmp_path / "trainable.pt").exists()
     assert (tmp_path / "logs").is_dir()
+    # only mmdialog's own lines on the terminal; the libraries' notices are in the run's log
+    assert [line.split(" ")[0] for line in out.stderr.strip().splitlines()] == ["data:", "building", "trainable"]
+    assert "GPU available" in (tmp_path / "log.txt").read_text()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -55,3 +58,29 @@ def test_data_commands_are_mounted():
     out = run("data", "check", str(DEMO / "photochat"))
     assert out.returncode in (0, 1), out.stderr
     assert "42" in out.stdout
+
+
+def test_train_never_overwrites_an_earlier_run(tmp_path):
+    (tmp_path / "trainable.pt").write_bytes(b"an earlier run's weights")
+    out = run("train", "--out-dir", str(tmp_path), "--max-steps", "1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path} holds an earlier run (trainable.pt); continue it with --resume last, or choose "
+        "another --out-dir, or --overwrite")
+    assert (tmp_path / "trainable.pt").read_bytes() == b"an earlier run's weights"
+
+
+def test_version():
+    from mmdialog import __version__
+
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"mmdialog {__version__}"
+
+
+def test_a_session_removes_its_empty_temporary_folder_at_exit():
+    code = ("import mmdialog, sys; from mmdialog.core.session import Session\n"
+            "class M:\n    def eval(self): return self\n"
+            "s = Session(M()); print(s.photos_dir)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert not Path(out.stdout.strip()).exists()

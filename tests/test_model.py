@@ -147,3 +147,11 @@ def test_a_photo_is_written_where_it_was_shared_in_the_turn(tiny, cat_photo):
     labels = batch.labels[0]
     sofa = tiny.llm.tokenizer(" sofa", add_special_tokens=False)["input_ids"][-1]
     assert sofa in labels.tolist()
+
+
+def test_a_reply_cut_by_the_token_limit_says_so_and_a_finished_one_does_not(tiny):
+    history = [Turn("user", "tell me a long story about your weekend, with many details")]
+    short = tiny.respond(history, max_new_tokens=3, seed=0, draw=False)
+    assert short.length_capped and len(tiny.llm.tokenizer(short.text, add_special_tokens=False)["input_ids"]) <= 3
+    full = tiny.respond([Turn("user", "hi")], max_new_tokens=200, seed=0, draw=False)
+    assert not full.length_capped   # it ended its turn (<|im_end|>) before the limit

@@ -49,7 +49,8 @@ class Reply:
     (``plain`` is without it); ``shared`` is the agent's decision to share;
     ``photos`` are the photos produced for ``descriptions``, in order (empty
     when not drawn). A ``Session`` fills ``paths`` (where it saved each photo)
-    and ``truncated`` (older turns were dropped to fit the context)."""
+    and ``truncated`` (older turns were dropped to fit the context).
+    ``length_capped``: the reply hit ``max_new_tokens`` before the end of its turn."""
 
     text: str
     photos: list[GeneratedImage] = field(default_factory=list)
@@ -57,6 +58,7 @@ class Reply:
     descriptions: list[str] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)
     truncated: bool = False
+    length_capped: bool = False
 
     @property
     def images(self) -> list[Any]:

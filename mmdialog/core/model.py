@@ -135,13 +135,14 @@ class DialogueModel(nn.Module):
             mask[i, t - e.shape[0]:] = 1
         out = self.llm.generate(emb, mask, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
                                 num_beams=opts.num_beams)                     # (B, T')
-        rows = []
+        rows, capped = [], []
         for row in out.tolist():
-            stop = next((i for i, x in enumerate(row) if x in self.llm.stop_ids), len(row))
+            stop = next((i for i, x in enumerate(row) if x in self.llm.stop_ids), None)
             rows.append(row[:stop])
+            capped.append(stop is None)  # no end of turn: the reply hit max_new_tokens
         spans = [markup.spans(r, self.llm.img_open_id, self.llm.img_close_id) for r in rows]
-        replies = [Reply(self.llm.tokenizer.decode(r, skip_special_tokens=True).strip(), shared=bool(s))
-                   for r, s in zip(rows, spans)]
+        replies = [Reply(self.llm.tokenizer.decode(r, skip_special_tokens=True).strip(), shared=bool(s),
+                         length_capped=c) for r, s, c in zip(rows, spans, capped)]
         flat = [(i, s) for i, ss in enumerate(spans) for s in ss]
         if not flat:
             return replies

@@ -13,6 +13,8 @@ tokens (with room for the reply), the oldest turns are dropped, with one
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import tempfile
 import uuid
 import warnings
@@ -40,7 +42,10 @@ class Session:
         self.options = GenerationOptions.parse(options)
         self.model = model.eval()
         self.history: list[Turn] = list(history)
-        self.photos_dir = Path(photos_dir) if photos_dir else Path(tempfile.mkdtemp(prefix="mmdialog-session-"))
+        if photos_dir is None:  # a temporary folder: gone at exit unless a photo was saved in it
+            photos_dir = tempfile.mkdtemp(prefix="mmdialog-session-")
+            atexit.register(_remove_if_empty, Path(photos_dir))
+        self.photos_dir = Path(photos_dir)
         self.photos_dir.mkdir(parents=True, exist_ok=True)
         self.dropped_turns = 0
         self._warned = False
@@ -120,6 +125,11 @@ class Session:
                     f"the conversation is longer than the model's context ({limit} tokens): dropping the "
                     "oldest turns from now on"), stacklevel=3)
         return bool(dropped)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def check_image(path: Path, max_pixels: int | None = None) -> None:

@@ -27,6 +27,20 @@ COMMANDS = {
 
 app = typer.Typer(help="Photo-sharing multimodal dialogue: train, inspect, run.",
                   pretty_exceptions_enable=False, no_args_is_help=True, add_completion=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from mmdialog import __version__
+
+        typer.echo(f"mmdialog {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")) -> None:
+    """Photo-sharing multimodal dialogue: train, inspect, run."""
 for name, command in COMMANDS.items():
     if isinstance(command, typer.Typer):
         for sub in command.registered_commands:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -129,15 +128,31 @@ def generator_spec(generator: str | None, library: str | None = None) -> str | d
     return {**spec, "fallback": {"name": drawer}} if retriever else spec
 
 
-def quiet() -> None:
-    """Loading progress bars and library deprecation notes are not for chat users."""
+LIBRARY_LOGGERS = ("transformers", "diffusers", "lightning", "lightning.pytorch", "lightning.fabric",
+                   "pytorch_lightning", "py.warnings")
+
+
+def quiet(log_file: Path | None = None) -> None:
+    """Only mmdialog's own lines on the terminal: library warnings, notices and
+    loading bars go to ``log_file`` (the run's log) or nowhere (``--verbose`` skips this)."""
+    import logging
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.captureWarnings(True)  # warnings.warn → the "py.warnings" logger
+    handler: logging.Handler = logging.NullHandler()
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
     try:
         from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        hf_logging.disable_default_handler()
     except ImportError:
         pass

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from mmdialog.sdk.commands.common import CONFIG, SET, config_from_cli
+from mmdialog.sdk.commands.common import quiet as quiet_libraries
 
 
 def train(
@@ -31,8 +32,11 @@ def train(
     resume: Optional[str] = typer.Option(None, help="'last' (out_dir/checkpoints/last.ckpt) or a .ckpt path"),
     strict: bool = typer.Option(False, "--strict", help="a bad record or photo is an error before any step "
                                                          "(default: skipped for the image loss and counted)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="train into an out-dir that holds an earlier run"),
     sets: list[str] = SET,
     quiet: bool = typer.Option(False, help="no progress bar"),
+    verbose: bool = typer.Option(False, "--verbose", help="show library warnings and notices (otherwise in "
+                                                         "OUT_DIR/log.txt)"),
 ) -> None:
     """Train a model (the end-to-end one by default) and print its losses.
 
@@ -54,6 +58,10 @@ def train(
     # Everything a user can get wrong is checked before the model builds (minutes at paper scale).
     out = Path(cfg.train.out_dir)
     checkpoint = None
+    earlier = [p for p in (out / "trainable.pt", out / LAST) if p.exists()]
+    if earlier and not resume and not overwrite:
+        raise MMDialogError(f"{out} holds an earlier run ({earlier[0].name}); continue it with --resume last, "
+                            "or choose another --out-dir, or --overwrite")
     if resume:
         checkpoint, note = resume_checkpoint(out / LAST if resume == "last" else resume)
         if note:
@@ -66,6 +74,8 @@ def train(
     except OSError as e:
         raise MMDialogError(f"cannot write to the output folder {out}: {e.strerror or e}; choose --out-dir") from None
     typer.echo(f"data: {summary}", err=True)
+    if not verbose:
+        quiet_libraries(out / "log.txt")
     m = cfg.model
     typer.echo(f"building llm={m.llm.name} perceiver={m.perceiver.name} bridge={m.bridge.name} "
                f"generator={m.generator.name}", err=True)

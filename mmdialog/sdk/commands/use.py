@@ -32,7 +32,8 @@ def _print_reply(reply, as_json: bool = False) -> None:
     photos = reply.photo_records()
     if as_json:
         typer.echo(json.dumps({"text": reply.plain, "raw_text": reply.text, "shared": reply.shared,
-                               "photos": photos, "truncated": reply.truncated}))
+                               "photos": photos, "truncated": reply.truncated,
+                               "length_capped": reply.length_capped}))
         return
     typer.echo(reply.plain)
     for ph in photos:

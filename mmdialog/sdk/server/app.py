@@ -5,7 +5,7 @@
                       or multipart/form-data: field ``messages`` (that JSON list), optional
                       field ``options`` (JSON), files ``images`` (attached to the last message)
                   →   {"text", "raw_text", "shared", "photos": [{"url", "description", "source"}],
-                       "truncated", "dropped_turns"}
+                       "truncated", "length_capped", "dropped_turns"}
     GET  /health      {"status": "ok", "queued", "busy", "served"}
     GET  /files/NAME  a photo the model shared (only this server's own folder)
     GET  /            the chat page (inline JS and CSS, no external assets)
@@ -371,7 +371,8 @@ def _respond(factory: SessionFactory, photos_dir: Path, history: list[Turn],
     notices = [str(w.message) for w in caught if issubclass(w.category, HistoryTruncatedWarning)]
     photos = [{"url": f"/files/{Path(r.pop('path')).name}", **r} for r in reply.photo_records()]
     out = {"text": reply.plain, "raw_text": reply.text, "shared": reply.shared, "photos": photos,
-           "truncated": reply.truncated, "dropped_turns": session.dropped_turns}
+           "truncated": reply.truncated, "length_capped": reply.length_capped,
+           "dropped_turns": session.dropped_turns}
     if notices:
         out["notice"] = notices[0]
     return out
