@@ -48,8 +48,9 @@ def test_checkpoint_holds_only_trainable_weights_and_config(uninterrupted):
     assert list((out / "tensorboard").rglob("events.out.tfevents*"))
 
 
-@pytest.mark.parametrize("first,every", [(3, 1), (2, 1), (3, 2), (2, 3)],
-                         ids=["epoch-boundary", "mid-epoch", "end-of-run-save", "end-of-run-save-mid-epoch"])
+@pytest.mark.parametrize("first,every", [(3, 1), (2, 1), (4, 1), (3, 2), (2, 3)],
+                         ids=["epoch-boundary", "mid-epoch", "mid-second-epoch", "end-of-run-save",
+                              "end-of-run-save-mid-epoch"])
 def test_resume_reaches_the_same_weights(tmp_path, uninterrupted, first, every):
     _, full, _ = uninterrupted
     train(make(tmp_path, first, **{"train.checkpoint_every": every}), progress=False)

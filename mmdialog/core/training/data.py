@@ -72,29 +72,35 @@ class ResumableLoader(DataLoader):
     """A DataLoader whose position inside the epoch is saved in checkpoints.
 
     ``training_step`` marks each batch consumed; on resume the first
-    ``consumed`` batches of the (seeded, hence identical) epoch order are
-    skipped, so a run resumed mid-epoch sees exactly the batches it would
-    have seen (Lightning restarts non-stateful loaders from the epoch start).
+    ``consumed`` batches of the interrupted epoch's (seeded, hence identical)
+    order are skipped, so a run resumed mid-epoch sees exactly the batches it
+    would have seen (Lightning restarts non-stateful loaders from the epoch
+    start). The epoch is saved too: Lightning does not hand the sampler the
+    interrupted epoch's number when it resumes in the middle of one.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.consumed = 0
         self._skip = 0
+        self._resume_epoch = 0
 
     def mark_consumed(self) -> None:
         self.consumed += 1
 
     def state_dict(self) -> dict[str, int]:
-        return {"consumed": self.consumed}
+        return {"consumed": self.consumed, "epoch": getattr(self.sampler, "epoch", 0)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         # A checkpoint taken after the epoch's last batch resumes at a new epoch.
         self._skip = state["consumed"] if state["consumed"] < len(self) else 0
+        self._resume_epoch = state.get("epoch", 0)
 
     def __iter__(self):
         skip, self._skip = self._skip, 0
         self.consumed = skip
+        if skip and hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(self._resume_epoch)
         it = super().__iter__()
         for _ in range(skip):
             next(it, None)
