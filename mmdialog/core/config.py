@@ -15,12 +15,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mmdialog.core.errors import ConfigError, validation_message
-from mmdialog.core.interfaces import KINDS
+from mmdialog.core.hookspecs import KIND_NAMES
 
 PRESETS = ("tiny", "paper")
 #: Config sections that name a plugin: the four kinds, and the optional retriever
 #: a generator chain (``library,sd``) puts in front of the generator.
-SLOTS = (*KINDS, "retriever")
+SLOTS = (*KIND_NAMES, "retriever")
 
 #: The freeze policy's defaults (the reference trains the same set, except that
 #: it trains *all* rows of embed_tokens / lm_head: docs/design.md §2). Keys are

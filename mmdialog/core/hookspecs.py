@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from mmdialog.core.data.schema import Dialogue
 
 PROJECT = "mmdialog"
+#: The component kinds, in the order they are listed (their contracts: ``interfaces.KINDS``).
+KIND_NAMES = ("llm", "perceiver", "bridge", "generator")
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 

@@ -22,6 +22,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from mmdialog.core.hookspecs import KIND_NAMES
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -240,11 +242,6 @@ class Retriever(ABC):
         """The matched photo, or None when its file can no longer be read."""
 
 
-KINDS: dict[str, type[Component]] = {
-    "llm": LanguageModel,
-    "perceiver": Perceiver,
-    "bridge": Bridge,
-    "generator": Generator,
-}
+KINDS: dict[str, type[Component]] = dict(zip(KIND_NAMES, (LanguageModel, Perceiver, Bridge, Generator)))
 #: The component slots of a ``DialogueModel``, in build order (later factories see earlier ones).
 BUILD_ORDER = ("llm", "generator", "perceiver", "bridge")

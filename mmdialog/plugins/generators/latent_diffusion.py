@@ -8,6 +8,7 @@ pipeline samples. A third-party latent-diffusion generator subclasses it too
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,6 +77,7 @@ def load_tokenizer(path: str) -> Any:
     return tok
 
 
+@functools.cache
 def _no_cache_kwarg() -> dict[str, None]:
     """transformers renamed create_causal_mask's ``past_key_values`` to ``cache`` in 5.x."""
     import inspect
@@ -84,9 +86,6 @@ def _no_cache_kwarg() -> dict[str, None]:
 
     params = inspect.signature(create_causal_mask).parameters
     return {"cache": None} if "cache" in params else {"past_key_values": None}
-
-
-_NO_CACHE = _no_cache_kwarg()
 
 
 def encode_text_tower(model: nn.Module, prompt: PromptTokens, hidden_layer: int | None = None
@@ -105,7 +104,7 @@ def encode_text_tower(model: nn.Module, prompt: PromptTokens, hidden_layer: int 
     tm = getattr(model, "text_model", model)
     emb = prompt.inputs_embeds.to(tm.embeddings.token_embedding.weight.dtype)
     h = tm.embeddings(inputs_embeds=emb)                                 # (N, S, d) + positions
-    mask = create_causal_mask(config=tm.config, inputs_embeds=h, attention_mask=None, **_NO_CACHE)
+    mask = create_causal_mask(config=tm.config, inputs_embeds=h, attention_mask=None, **_no_cache_kwarg())
     captured: list[torch.Tensor] = []
     handle = None
     if hidden_layer is not None:

@@ -47,12 +47,12 @@ class ModelUse:
 def model_flags(command):
     """Add ``--generator``, ``--library`` and the generation flags to ``command``,
     which receives them checked, as ``use: ModelUse`` (a bad value is one line)."""
-    from mmdialog.core.generation import GenerationOptions
-
     flags = {"generator": (Optional[str], GENERATOR), "library": (Optional[str], LIBRARY), **GENERATION_FLAGS}
 
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> Any:
+        from mmdialog.core.generation import GenerationOptions  # torch: only when the command runs
+
         given = {name: kwargs.pop(name) for name in flags}
         spec = generator_spec(given.pop("generator"), given.pop("library"))
         try:
@@ -98,10 +98,10 @@ def parse_sets(sets: list[str]) -> dict[str, Any]:
 def config_from_cli(config: str, llm, perceiver, bridge, generator, sets: list[str], **fields: Any):
     """The validated config of a command: the preset or YAML, the plugin flags,
     the command's own flags (dotted keys) and ``--set``."""
-    from mmdialog.core.config import load_config
-
     overrides = {k: v for k, v in fields.items() if v is not None}
     overrides.update(parse_sets(sets))
+    from mmdialog.core.config import load_config
+
     return load_config(config, overrides, llm=llm, perceiver=perceiver, bridge=bridge, generator=generator)
 
 
