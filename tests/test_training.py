@@ -109,21 +109,27 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert out.stdout.count("step    2") == 1               # only rank 0 reports
 
 
-def test_dev_bleu2_plateau_halves_the_lr_and_early_stops(tmp_path):
-    """Validation generates dev replies (gold context), logs BLEU-2; no improvement
-    halves the learning rate and, after `early_stop_patience` evaluations, stops."""
+@pytest.mark.parametrize("warmup, expected", [(0, [1.0, 1.0, 0.5, 0.5]), (10, [1.0, 1.0, 1.0, 1.0])],
+                         ids=["after-warm-up", "during-warm-up"])
+def test_dev_bleu2_plateau_halves_the_lr_as_the_reference_and_early_stops(tmp_path, warmup, expected):
+    """Validation generates dev replies (gold context), logs BLEU-2. As the reference's
+    ReduceLROnPlateau(patience=1) stepped after warm-up: the lr halves at the 2nd evaluation
+    in a row without improvement, never during warm-up; after `early_stop_patience`
+    evaluations without improvement training stops; the best weights are kept."""
     import csv
 
     model = make(tmp_path, 50, **{"train.val_every": 1, "train.val_turns": 3, "train.val_max_new_tokens": 4,
-                                  "train.lr": 1e-12, "train.warmup_steps": 0, "train.early_stop_patience": 2,
+                                  "train.lr": 1e-12, "train.warmup_steps": warmup, "train.early_stop_patience": 3,
                                   "train.plateau_patience": 1})
     result = train(model, progress=False)
     assert result["steps"] < 50  # stopped early: BLEU-2 cannot improve with lr ~ 0
     rows = [r for f in (tmp_path / "logs").rglob("metrics.csv") for r in csv.DictReader(open(f))]
     bleu = [float(r["val_bleu2"]) for r in rows if r.get("val_bleu2")]
     scales = [float(r["lr_scale"]) for r in rows if r.get("lr_scale")]
-    assert len(bleu) == 3 and len(set(bleu)) == 1           # greedy replies of an unchanged model
-    assert scales == [1.0, 0.5, 0.25]
+    assert len(bleu) == 4 and len(set(bleu)) == 1           # greedy replies of an unchanged model
+    assert scales == expected
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
+    assert best["global_step"] == 1 and result["best"]["path"].endswith("best.ckpt")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],

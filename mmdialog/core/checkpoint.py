@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from mmdialog.core.model import DialogueModel
 
 CONFIG_KEY = "mmdialog_config"
-TRAINABLE, LAST = "trainable.pt", "checkpoints/last.ckpt"
+TRAINABLE, LAST, BEST = "trainable.pt", "checkpoints/last.ckpt", "checkpoints/best.ckpt"
 METRICS = "metrics.json"
 
 
@@ -119,12 +119,14 @@ def safe_load(path: str | Path, *, mmap: bool = False) -> Any:
 
 
 def find_checkpoint(ckpt: str | Path) -> Path:
-    """A checkpoint file, or the one inside a run folder (trainable.pt, else checkpoints/last.ckpt)."""
+    """A checkpoint file, or the one inside a run folder: the best dev BLEU-2
+    (checkpoints/best.ckpt, when the run evaluated on dev), else trainable.pt,
+    else checkpoints/last.ckpt."""
     path = Path(ckpt).expanduser()
     if path.is_dir():
-        found = [p for p in (path / TRAINABLE, path / LAST) if p.is_file()]
+        found = [p for p in (path / BEST, path / TRAINABLE, path / LAST) if p.is_file()]
         if not found:
-            raise ConfigError(f"checkpoint folder '{path}' has no {TRAINABLE} or {LAST}; "
+            raise ConfigError(f"checkpoint folder '{path}' has no {BEST}, {TRAINABLE} or {LAST}; "
                               "give the file written by `mmdialog train`")
         return found[0]
     if not path.exists():

@@ -116,7 +116,9 @@ class TrainConfig(_Strict):
     val_every: int = Field(0, ge=0, description="optimizer steps between dev evaluations (0: none)")
     val_turns: int = Field(200, gt=0, description="dev turns generated per evaluation (gold context)")
     val_max_new_tokens: int = Field(32, gt=0)
-    plateau_patience: int = Field(1, gt=0, description="evaluations without a better dev BLEU-2 before the lr halves")
+    plateau_patience: int = Field(1, ge=0, description="after warm-up, the lr halves when more than this many dev "
+                                                       "evaluations in a row did not improve BLEU-2 "
+                                                       "(ReduceLROnPlateau's patience, as the reference)")
     early_stop_patience: int = Field(6, gt=0, description="evaluations without a better dev BLEU-2 before stopping")
     deterministic: bool = Field(True, description="reseed every step from (seed, step, rank): "
                                                   "resumed runs repeat uninterrupted ones")

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import yaml
 
-from mmdialog.core.checkpoint import LAST, TRAINABLE, find_checkpoint, read_checkpoint, trainable_state
+from mmdialog.core.checkpoint import BEST, LAST, TRAINABLE, find_checkpoint, read_checkpoint, trainable_state
 from mmdialog.core.config import PRESETS, SLOTS, Config, config_from_yaml, dump_config, read_json
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.files import atomic_folder
@@ -263,7 +263,7 @@ def load(path: str | Path = "tiny", *, generator: str | dict[str, Any] | None = 
         model.eval()
         return model.to(device) if device is not None else model
     folder = Path(text).expanduser()
-    is_run = folder.is_file() or (folder / TRAINABLE).is_file() or (folder / LAST).is_file()
+    is_run = folder.is_file() or any((folder / f).is_file() for f in (BEST, TRAINABLE, LAST))
     if not is_run or (folder / MANIFEST).exists():
         check_folder(folder)
         config_yaml = (folder / CONFIG).read_text(encoding="utf-8")

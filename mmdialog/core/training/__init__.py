@@ -25,7 +25,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-from mmdialog.core.checkpoint import LAST, TRAINABLE, resume_checkpoint, save_trainable, weights_digest
+from mmdialog.core.checkpoint import BEST, LAST, TRAINABLE, resume_checkpoint, save_trainable, weights_digest
 from mmdialog.core.data.schema import Dialogue
 from mmdialog.core.errors import ConfigError, MMDialogError, TrainingError
 from mmdialog.core.files import atomic_write
@@ -109,9 +109,11 @@ def train(model: DialogueModel, progress: bool = True, resume: str | Path | bool
     callbacks: list[L.Callback] = [history, checkpoint, SaveAtLastStep(out / LAST, t.checkpoint_every), stop,
                                    Throughput(), L.pytorch.callbacks.LearningRateMonitor("step")]
     validate = t.val_every > 0
-    if validate:
-        callbacks.append(EarlyStopping(monitor="val_bleu2", mode="max", patience=t.early_stop_patience,
-                                       check_on_train_epoch_end=False))
+    best = ModelCheckpoint(dirpath=out / BEST.rsplit("/", 1)[0], filename="best", monitor="val_bleu2", mode="max",
+                           save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=False)
+    if validate:  # the weights of the best dev BLEU-2 are kept (and exported), as the reference keeps them
+        callbacks += [best, EarlyStopping(monitor="val_bleu2", mode="max", patience=t.early_stop_patience,
+                                          check_on_train_epoch_end=False)]
     loggers = [L.pytorch.loggers.CSVLogger(out, name="logs"),
                L.pytorch.loggers.TensorBoardLogger(out, name="tensorboard")]
     if t.deterministic:
@@ -155,4 +157,6 @@ def train(model: DialogueModel, progress: bool = True, resume: str | Path | bool
     if trainer.is_global_zero:
         result["weights"] = str(save_trainable(model, out / TRAINABLE))
         result["checkpoint"] = str(out / LAST)
+        if validate and best.best_model_path:
+            result["best"] = {"path": best.best_model_path, "val_bleu2": float(best.best_model_score)}
     return result

@@ -73,12 +73,16 @@ class DialogueModule(L.LightningModule):
         # Dev BLEU-2 as the reference selects on it: str.split() tokens, case kept.
         bleu2 = text.bleu([markup.strip(p) for p in preds], [markup.strip(g) for g in golds], n=2,
                           tokenizer=text.reference_tokenize)
+        # The reference's ReduceLROnPlateau(mode=max, factor=0.5, patience): stepped after
+        # warm-up only; the lr halves when more than `patience` evaluations in a row did not
+        # improve, and the count starts again. Early stopping (a callback) counts every evaluation.
         if bleu2 > self.best_bleu2:
             self.best_bleu2, self.bad_evals = bleu2, 0
-        else:
+        elif self.global_step >= self.train_cfg.warmup_steps:
             self.bad_evals += 1
-            if self.bad_evals % self.train_cfg.plateau_patience == 0:
+            if self.bad_evals > self.train_cfg.plateau_patience:
                 self.lr_scale *= 0.5
+                self.bad_evals = 0
         self.log("val_bleu2", bleu2, sync_dist=True)
         self.log("lr_scale", self.lr_scale)
 

@@ -96,6 +96,9 @@ def train(
     if "weights" in result:
         typer.echo(f"trainable weights: {result['weights']}")
         typer.echo(f"checkpoint: {result['checkpoint']}")
+    if "best" in result:
+        typer.echo(f"best dev BLEU-2 {result['best']['val_bleu2']:.2f}: {result['best']['path']} "
+                   "(what `export`, `chat` and `eval` read from the run folder)")
     if result["signal"]:
         name = signal.Signals(result["signal"]).name
         typer.echo(f"stopped by {name} at step {result['steps']}: checkpoint {result['checkpoint']}; "
