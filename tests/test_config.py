@@ -90,3 +90,14 @@ def test_freeze_policy_override_and_typo():
     assert not any(p.requires_grad for p in m.generator.parameters())
     with pytest.raises(ConfigError, match=r"model\.trainable\.generator\.unett.*no such parameter group"):
         build("tiny", overrides={"model.trainable": {"generator.unett": True}})
+
+
+def test_a_generator_chain_keeps_the_trained_generators_options(tmp_path):
+    """``--generator library,sd`` (with or without ``--library``) on a model trained with
+    a configured sd keeps that sd's options: its path, steps, dtype."""
+    trained = load_config("tiny", {"model.generator.num_inference_steps": 7, "model.generator.guidance_scale": 3.0})
+    for swap in ("library,sd", {"name": "library", "folder": str(tmp_path), "fallback": {"name": "sd"}}):
+        chained = load_config(trained, generator=swap)
+        assert chained.model.retriever.name == "library" and chained.model.generator.name == "sd"
+        assert chained.model.generator.options == trained.model.generator.options
+    assert load_config(trained, generator="sd").model.retriever is None

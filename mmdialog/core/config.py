@@ -237,7 +237,7 @@ def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
             model["retriever"] = _switch(model.get("retriever"), retriever)
         elif kind == "generator" and isinstance(value, dict) and "fallback" in value:
             value = dict(value)
-            model["generator"] = value.pop("fallback")
+            model["generator"] = _switch(model.get("generator"), value.pop("fallback"))
             kind = "retriever"
         model[kind] = _switch(model.get(kind), value)
     for dotted, value in (overrides or {}).items():
