@@ -74,3 +74,17 @@ def test_strict_check_raises():
 
     with pytest.raises(DataError):
         check_dataset(DEMO_DIR / "photochat", image_dir=DEMO_DIR, strict=True)  # images missing
+
+
+def test_cli_check_counts_per_split_on_photochats_layout():
+    """PhotoChat's released layout (train/ dev/ test/ folders, or split-named files): totals and per split."""
+    import json
+
+    res = runner.invoke(_app(), ["data", "check", str(EXCERPT)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    start = lines.index("per split        dialogues  turns  photos")
+    assert [line.split()[:2] for line in lines[start + 1:start + 4]] == [["train", "9"], ["dev", "9"], ["test", "24"]]
+    counts = json.loads(runner.invoke(_app(), ["data", "check", str(EXCERPT), "--json"]).output)
+    assert counts["dialogues"] == 42 and {k: v["dialogues"] for k, v in counts["splits"].items()} == \
+        {"train": 9, "dev": 9, "test": 24}

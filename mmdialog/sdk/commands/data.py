@@ -31,6 +31,18 @@ def _load(path: Path, fmt: str, split: Optional[str], strict: bool, image_dir: O
     return load_dialogues(path, format=fmt, split=split, strict=strict, image_dir=image_dir, **kw)
 
 
+def split_counts(dialogues) -> dict[str, dict[str, int]]:
+    """Dialogues, turns and photos per split (``-`` for dialogues of no known split)."""
+    out: dict[str, dict[str, int]] = {}
+    for d in dialogues:
+        c = out.setdefault(d.split or "-", {"dialogues": 0, "turns": 0, "photos": 0})
+        c["dialogues"] += 1
+        c["turns"] += len(d.turns)
+        c["photos"] += len(d.photos)
+    return dict(sorted(out.items(), key=lambda kv: ("train", "dev", "test", "-").index(kv[0])
+                       if kv[0] in ("train", "dev", "test", "-") else 4))
+
+
 @data_app.command("check")
 def check_cmd(
     path: Path = typer.Argument(..., help="Data file or folder."),
@@ -47,13 +59,18 @@ def check_cmd(
     result = _load(path, format, split, strict, image_dir, verify_images=verify_images,
                    description_style=description_style)
     rep = result.report
+    splits = split_counts(result.dialogues)
     if as_json:
-        payload = dict(rep.counts(), problems=[dict(kind=p.kind, file=p.file, record=p.record,
-                                                    message=p.message) for p in rep.problems])
+        payload = dict(rep.counts(), splits=splits, problems=[dict(kind=p.kind, file=p.file, record=p.record,
+                                                                   message=p.message) for p in rep.problems])
         typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
     else:
         typer.echo(f"{path}" + (f" (split {split})" if split else ""))
         typer.echo(rep.format(max_problems=max_problems))
+        if len(splits) > 1:
+            typer.echo("per split        dialogues  turns  photos")
+            for name, c in splits.items():
+                typer.echo(f"  {name:<14} {c['dialogues']:>9}  {c['turns']:>5}  {c['photos']:>6}")
         if image_dir is None and rep.missing_images:
             typer.echo("(no --image-dir: photos without a local path count as missing)")
     bad = not rep.ok or (image_dir is not None and rep.missing_images)
