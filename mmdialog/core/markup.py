@@ -31,6 +31,16 @@ def strip(text: str) -> str:
     return " ".join(_STRAY_CLOSE.sub(" ", _SPAN.sub(" ", text)).split())
 
 
+def visible(partial: str) -> str:
+    """What a reader may see of a reply still being written: ``strip`` of it,
+    with a description span still open (or an ``[img`` just begun) held back.
+    For a growing reply each result extends the one before, up to white space."""
+    cut = partial.lower().rfind(IMG_OPEN[:1])
+    if cut >= 0 and IMG_CLOSE not in partial[cut:].lower() and IMG_OPEN.startswith(partial[cut:cut + 5].lower()):
+        partial = partial[:cut]  # "[", "[i", … "[img]…": perhaps a span's start
+    return strip(partial)
+
+
 def descriptions(text: str) -> list[str]:
     """The descriptions of ``text``'s spans, in order (an open span counts)."""
     return [m.group(1).strip() for m in _SPAN.finditer(text)]

@@ -18,7 +18,7 @@ import contextlib
 import tempfile
 import uuid
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ from mmdialog.core.errors import DataError, ImageError, MMDialogError
 from mmdialog.core.generation import GenerationOptions, Reply
 
 USER, AGENT = "user", "assistant"
+#: Called as a batch of replies is written: (row, a text delta or a produced photo).
+Stream = Callable[[int, Any], None]
 
 
 class HistoryTruncatedWarning(UserWarning):
@@ -51,21 +53,33 @@ class Session:
         self._warned = False
 
     # -- public ---------------------------------------------------------------------------------
-    def send(self, text: str = "", images: Iterable[Any] = (), **options: Any) -> Reply:
+    def send(self, text: str = "", images: Iterable[Any] = (), stream: Stream | None = None,
+             **options: Any) -> Reply:
         """Add the user's turn, write the model's, return it. ``options`` override
-        the session's generation options for this reply only."""
-        opts = GenerationOptions.parse({**self.options.model_dump(), **options}) if options else self.options
+        the session's generation options for this reply only; ``stream`` is called
+        as the reply is written (``DialogueModel.respond_batch``'s contract)."""
+        return send_batch([(self, text, images)], stream=stream, **options)[0]
+
+    def options_for(self, **options: Any) -> GenerationOptions:
+        """The session's generation options with ``options`` over them."""
+        return GenerationOptions.parse({**self.options.model_dump(), **options}) if options else self.options
+
+    def begin(self, text: str, images: Iterable[Any], options: GenerationOptions) -> bool:
+        """Add the user's turn and fit the history for a reply (first half of
+        ``send``); True when older turns were dropped."""
         photos = [self.photo(img) for img in images]
         text = (text or "").strip()
         if not text and not photos:
             raise MMDialogError("empty message: give some text or a photo")
         self.history.append(Turn(USER, text, photos))
         try:
-            truncated = self.fit(opts.max_new_tokens)
+            return self.fit(options.max_new_tokens)
         except MMDialogError:
             self.history.pop()
             raise
-        reply = self.model.respond(self.history, agent=AGENT, **opts.model_dump())
+
+    def finish(self, reply: Reply, truncated: bool) -> Reply:
+        """Save the reply's photos and add its turn (second half of ``send``)."""
         reply.paths = [self.save_photo(img) for img in reply.images]
         reply.truncated = truncated
         shared = [Photo(description=d.strip(), path=p) for d, p in zip(reply.descriptions, reply.paths)]
@@ -125,6 +139,39 @@ class Session:
                     f"the conversation is longer than the model's context ({limit} tokens): dropping the "
                     "oldest turns from now on"), stacklevel=3)
         return bool(dropped)
+
+
+def send_batch(sends: list[tuple[Session, str, Iterable[Any]]], stream: Stream | None = None,
+               **options: Any) -> list[Reply]:
+    """``Session.send`` for several sessions of one model at once, through one
+    ``respond_batch``. Every session must reply with the same generation options."""
+    if not sends:
+        return []
+    opts = [s.options_for(**options) for s, _, _ in sends]
+    if any(o != opts[0] for o in opts):
+        raise MMDialogError("send_batch: the sessions must reply with the same generation options")
+    begun: list[tuple[Session, bool]] = []
+    try:
+        for session, text, images in sends:
+            begun.append((session, session.begin(text, images, opts[0])))
+    except MMDialogError:
+        for session, _ in begun:  # all or nothing: no session keeps a turn without a reply
+            session.history.pop()
+        raise
+    return reply_batch(begun, opts[0], stream)
+
+
+def reply_batch(begun: list[tuple[Session, bool]], options: GenerationOptions,
+                stream: Stream | None = None) -> list[Reply]:
+    """The replies of sessions whose user turn is in (``Session.begin`` gave each
+    ``truncated``): one ``respond_batch`` over all of them, then ``finish``
+    (how ``mmdialog serve`` answers concurrent requests together)."""
+    model = begun[0][0].model
+    if any(s.model is not model for s, _ in begun):
+        raise MMDialogError("reply_batch: the sessions must share one model")
+    extra = {"stream": stream} if stream is not None else {}
+    replies = model.respond_batch([(s.history, AGENT) for s, _ in begun], **extra, **options.model_dump())
+    return [s.finish(r, truncated) for (s, truncated), r in zip(begun, replies)]
 
 
 def _remove_if_empty(folder: Path) -> None:

@@ -135,6 +135,7 @@ def serve(
     max_images: int = typer.Option(4, min=0, help="images per request"),
     max_messages: int = typer.Option(64, min=1, help="messages per request"),
     max_queue: int = typer.Option(16, min=1, help="requests waiting for the model before 503"),
+    max_batch: int = typer.Option(8, min=1, help="concurrent requests answered together (one batch)"),
     allowed_host: list[str] = typer.Option([], "--allowed-host", metavar="NAME",
                                            help="another name clients reach the server by (its Host header: a LAN "
                                                 "name, a reverse proxy's); loopback names and --host are always "
@@ -144,7 +145,7 @@ def serve(
                                             "(the page: open /?key=KEY); prefer the env var, flags show in ps"),
     *, use: ModelUse,
 ) -> None:
-    """Serve a JSON chat API (POST /v1/chat) and a chat page (/) over HTTP."""
+    """Serve the chat API (POST /v1/chat, OpenAI-style /v1/chat/completions, docs at /docs) and a chat page."""
     import uvicorn
 
     from mmdialog.sdk.server import Limits, create_app
@@ -154,8 +155,10 @@ def serve(
     check_api_key(api_key)
     m = _load(model, use)
     limits = Limits(max_body_bytes=int(max_body_mb * 2**20), max_image_bytes=int(max_image_mb * 2**20),
-                    max_images=max_images, max_messages=max_messages, max_queue=max_queue)
-    app = create_app(m, photos_dir, limits, allowed_hosts=[host, *allowed_host], api_key=api_key, **use.options)
+                    max_images=max_images, max_messages=max_messages, max_queue=max_queue,
+                    max_batch=max_batch)
+    app = create_app(m, photos_dir, limits, allowed_hosts=[host, *allowed_host], api_key=api_key,
+                     name=Path(model).name or model, **use.options)
     if not _is_loopback(host) and api_key is None:
         typer.echo(f"warning: binding {host} makes the model reachable from other machines with no "
                    "authentication; use --api-key KEY (or MMDIALOG_API_KEY)", err=True)

@@ -21,7 +21,7 @@ DRAIN_BYTES = 64 * 2**20  # bodies up to limit + this are read before a 413, big
 IMAGE_TYPES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-OPEN_PATHS = frozenset({"/", "/health"})  # GET/HEAD of these need no API key
+OPEN_PATHS = frozenset({"/", "/health", "/docs", "/openapi.json"})  # GET/HEAD of these need no API key
 _HOST_NAME = re.compile(r"^[a-z0-9._-]+$")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -46,6 +46,7 @@ class Limits:
     max_inference_steps: int = 100
     max_beams: int = 4
     max_queue: int = 16
+    max_batch: int = 8  # requests answered together by one respond_batch
     image_types: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
 
 

@@ -1,0 +1,98 @@
+"""Concurrent requests, answered together: one ``respond_batch`` per batch.
+
+Requests wait in one queue. Whenever the model is free, the oldest request and
+every other waiting one that can share its batch (same model, same generation
+options), up to ``max_batch``, are answered by one ``reply_batch`` call, run
+in a worker thread. Nothing runs two batches at once: one model, one batch.
+A full queue answers 503, never a crash.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from mmdialog.core.generation import GenerationOptions, Reply
+from mmdialog.core.session import Session, reply_batch
+from mmdialog.sdk.server.limits import ApiError
+
+
+@dataclass
+class Job:
+    session: Session             # history ends with the user's turn (``Session.begin`` ran)
+    truncated: bool
+    options: GenerationOptions
+    on_piece: Callable[[Any], None] | None = None  # called in the event loop with text deltas / photos
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def key(self) -> tuple[int, str]:
+        return id(self.session.model), self.options.model_dump_json()
+
+
+class Batcher:
+    def __init__(self, max_batch: int, max_queue: int) -> None:
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.waiting: list[Job] = []
+        self.counters = {"queued": 0, "active": 0, "max_active": 0, "served": 0, "batches": 0}
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.counters["active"] > 0
+
+    async def submit(self, job: Job) -> Reply:
+        """Queue ``job`` and wait for its reply (503 when the queue is full)."""
+        if len(self.waiting) >= self.max_queue:
+            raise ApiError(503, "busy", f"{len(self.waiting)} requests are already waiting; try again shortly")
+        if self._worker is None or self._worker.done():
+            self._wake = asyncio.Event()
+            self._worker = asyncio.get_running_loop().create_task(self._run())
+        self.waiting.append(job)
+        self.counters["queued"] = len(self.waiting)
+        self._wake.set()
+        return await job.future
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.waiting:
+                await self._answer(self._take())
+
+    def _take(self) -> list[Job]:
+        key = self.waiting[0].key()
+        batch = [j for j in self.waiting if j.key() == key and not j.future.done()][: self.max_batch]
+        self.waiting = [j for j in self.waiting if j not in batch and not j.future.done()]
+        self.counters["queued"] = len(self.waiting)
+        return batch
+
+    async def _answer(self, batch: list[Job]) -> None:
+        if not batch:
+            return
+        loop = asyncio.get_running_loop()
+
+        def stream(row: int, piece: Any) -> None:  # from the worker thread
+            if batch[row].on_piece is not None:
+                loop.call_soon_threadsafe(batch[row].on_piece, piece)
+
+        self.counters.update(active=len(batch), batches=self.counters["batches"] + 1)
+        self.counters["max_active"] = max(self.counters["max_active"], len(batch))
+        try:
+            streaming = any(j.on_piece is not None for j in batch)
+            replies = await run_in_threadpool(reply_batch, [(j.session, j.truncated) for j in batch],
+                                              batch[0].options, stream if streaming else None)
+        except Exception as e:  # every request of the batch gets the error; the server goes on
+            for j in batch:
+                if not j.future.done():
+                    j.future.set_exception(e)
+        else:
+            for j, r in zip(batch, replies):
+                if not j.future.done():
+                    j.future.set_result(r)
+            self.counters["served"] += len(batch)
+        finally:
+            self.counters["active"] = 0
