@@ -60,7 +60,7 @@ def sharing_model():
 
 @functools.lru_cache(maxsize=1)
 def exported_dir() -> Path:
-    from mmdialog.sdk.export import save_pretrained
+    from mmdialog.core.export import save_pretrained
 
     out = Path(tempfile.mkdtemp(prefix="mmdialog-test-export-")) / "model"
     save_pretrained(sharing_model(), out, metrics={"bleu2": 12.5, "note": "test"})
@@ -72,7 +72,7 @@ def exported_sd_dir() -> Path:
     """The same fine-tuning on the tiny preset as it is (generator ``sd``), exported:
     a model whose trained generator weights are SD's."""
     from mmdialog import build
-    from mmdialog.sdk.export import save_pretrained
+    from mmdialog.core.export import save_pretrained
 
     model = build("tiny")
     fine_tune(model)

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 from PIL import Image
-from sharing_model import CAT_PROMPT, HELLO_PROMPT, shared_server
+from sharing_model import CAT_PROMPT, COFFEE_PROMPT, HELLO_PROMPT, shared_server
 
 
 @pytest.fixture(scope="module")
@@ -108,18 +108,128 @@ def test_only_generated_photos_are_served(server, path):
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
-def test_concurrent_requests_are_queued_never_run_together(server):
+def test_a_full_queue_answers_503_and_nothing_crashes(server):
     client, app = server
     body = {"messages": [{"role": "user", "content": HELLO_PROMPT}], "options": {"max_new_tokens": 12}}
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda _: client.post("/v1/chat", json=body), range(4)))
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda _: client.post("/v1/chat", json=body), range(6)))
     codes = sorted(r.status_code for r in results)
-    # one runs, one waits (max_queue=1), the rest are told to come back: nothing crashes
-    assert set(codes) <= {200, 503} and codes.count(200) >= 2, codes
+    # max_queue=1: one batch runs, one request waits, the rest are told to come back
+    assert set(codes) <= {200, 503} and codes.count(200) >= 2 and 503 in codes, codes
     served = [r.json()["text"] for r in results if r.status_code == 200]
     assert len(set(served)) == 1  # same prompt, greedy: the same reply each time it ran
     for r in results:
         if r.status_code == 503:
             assert r.json()["error"]["code"] == "busy"
-    assert app.state.counters["max_active"] == 1 and app.state.counters["queued"] == 0
-    assert client.get("/health").json()["busy"] is False
+    assert app.state.counters["queued"] == 0 and client.get("/health").json()["busy"] is False
+
+
+@pytest.fixture(scope="module")
+def batching_server():
+    from sharing_model import ServerThread, sharing_model
+
+    from mmdialog.sdk.server import Limits, create_app
+
+    app = create_app(sharing_model(), limits=Limits(max_batch=8, max_queue=16), seed=0, max_new_tokens=12,
+                     name="cat-model")
+    srv = ServerThread(app)
+    with httpx.Client(base_url=srv.url, timeout=300) as client:
+        yield client, app
+    srv.stop()
+
+
+def test_concurrent_requests_are_answered_together_in_batches(batching_server):
+    client, app = batching_server
+    prompts = [CAT_PROMPT, HELLO_PROMPT, COFFEE_PROMPT, HELLO_PROMPT] * 2
+    alone = {p: client.post("/v1/chat", json={"messages": [{"role": "user", "content": p}]}).json() for p in set(prompts)}
+    before = dict(app.state.counters)
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(lambda p: client.post("/v1/chat", json={"messages": [{"role": "user", "content": p}]}),
+                                prompts))
+    assert [r.status_code for r in results] == [200] * len(prompts)
+    counters = app.state.counters
+    assert counters["served"] - before["served"] == len(prompts)
+    assert counters["batches"] - before["batches"] < len(prompts) and counters["max_active"] > 1  # batched
+    for p, r in zip(prompts, results):  # a reply in a batch is the reply it gets alone
+        assert r.json()["text"] == alone[p]["text"] and r.json()["shared"] == alone[p]["shared"]
+    assert [r.json()["photos"][0]["description"] for p, r in zip(prompts, results) if p == CAT_PROMPT] == \
+        ["my tabby cat", "my tabby cat"]
+
+
+def sse(response) -> list[dict]:
+    """The events of a server-sent-event stream; it must end with [DONE]."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    lines = [line for line in response.text.split("\n\n") if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def test_openai_chat_completions_with_photos_as_image_parts(batching_server, cat_photo):
+    client, app = batching_server
+    assert client.get("/v1/models").json()["data"][0]["id"] == "cat-model"
+    r = client.post("/v1/chat/completions", json={"model": "anything", "messages": [
+        {"role": "system", "content": "You are a friendly cat owner."},
+        {"role": "user", "content": [{"type": "text", "text": CAT_PROMPT}]}]})
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["object"] == "chat.completion" and data["model"] == "cat-model" and data["id"].startswith("chatcmpl-")
+    choice = data["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["message"]["content"] == "here she is"
+    image = choice["message"]["images"][0]
+    assert image["type"] == "image_url" and image["description"] == "my tabby cat" and image["source"] == "retrieved"
+    url = image["image_url"]["url"]
+    assert url.startswith(client.base_url.__str__().rstrip("/") + "/files/")
+    assert Image.open(io.BytesIO(client.get(url).content)).size == (451, 300)
+    # the reply goes back as history, as an OpenAI client keeps it; a user photo as a data: URL part
+    r = client.post("/v1/chat/completions", json={"messages": [
+        {"role": "user", "content": CAT_PROMPT}, {**choice["message"]},
+        {"role": "user", "content": [{"type": "text", "text": "look at mine"}, {"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + png_b64(cat_photo)}}]}], "max_tokens": 6})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"]
+    post = lambda body: client.post("/v1/chat/completions", json=body)
+    user = {"role": "user", "content": "hi"}
+    assert "this server fetches nothing" in error_of(post({"messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/x.png"}}]}]}), 422)
+    assert "n: only 1" in error_of(post({"messages": [user], "n": 2}), 422)
+    assert "not a photo this server shared" in error_of(post({"messages": [
+        {"role": "assistant", "content": "x", "images": [{"type": "image_url", "image_url": {"url": "/files/x.png"}}]},
+        user]}), 422)
+    assert "at least one user message" in error_of(post({"messages": [{"role": "system", "content": "x"}]}), 422)
+    assert "max_new_tokens" in error_of(post({"messages": [user], "max_tokens": 0}), 422)
+
+
+def test_streamed_completion_sends_the_text_then_the_photo(batching_server):
+    client, _ = batching_server
+    body = {"messages": [{"role": "user", "content": CAT_PROMPT}]}
+    whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    events = sse(client.post("/v1/chat/completions", json={**body, "stream": True}))
+    assert {e["object"] for e in events} == {"chat.completion.chunk"}
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert deltas[0]["role"] == "assistant"
+    text = "".join(d.get("content", "") for d in deltas)
+    assert text == whole["content"] == "here she is"
+    images = [i for d in deltas for i in d.get("images", [])]
+    assert [i["description"] for i in images] == ["my tabby cat"] and images[0]["source"] == "retrieved"
+    first_image = next(n for n, d in enumerate(deltas) if d.get("images"))
+    assert all(not d.get("content") for d in deltas[first_image:])  # the photo comes after the text
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    # an invalid streamed request is a plain 4xx before any event
+    assert "n: only 1" in error_of(client.post("/v1/chat/completions", json={**body, "stream": True, "n": 3}), 422)
+
+
+def test_api_docs_and_schema_are_served_without_external_assets(batching_server):
+    client, _ = batching_server
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    assert {"/v1/chat", "/v1/chat/completions", "/v1/models", "/health"} <= set(paths)
+    body = paths["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"] == "#/components/schemas/CompletionRequest"
+    schemas = spec["components"]["schemas"]
+    assert {"messages", "stream", "max_tokens"} <= set(schemas["CompletionRequest"]["properties"])
+    assert {"messages", "options"} <= set(schemas["ChatRequest"]["properties"]) and "Message" in schemas
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/openapi.json" in docs.text
+    assert "http://" not in docs.text and "https://" not in docs.text
+    page = client.get("/").text
+    assert "<title>cat-model" in page and "{{" not in page and "attach a photo" in page

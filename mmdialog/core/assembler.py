@@ -6,6 +6,10 @@ plugin, and then the retriever of a generator chain (``library,sd``), which
 the model puts in front of the generator. No plugin builds another one.
 Then every parameter is frozen and exactly the groups the policy names are
 unfrozen. The policy's defaults are ``config.DEFAULT_TRAINABLE``.
+
+``load`` builds a saved model back (an exported folder, a training
+checkpoint, or a preset) and ``export`` turns a checkpoint into a folder: both
+compose through ``build``; the folder format is ``core/export.py``.
 """
 from __future__ import annotations
 
@@ -16,8 +20,18 @@ from typing import Any
 import torch
 
 from mmdialog.core import assets
-from mmdialog.core.config import DEFAULT_TRAINABLE, Config, load_config, validate_plugins
+from mmdialog.core.checkpoint import BEST, LAST, TRAINABLE, find_checkpoint, read_checkpoint
+from mmdialog.core.config import (
+    DEFAULT_TRAINABLE,
+    PRESETS,
+    Config,
+    config_from_yaml,
+    load_config,
+    read_json,
+    validate_plugins,
+)
 from mmdialog.core.errors import ConfigError
+from mmdialog.core.export import MANIFEST, check_finite, check_tokens, load_weights, read_folder, save_pretrained
 from mmdialog.core.interfaces import BUILD_ORDER, BuildContext
 from mmdialog.core.model import DialogueModel
 from mmdialog.core.registry import default_registry
@@ -89,3 +103,62 @@ def apply_freeze_policy(model: DialogueModel, overrides: dict[str, bool]) -> lis
             p.requires_grad_(True)
     model.trainable_groups = on
     return on
+
+
+# -- saved models -------------------------------------------------------------------------------
+def load(path: str | Path = "tiny", *, generator: str | dict[str, Any] | None = None,
+         device: str | torch.device | None = None) -> DialogueModel:
+    """Restore a model from a folder written by ``save_pretrained`` / ``export``.
+
+    A preset name (``"tiny"``) or a training checkpoint (``trainable.pt``,
+    ``.ckpt``, run folder) is accepted too. ``generator`` swaps the generator
+    chain (``"library"``, ``"library,sd"``, ``{"name": "sd", ...}``): the
+    trained generator weights are kept when the chain's generator is the
+    plugin they were trained with, and left out when it is another one.
+    """
+    components = {"generator": generator} if generator is not None else {}
+    text = str(path)
+    if text in PRESETS or (text.endswith((".yaml", ".yml")) and Path(text).is_file()):
+        model = build(text, **components)
+        model.eval()
+        return model.to(device) if device is not None else model
+    folder = Path(text).expanduser()
+    is_run = folder.is_file() or any((folder / f).is_file() for f in (BEST, TRAINABLE, LAST))
+    if not is_run or (folder / MANIFEST).exists():
+        weights, config_yaml, tokens, where = read_folder(folder)
+    else:
+        where = f"checkpoint '{find_checkpoint(folder)}'"
+        weights, config_yaml, _ = read_checkpoint(folder)
+        tokens = None
+        check_finite(weights, where)  # before anything is built or copied
+    trained = config_from_yaml(config_yaml, where)
+    config = config_from_yaml(config_yaml, where, **components)
+    swapped = () if config.model.generator.name == trained.model.generator.name else ("generator",)
+    model = build(config)
+    if tokens is not None:
+        check_tokens(model, tokens, where)
+    load_weights(model, weights, where, swapped)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def export(ckpt: str | Path, out_dir: str | Path, metrics: dict[str, Any] | str | Path | None = None,
+           *, overwrite: bool = False) -> Path:
+    """Turn a training checkpoint into a self-contained folder (``core/export.py``).
+
+    The model is rebuilt once, to check that every weight has its place and to
+    record the tokenizer additions the weights were trained with.
+    """
+    weights, config_yaml, ckpt_metrics = read_checkpoint(ckpt)
+    check_finite(weights, f"refusing to export checkpoint '{ckpt}'")
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output folder '{out}' is not empty; choose a new folder (or --force)")
+    if isinstance(metrics, (str, Path)):
+        metrics = read_json(Path(metrics).expanduser(), "metrics")
+    config = config_from_yaml(config_yaml, f"checkpoint '{ckpt}'")
+    model = build(config)
+    load_weights(model, weights, f"checkpoint '{ckpt}'")
+    return save_pretrained(model, out, {**ckpt_metrics, **(metrics or {})}, overwrite=True)

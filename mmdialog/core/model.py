@@ -19,6 +19,7 @@ enough shares that photo and only the others are drawn.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -182,6 +183,14 @@ class DialogueModel(nn.Module):
                     photo.score = scores[n]
                 photos[n] = photo
         return photos  # type: ignore[return-value]
+
+    def save_pretrained(self, save_directory: str | Path, metrics: dict[str, Any] | None = None, *,
+                        overwrite: bool = True) -> Path:
+        """Write the trained weights, config, tokenizer additions and a model card
+        to ``save_directory``; ``mmdialog.load(save_directory)`` reads it back."""
+        from mmdialog.core.export import save_pretrained
+
+        return save_pretrained(self, save_directory, metrics, overwrite=overwrite)
 
     def session(self, **options: Any) -> Session:
         """A conversation with history: ``session(seed=0).send("hi", images=[...])``

@@ -125,11 +125,10 @@ def evaluate(
     sets: list[str] = SET,
 ) -> None:
     """Per-turn evaluation (gold context, both speakers): BLEU-1/2, ROUGE-L, intent F1, FID/IS."""
-    from mmdialog.core.assembler import build
+    from mmdialog.core.assembler import build, load
     from mmdialog.core.evaluation import evaluate as run_eval
     from mmdialog.core.evaluation import write_results
     from mmdialog.core.training.data import read_dialogues
-    from mmdialog.sdk.export import load
 
     rows = []
     for i, ckpt in enumerate(checkpoints or [None]):

@@ -17,8 +17,8 @@ HELP = """commands: /image PATH  attach a photo to your next message
 
 
 def _load(model: str, use: ModelUse):
+    from mmdialog.core.assembler import load
     from mmdialog.core.config import PRESETS
-    from mmdialog.sdk.export import load
 
     if model not in PRESETS and not Path(model).expanduser().exists():
         raise MMDialogError(f"model '{model}' does not exist; give an exported folder (`mmdialog export`), "
@@ -177,8 +177,8 @@ def export(
     force: bool = typer.Option(False, "--force", help="replace OUT_DIR if it is not empty"),
 ) -> None:
     """Write a self-contained model folder: config, trainable weights, tokenizer additions, model card."""
-    from mmdialog.sdk.export import check_folder
-    from mmdialog.sdk.export import export as run
+    from mmdialog.core.assembler import export as run
+    from mmdialog.core.export import check_folder
 
     if not Path(ckpt).expanduser().exists():
         raise MMDialogError(f"checkpoint '{ckpt}' does not exist; give the trainable.pt or .ckpt written by "

@@ -1,4 +1,6 @@
-"""Self-contained model folders: ``export`` a training checkpoint, ``load`` it back.
+"""The exported model folder: written by ``save_pretrained`` (and ``mmdialog
+export``), read back by ``mmdialog.load`` (``core/assembler.py``, which rebuilds
+the model it describes).
 
 An exported folder holds only what training changed; the base checkpoints
 (the LLM, BLIP-2, Stable Diffusion) stay references — a hub id, a local
@@ -25,17 +27,19 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 
-from mmdialog.core.checkpoint import BEST, LAST, TRAINABLE, find_checkpoint, read_checkpoint, trainable_state
-from mmdialog.core.config import PRESETS, SLOTS, Config, config_from_yaml, dump_config, read_json
+from mmdialog.core.checkpoint import trainable_state
+from mmdialog.core.config import PRESETS, SLOTS, Config, dump_config, read_json
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.files import atomic_folder
-from mmdialog.core.model import DialogueModel
 from mmdialog.core.pretrained import require_folder
+
+if TYPE_CHECKING:
+    from mmdialog.core.model import DialogueModel
 
 FORMAT = "mmdialog-export"
 FORMAT_VERSION = 2  # 2: the manifest records "sha256": {file name: hex digest}; 1 is still read
@@ -49,30 +53,8 @@ def save_pretrained(model: DialogueModel, out_dir: str | Path, metrics: dict[str
                     *, overwrite: bool = True) -> Path:
     """Write ``model``'s trainable weights, config, tokenizer additions and card to ``out_dir``."""
     weights = trainable_state(model)
-    _check_finite(weights, "refusing to save the model")
+    check_finite(weights, "refusing to save the model")
     return _write(weights, model.config, _token_additions(model), out_dir, metrics, overwrite)
-
-
-def export(ckpt: str | Path, out_dir: str | Path, metrics: dict[str, Any] | str | Path | None = None,
-           *, overwrite: bool = False) -> Path:
-    """Turn a training checkpoint into a self-contained folder (see the module docs).
-
-    The model is rebuilt once, to check that every weight has its place and to
-    record the tokenizer additions the weights were trained with.
-    """
-    weights, config_yaml, ckpt_metrics = read_checkpoint(ckpt)
-    _check_finite(weights, f"refusing to export checkpoint '{ckpt}'")
-    out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"output folder '{out}' is not empty; choose a new folder (or --force)")
-    if isinstance(metrics, (str, Path)):
-        metrics = read_json(Path(metrics).expanduser(), "metrics")
-    config = config_from_yaml(config_yaml, f"checkpoint '{ckpt}'")
-    from mmdialog.core.assembler import build
-
-    model = build(config)
-    _load_weights(model, weights, f"checkpoint '{ckpt}'")
-    return save_pretrained(model, out, {**ckpt_metrics, **(metrics or {})}, overwrite=True)
 
 
 def _token_additions(model: DialogueModel) -> dict[str, Any]:
@@ -164,7 +146,7 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _check_finite(weights: dict[str, torch.Tensor], where: str) -> None:
+def check_finite(weights: dict[str, torch.Tensor], where: str) -> None:
     """One line naming the first weight holding NaN / inf, and how many do."""
     bad = {}
     for name, t in weights.items():
@@ -217,7 +199,7 @@ def check_folder(path: str | Path) -> Path:
     return p
 
 
-def _load_weights(model: DialogueModel, weights: dict[str, torch.Tensor], where: str,
+def load_weights(model: DialogueModel, weights: dict[str, torch.Tensor], where: str,
                   swapped: tuple[str, ...] = ()) -> None:
     """Copy ``weights`` into ``model``; those of the slots in ``swapped`` (a
     component the caller replaced with another plugin) are left out."""
@@ -236,7 +218,7 @@ def _load_weights(model: DialogueModel, weights: dict[str, torch.Tensor], where:
             params[k].copy_(v.to(params[k].dtype))
 
 
-def _check_tokens(model: DialogueModel, saved: dict[str, Any], where: str) -> None:
+def check_tokens(model: DialogueModel, saved: dict[str, Any], where: str) -> None:
     now = _token_additions(model)["added_tokens"]
     for token, idx in (saved.get("added_tokens") or {}).items():
         if now.get(token) != idx:
@@ -244,48 +226,14 @@ def _check_tokens(model: DialogueModel, saved: dict[str, Any], where: str) -> No
                               "now; the LLM's tokenizer differs from the one it was trained with")
 
 
-def load(path: str | Path = "tiny", *, generator: str | dict[str, Any] | None = None,
-         device: str | torch.device | None = None) -> DialogueModel:
-    """Restore a model from a folder written by ``export`` / ``save_pretrained``.
-
-    A preset name (``"tiny"``) or a training checkpoint (``trainable.pt``,
-    ``.ckpt``, run folder) is accepted too. ``generator`` swaps the generator
-    chain (``"library"``, ``"library,sd"``, ``{"name": "sd", ...}``): the
-    trained generator weights are kept when the chain's generator is the
-    plugin they were trained with, and left out when it is another one.
-    """
-    from mmdialog.core.assembler import build
-
-    components = {"generator": generator} if generator is not None else {}
-    text = str(path)
-    if text in PRESETS or (text.endswith((".yaml", ".yml")) and Path(text).is_file()):
-        model = build(text, **components)
-        model.eval()
-        return model.to(device) if device is not None else model
-    folder = Path(text).expanduser()
-    is_run = folder.is_file() or any((folder / f).is_file() for f in (BEST, TRAINABLE, LAST))
-    if not is_run or (folder / MANIFEST).exists():
-        check_folder(folder)
-        config_yaml = (folder / CONFIG).read_text(encoding="utf-8")
-        tokens = read_json(folder / TOKENS, "tokenizer additions")
-        where = f"model folder '{folder}'"
-        weights = _read_weights(folder / WEIGHTS, where)
-    else:
-        where = f"checkpoint '{find_checkpoint(folder)}'"
-        weights, config_yaml, _ = read_checkpoint(folder)
-        tokens = None
-    _check_finite(weights, where)  # before anything is built or copied
-    trained = config_from_yaml(config_yaml, where)
-    config = config_from_yaml(config_yaml, where, **components)
-    swapped = () if config.model.generator.name == trained.model.generator.name else ("generator",)
-    model = build(config)
-    if tokens is not None:
-        _check_tokens(model, tokens, where)
-    _load_weights(model, weights, where, swapped)
-    model.eval()
-    if device is not None:
-        model.to(device)
-    return model
+def read_folder(folder: Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any], str]:
+    """(weights, config YAML, tokenizer additions, what to call it in errors) of
+    an exported folder, checked (``check_folder``; weights finite)."""
+    check_folder(folder)
+    where = f"model folder '{folder}'"
+    weights = _read_weights(folder / WEIGHTS, where)
+    check_finite(weights, where)
+    return weights, (folder / CONFIG).read_text(encoding="utf-8"), read_json(folder / TOKENS, "tokenizer additions"), where
 
 
 def _read_weights(path: Path, where: str) -> dict[str, torch.Tensor]:
