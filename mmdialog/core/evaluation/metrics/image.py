@@ -273,9 +273,13 @@ class ImageMetrics:
         seed: int = 0,
         device: str | torch.device = "cpu",
     ) -> None:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        from torchmetrics.image.inception import InceptionScore
-        from torchmetrics.image.kid import KernelInceptionDistance
+        try:
+            from torchmetrics.image.fid import FrechetInceptionDistance
+            from torchmetrics.image.inception import InceptionScore
+            from torchmetrics.image.kid import KernelInceptionDistance
+        except Exception:  # torchmetrics imports torch-fidelity whenever it is installed, even when it cannot import
+            require_torch_fidelity()
+            raise
 
         base = extractor if extractor is not None else feature_extractor(inception_weights)
         self.extractor = base
