@@ -48,7 +48,7 @@ def test_score_on_hand_made_turns(tiny, tmp_path, cat_photo):
                       fakes[1], os.path.join(data, "coffee.png")),
     ]
     clip = _tiny_clip_folder(tmp_path / "clip")
-    r = score(turns, tiny.generator.resolution, clip_model=str(clip))
+    r = score(turns, clip_model=str(clip), image_size=tiny.generator.resolution)
     assert 0 <= r["clip_score"] <= 100
     # intent: pred (T, F, T) vs gold (T, F, F): P = 1/2, R = 1/1, F1 = 2/3
     assert r["intent_precision"] == pytest.approx(50.0) and r["intent_recall"] == pytest.approx(100.0)
@@ -58,11 +58,13 @@ def test_score_on_hand_made_turns(tiny, tmp_path, cat_photo):
     assert r["bleu1"] == pytest.approx(100 * 0.5 * math.exp(-0.25))
     # description of the one gold share turn: "a cat" vs "cat , animal": p1 = 1/2, BP = exp(1 − 3/2)
     assert r["desc_n"] == 1 and r["desc_bleu1"] == pytest.approx(100 * 0.5 * math.exp(-0.5))
-    assert r["n_image_pairs"] == 2 and r["comparable"] is False
-    assert r["is_mean"] >= 1.0 and r["fid"] >= 0
+    # unpaired sets: both generated photos; the one gold photo (d#3's gold shares none)
+    assert (r["n_generated"], r["n_gold"]) == (2, 1) and r["comparable"] is False
+    assert r["is_mean"] >= 1.0 and r["fid"] is None and r["reasons"]["fid"] == "fewer than 2 gold photos (1)"
     rows_json, rows_md = write_results([{"model": "m", "dataset": "d", **r}], tmp_path)
     assert json.loads(rows_json.read_text())[0]["intent_f1"] == pytest.approx(200 / 3)
     assert "| m | d |" in rows_md.read_text() and "not comparable" in rows_md.read_text()
+    assert "- (1) fewer than 2 gold photos (1)" in rows_md.read_text()
 
 
 def test_evaluate_writes_replies_for_both_speakers(tiny, tmp_path):
@@ -77,9 +79,13 @@ def test_evaluate_writes_replies_for_both_speakers(tiny, tmp_path):
 def test_eval_cli_prints_the_paper_table(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-m", "mmdialog", "eval", "--limit", "4", "--max-new-tokens", "6",
-                          "--out", str(tmp_path), "--bridge", "text", "--perceiver", "caption"],
+                          "--reference-recipe", "--out", str(tmp_path), "--bridge", "text", "--perceiver", "caption"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| Model | Dataset | BLEU-1 | BLEU-2 | ROUGE-L | FID" in out.stdout
     assert "caption+text (untrained)" in out.stdout
     assert (tmp_path / "results.json").exists() and (tmp_path / "results.md").exists()
+    # the reference's decoding, an explicit flag still winning
+    decoding = json.loads((tmp_path / "results.json").read_text())[0]["decoding"]
+    assert {k: decoding[k] for k in ("num_beams", "max_new_tokens", "num_inference_steps", "guidance_scale")} == \
+        {"num_beams": 2, "max_new_tokens": 6, "num_inference_steps": 20, "guidance_scale": 7.5}

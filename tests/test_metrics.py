@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 
 from mmdialog.core import markup
+from mmdialog.core.errors import ConfigError
 from mmdialog.core.evaluation import table as T
 from mmdialog.core.evaluation.metrics import image as I
 from mmdialog.core.evaluation.metrics import text as M
@@ -306,8 +308,11 @@ def test_feature_extractor_fallback_is_deterministic_and_labelled():
 
 
 def test_feature_extractor_inception_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match="not found"):
         I.feature_extractor(str(tmp_path / "missing.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not really weights")
+    with pytest.raises(ConfigError, match="not a readable weights file"):
+        I.feature_extractor(str(tmp_path / "junk.pth"))
     try:
         import torch_fidelity  # noqa: F401
 
@@ -315,8 +320,8 @@ def test_feature_extractor_inception_errors(tmp_path):
     except Exception:
         pass
     weights = tmp_path / "weights.pth"
-    weights.write_bytes(b"not really weights")
-    with pytest.raises(ImportError, match="torch-fidelity"):
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3), "fc.weight": torch.zeros(1008, 2048)}, weights)
+    with pytest.raises(ImportError, match=re.escape("pip install 'mmdialog[metrics]'")):
         I.feature_extractor(str(weights))
 
 
@@ -445,21 +450,27 @@ def test_results_table_formatting():
         {"model": "Divter", "dataset": "PhotoChat", "bleu1": 6.52, "bleu2": 1.66, "rouge_l": 5.69,
          "fid": 29.16, "is": 15.8, "intent_f1": None},
         {"model": "Ours", "dataset": "PhotoChat", "bleu1": 10.0, "bleu2": 3.456, "rouge_l": 11.0,
-         "fid": 40.0, "is_mean": 2.5, "comparable": False, "intent_f1": 55.5, "bleu2_norm": 4.0,
-         "n_turns": 1234, "n_image_pairs": 12},
-        {"model": "Text-only", "dataset": "DialogCC", "bleu1": 9.0, "fid": float("nan")},
+         "fid": 40.0, "is_mean": 2.5, "kid_mean": 0.5, "comparable": False, "intent_f1": 55.5, "bleu2_norm": 4.0,
+         "sacrebleu": None, "n_turns": 1234, "n_generated": 12, "n_gold": 30,
+         "reasons": {"sacrebleu": "sacrebleu not installed"}},
+        {"model": "Text-only", "dataset": "DialogCC", "bleu1": 9.0, "fid": float("nan"),
+         "reasons": {"fid": "no reply shared a photo"}},
     ]
     table = T.results_table(rows)
     lines = table.strip().split("\n")
-    assert lines[0] == ("| Model | Dataset | BLEU-1 | BLEU-2 | ROUGE-L | FID ↓ | IS ↑ | Intent F1 "
-                        "| BLEU-2 (norm.) | sacreBLEU | Turns | Photo pairs |")
-    assert lines[1] == "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    assert lines[2] == "| Divter | PhotoChat | 6.52 | 1.66 | 5.69 | 29.16 | 15.80 | – | – | – | – | – |"
-    assert lines[3] == "| Ours | PhotoChat | 10.00 | 3.46 | 11.00 | 40.00 † | 2.50 † | 55.50 | 4.00 | – | 1,234 | 12 |"
-    assert lines[4] == "| Text-only | DialogCC | 9.00 | – | – | – | – | – | – | – | – | – |"
-    assert lines[5] == ""
-    assert lines[6].startswith("†") and I.NOT_COMPARABLE_NOTE in lines[6]
-    # all rows comparable -> no footnote
+    assert lines[0] == ("| Model | Dataset | BLEU-1 | BLEU-2 | ROUGE-L | FID ↓ | IS ↑ | Intent F1 | KID ↓ "
+                        "| BLEU-2 (norm.) | sacreBLEU | Turns | Photos gen. | Photos gold |")
+    assert lines[1] == "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    assert lines[2] == ("| Divter | PhotoChat | 6.52 | 1.66 | 5.69 | 29.16 | 15.80 | – (1) | – (1) | – (1) | – (1) "
+                        "| – (1) | – (1) | – (1) |")
+    assert lines[3] == ("| Ours | PhotoChat | 10.00 | 3.46 | 11.00 | 40.00 † | 2.50 † | 55.50 | 0.50 † | 4.00 "
+                        "| – (2) | 1,234 | 12 | 30 |")
+    assert lines[4] == ("| Text-only | DialogCC | 9.00 | – (1) | – (1) | – (3) | – (1) | – (1) | – (1) | – (1) "
+                        "| – (1) | – (1) | – (1) | – (1) |")
+    assert lines[5:9] == ["", "- (1) not reported for this row", "- (2) sacrebleu not installed",
+                          "- (3) no reply shared a photo"]
+    assert lines[9] == "" and lines[10].startswith("†") and I.NOT_COMPARABLE_NOTE in lines[10]
+    # all rows comparable -> no † footnote; nothing missing -> no reasons
     assert "†" not in T.results_table(rows[:1])
     assert T.results_table([]).count("\n") == 2
 

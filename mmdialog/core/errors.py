@@ -38,6 +38,10 @@ class TrainingError(MMDialogError):
     """A run that had to stop (non-finite loss, out of memory)."""
 
 
+class DependencyError(MMDialogError, ImportError):
+    """An optional extra that the asked-for feature needs is missing or does not import."""
+
+
 def validation_message(error: ValidationError, prefix: str = "") -> str:
     """The first problem of a pydantic ``ValidationError`` as ``a.b.c: message``."""
     err = error.errors()[0]

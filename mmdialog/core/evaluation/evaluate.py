@@ -20,6 +20,7 @@ from mmdialog.core import markup
 from mmdialog.core.data.samples import TurnSample, dialogue_samples
 from mmdialog.core.data.schema import Dialogue
 from mmdialog.core.evaluation.metrics import text
+from mmdialog.core.evaluation.metrics.image import METRICS_EXTRA, REFERENCE_IMAGE_SIZE, set_scores
 from mmdialog.core.evaluation.table import results_table
 from mmdialog.core.model import DialogueModel
 
@@ -62,33 +63,45 @@ def generate_turns(model: DialogueModel, samples: list[TurnSample], image_dir: P
     return out
 
 
-def score(turns: list[GeneratedTurn], resolution: int, inception_weights: str | None = None,
-          clip_model: str | None = None) -> dict[str, Any]:
-    """All metrics of one model's generated turns. ``clip_model``: a local CLIP
-    folder; adds the CLIP score of each generated photo against the description
-    it was drawn from."""
+def image_sets(turns: list[GeneratedTurn]) -> tuple[list[str], list[str], dict[str, str]]:
+    """The reference's two photo sets: one generated photo per turn whose reply
+    has a description (drawn from the first), and the gold photo of every turn
+    whose gold text has one (with a file), whether or not the reply shared.
+    Unpaired: FID compares the sets. Also why a set is empty, for the table."""
+    generated = [t.image for t in turns if t.description is not None and t.image]
+    gold_turns = [t for t in turns if t.gold_shared]
+    gold = [t.gold_image for t in gold_turns if t.gold_image and Path(t.gold_image).is_file()]
+    notes = {"generated": "no photos drawn (--no-images)" if any(t.description is not None for t in turns)
+             else "no reply shared a photo",
+             "gold": f"no gold photos with files ({len(gold_turns)} gold turns share one)" if gold_turns
+             else "no gold turn shares a photo"}
+    return generated, gold, notes
+
+
+def score(turns: list[GeneratedTurn], inception_weights: str | None = None, clip_model: str | None = None,
+          image_size: int = REFERENCE_IMAGE_SIZE) -> dict[str, Any]:
+    """All metrics of one model's generated turns; FID/KID/IS over the
+    :func:`image_sets` at ``image_size``² (:func:`set_scores`). ``reasons``
+    says why a metric is None. ``clip_model``: a local CLIP folder; adds the
+    CLIP score of each generated photo against the description it was drawn from."""
     preds, golds = [t.reply for t in turns], [t.gold for t in turns]
     result: dict[str, Any] = {"n_turns": len(turns), **text.text_scores(preds, golds)}
+    reasons: dict[str, str] = {}
     try:
         result["sacrebleu"] = text.sacrebleu_score([markup.strip(p) for p in preds],
                                                    [markup.strip(g) for g in golds])
     except ImportError:  # sacrebleu is an optional extra
         result["sacrebleu"] = None
+        reasons["sacrebleu"] = f"sacrebleu not installed: {METRICS_EXTRA}"
     intent = text.intent_prf([t.shared for t in turns], [t.gold_shared for t in turns])
     result.update({f"intent_{k}": v for k, v in intent.items()})
     share = [t for t in turns if t.gold_shared]
     desc = text.description_scores([t.description for t in share], [t.gold_description or "" for t in share])
     result.update({f"desc_{k}": v for k, v in desc.items()})
-    pairs = [t for t in turns if t.image and t.gold_image]
-    result["n_image_pairs"] = len(pairs)
-    if pairs:
-        from mmdialog.core.data.images import load_image, to_tensor
-        from mmdialog.core.evaluation.metrics.image import ImageMetrics
-
-        im = ImageMetrics(inception_weights=inception_weights)
-        im.update_real(torch.stack([to_tensor(load_image(t.gold_image), resolution) for t in pairs]))
-        im.update_fake(torch.stack([to_tensor(load_image(t.image), resolution) for t in pairs]))
-        result.update(im.compute())
+    generated, gold, notes = image_sets(turns)
+    images = set_scores(generated, gold, inception_weights, size=image_size, notes=notes)
+    reasons.update(images.pop("reasons"))
+    result.update(images)
     drawn = [t for t in turns if t.image and t.description]
     if clip_model and drawn:
         from PIL import Image
@@ -102,6 +115,7 @@ def score(turns: list[GeneratedTurn], resolution: int, inception_weights: str | 
         with torch.no_grad():
             result["clip_score"] = clip_score([Image.open(t.image).convert("RGB") for t in drawn],
                                                       [t.description for t in drawn], model, processor)
+    result["reasons"] = reasons
     return result
 
 
@@ -115,8 +129,8 @@ def evaluate(model: DialogueModel, dialogues: list[Dialogue], out_dir: str | Pat
     model.eval()
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
     turns = generate_turns(model, samples, out / "images" / slug if draw else None, batch_size, **options)
-    result = {"model": name, "dataset": dataset,
-              **score(turns, model.generator.resolution, inception_weights, clip_model)}
+    result = {"model": name, "dataset": dataset, "decoding": options,
+              **score(turns, inception_weights, clip_model)}
     with open(out / f"replies_{slug}.jsonl", "w", encoding="utf-8") as f:
         for t in turns:
             f.write(json.dumps(asdict(t), ensure_ascii=False) + "\n")

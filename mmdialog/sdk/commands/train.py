@@ -117,18 +117,31 @@ def evaluate(
     name: list[str] = typer.Option([], help="row name per checkpoint (default: file name)"),
     limit: Optional[int] = typer.Option(None, help="evaluate the first N turns only"),
     batch_size: int = typer.Option(8),
-    max_new_tokens: int = typer.Option(48),
-    steps: Optional[int] = typer.Option(None, help="diffusion steps per photo"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="reply length limit (default 48; 30 with "
+                                                            "--reference-recipe)"),
+    steps: Optional[int] = typer.Option(None, help="diffusion steps per photo (default: the generator's; 20 with "
+                                                   "--reference-recipe)"),
+    reference_recipe: bool = typer.Option(False, "--reference-recipe", help="the reference's decoding: 2 beams, "
+                                          "30 new tokens, 20 diffusion steps at guidance 7.5"),
     no_images: bool = typer.Option(False, help="decide and describe, but draw no photos"),
     inception_weights: Optional[str] = typer.Option(None, help="local Inception-v3 weights for comparable FID/IS"),
     clip_model: Optional[str] = typer.Option(None, help="local CLIP folder: adds the CLIP score of shared photos"),
     sets: list[str] = SET,
 ) -> None:
-    """Per-turn evaluation (gold context, both speakers): BLEU-1/2, ROUGE-L, intent F1, FID/IS."""
+    """Per-turn evaluation (gold context, both speakers): BLEU-1/2, ROUGE-L, intent F1, FID/KID/IS."""
     from mmdialog.core.assembler import build, load
     from mmdialog.core.evaluation import evaluate as run_eval
     from mmdialog.core.evaluation import write_results
+    from mmdialog.core.evaluation.metrics.image import load_inception_weights, require_torch_fidelity
+    from mmdialog.core.generation import REFERENCE_DECODING
     from mmdialog.core.training.data import read_dialogues
+
+    if inception_weights and not no_images:  # before minutes of generation, not after
+        require_torch_fidelity()
+        load_inception_weights(inception_weights)
+    options = {**(REFERENCE_DECODING if reference_recipe else {"max_new_tokens": 48}),
+               **{k: v for k, v in {"max_new_tokens": max_new_tokens, "num_inference_steps": steps}.items()
+                  if v is not None}}
 
     rows = []
     for i, ckpt in enumerate(checkpoints or [None]):
@@ -147,8 +160,7 @@ def evaluate(
         rows.append(run_eval(model, dialogues, out, name=label, dataset=f"{cfg.data.path}:{split}",
                              limit=limit, batch_size=batch_size, draw=not no_images,
                              inception_weights=inception_weights, clip_model=clip_model,
-                             max_new_tokens=max_new_tokens,
-                             num_inference_steps=steps, seed=cfg.model.seed))
+                             **options, seed=cfg.model.seed))
     _, md = write_results(rows, out)
     typer.echo(md.read_text())
     typer.echo(f"results: {os.path.join(out, 'results.json')}")

@@ -1,23 +1,31 @@
-"""Image metrics: FID, KID and Inception Score via ``torchmetrics`` with a
-pluggable feature network (:class:`ImageMetrics`, :func:`feature_extractor`),
-and CLIP score (:func:`clip_score`).
+"""Image metrics: FID, KID and Inception Score over the reference's two
+unpaired photo sets (:func:`set_scores`), via ``torch-fidelity`` as the
+reference computes them, or via ``torchmetrics`` with a pluggable feature
+network (:class:`ImageMetrics`, :func:`feature_extractor`); and CLIP score
+(:func:`clip_score`).
 
 Comparability: published FID/IS numbers use the TF-ported Inception-v3
 (``pt_inception-2015-12-05``) network. Only that network, loaded from a local
-weights file, gives ``comparable = True`` results; the fallback extractor is a
-seeded random-init conv net whose numbers are useful only for relative
-comparisons inside one run, and are flagged "not comparable with published
-FID/IS" everywhere they are reported.
+weights file (:func:`load_inception_weights`; nothing is downloaded), gives
+``comparable = True`` results; the fallback extractor is a seeded random-init
+conv net whose numbers are useful only for relative comparisons inside one
+run, and are flagged "not comparable with published FID/IS" everywhere they
+are reported.
 """
 from __future__ import annotations
 
 import math
+import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from mmdialog.core.errors import ConfigError, DependencyError
 
 NOT_COMPARABLE_NOTE = "not comparable with published FID/IS"
 
@@ -96,14 +104,68 @@ class RandomConvFeatureExtractor(nn.Module):
         return feats, self.logit_scale * self.head(feats)
 
 
+METRICS_EXTRA = "pip install 'mmdialog[metrics]'"
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+def require_torch_fidelity() -> Any:
+    """The ``torch_fidelity`` module, or a one-line :class:`DependencyError`
+    saying what to install (it imports torchvision, which must be the build
+    made for the installed torch)."""
+    try:
+        import torch_fidelity
+    except Exception as exc:  # ImportError, or a torchvision built for another torch failing at import
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DependencyError(f"comparable FID/IS need torch-fidelity and the torchvision built for your torch: "
+                              f"{METRICS_EXTRA} (import failed: {cause})") from None
+    return torch_fidelity
+
+
+def load_inception_weights(path: str | Path) -> dict[str, Tensor]:
+    """The state dict of torch-fidelity's Inception-v3 (``inception-v3-compat``,
+    the TF 2015-12-05 graph that published FID/IS use) from a local file, read
+    without executing code: safetensors, or ``torch.load(weights_only=True)``.
+    A missing file, another format or another network is a one-line ``ConfigError``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Inception weights file not found: {p}; pass the local copy of {INCEPTION_FILE} "
+                          "(README, Evaluation)")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(p)
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip or safetensors header errors: all mean "not a weights file"
+        raise ConfigError(f"{p}: not a readable weights file ({type(exc).__name__}); pass {INCEPTION_FILE} "
+                          "or its safetensors conversion") from None
+    fc = state.get("fc.weight") if isinstance(state, dict) else None
+    if not isinstance(fc, Tensor) or tuple(fc.shape) != (1008, 2048) or "Conv2d_1a_3x3.conv.weight" not in state:
+        raise ConfigError(f"{p}: not torch-fidelity's Inception-v3 weights (expected Conv2d_1a_3x3.* … fc.weight "
+                          f"of shape (1008, 2048)); pass {INCEPTION_FILE}")
+    return state
+
+
+@contextmanager
+def _fidelity_weights_file(path: str | Path) -> Iterator[str]:
+    """A private copy of the weights holding only the tensors read safely by
+    :func:`load_inception_weights`: torch-fidelity opens its weights path with
+    ``weights_only=False``, so it never sees the user's file itself."""
+    state = load_inception_weights(path)
+    with tempfile.TemporaryDirectory(prefix="mmdialog-inception-") as tmp:
+        copy = Path(tmp) / INCEPTION_FILE
+        torch.save(state, copy)
+        yield str(copy)
+
+
 class TorchFidelityInceptionExtractor(nn.Module):
     """The TF-ported Inception-v3 used for published FID/IS (via ``torch-fidelity``).
 
     Wraps ``torch_fidelity.FeatureExtractorInceptionV3("inception-v3-compat",
-    ["2048", "logits_unbiased"], feature_extractor_weights_path=...)``; the
-    weights file is ``weights-inception-2015-12-05-6726825d.pth``. Input uint8
-    (N,3,H,W) of any size (resized internally to 299). Output
-    ``(pool features (N, 2048), logits (N, 1008))``.
+    ["2048", "logits_unbiased"])`` with the weights of
+    :func:`load_inception_weights`. Input uint8 (N,3,H,W) of any size
+    (resized internally to 299). Output ``(pool features (N, 2048), logits (N, 1008))``.
     """
 
     comparable = True
@@ -111,19 +173,10 @@ class TorchFidelityInceptionExtractor(nn.Module):
 
     def __init__(self, weights_path: str) -> None:
         super().__init__()
-        try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except Exception as exc:  # ImportError, or torchvision failing to import
-            raise ImportError(
-                "Inception-v3 FID/IS needs torch-fidelity, which needs torchvision: "
-                "`pip install torch-fidelity torchvision` with a torchvision matching your "
-                f"torch (docs/design.md §7); import failed: {exc!r}"
-            ) from exc
-        self.net = FeatureExtractorInceptionV3(
-            "inception-v3-compat",
-            ["2048", "logits_unbiased"],
-            feature_extractor_weights_path=str(weights_path),
-        )
+        fidelity = require_torch_fidelity()
+        with _fidelity_weights_file(weights_path) as copy:
+            self.net = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                            feature_extractor_weights_path=copy)
         self.net.eval()
         self.name = f"inception-v3-compat({weights_path})"
 
@@ -137,9 +190,9 @@ def feature_extractor(inception_weights: str | None = None, *, seed: int = 0) ->
 
     * ``inception_weights`` given: the published-metrics Inception-v3 loaded from
       that local file through ``torch-fidelity`` (:class:`TorchFidelityInceptionExtractor`,
-      ``comparable = True``). Raises ``ImportError`` saying what to install when
-      ``torch_fidelity`` (and hence torchvision) is unavailable, and
-      ``FileNotFoundError`` when the file does not exist.
+      ``comparable = True``). Raises :class:`DependencyError` saying what to
+      install when ``torch_fidelity`` (and hence torchvision) is unavailable,
+      and ``ConfigError`` when the file is missing or holds other weights.
     * ``None``: :class:`RandomConvFeatureExtractor` (``comparable = False``) -
       results are **not comparable with published FID/IS**.
 
@@ -148,10 +201,7 @@ def feature_extractor(inception_weights: str | None = None, *, seed: int = 0) ->
     """
     if inception_weights is None:
         return RandomConvFeatureExtractor(seed=seed)
-    from pathlib import Path
-
-    if not Path(inception_weights).is_file():
-        raise FileNotFoundError(f"Inception weights file not found: {inception_weights}")
+    load_inception_weights(inception_weights)  # the file's errors before the dependency's
     return TorchFidelityInceptionExtractor(inception_weights)
 
 
@@ -223,9 +273,13 @@ class ImageMetrics:
         seed: int = 0,
         device: str | torch.device = "cpu",
     ) -> None:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        from torchmetrics.image.inception import InceptionScore
-        from torchmetrics.image.kid import KernelInceptionDistance
+        try:
+            from torchmetrics.image.fid import FrechetInceptionDistance
+            from torchmetrics.image.inception import InceptionScore
+            from torchmetrics.image.kid import KernelInceptionDistance
+        except Exception:  # torchmetrics imports torch-fidelity whenever it is installed, even when it cannot import
+            require_torch_fidelity()
+            raise
 
         base = extractor if extractor is not None else feature_extractor(inception_weights)
         self.extractor = base
@@ -301,6 +355,104 @@ class ImageMetrics:
                 out["is_mean"] = float(is_mean)
                 out["is_std"] = float(is_std) if splits > 1 else 0.0
         return out
+
+
+# --------------------------------------------------------------------------- #
+# FID / KID / IS over the reference's image sets
+# --------------------------------------------------------------------------- #
+
+REFERENCE_IMAGE_SIZE = 512  # the reference writes both sets as 512² PNGs before scoring them
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files as uint8 ``(3, size, size)`` tensors: shorter side resized to
+    ``size``, centre crop (the reference's 512² crops; it also flips gold photos
+    at random, which we leave out so that scores repeat)."""
+
+    def __init__(self, paths: Sequence[str | Path], size: int = REFERENCE_IMAGE_SIZE) -> None:
+        self.paths, self.size = [Path(p) for p in paths], size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Tensor:
+        import numpy as np
+
+        from mmdialog.core.data.images import load_image
+
+        pixels = np.asarray(load_image(self.paths[i], self.size), dtype=np.uint8)  # (H, W, 3)
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1)                   # (3, H, W)
+
+
+def _too_few(n: int, which: str, note: str | None) -> str | None:
+    """Why a set of ``n`` photos cannot be scored (FID, KID and IS need two), or None."""
+    if n >= 2:
+        return None
+    return (note or f"no {which} photos") if n == 0 else f"fewer than 2 {which} photos (1)"
+
+
+def set_scores(generated: Sequence[str | Path], gold: Sequence[str | Path], inception_weights: str | Path | None = None,
+               *, size: int = REFERENCE_IMAGE_SIZE, is_splits: int = 10, batch_size: int = 32,
+               notes: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """FID and KID of the generated photos against the gold photos (two
+    unpaired sets, set-level) and the Inception Score of the generated photos
+    over ``is_splits`` splits, as the reference evaluates (``torch_fidelity.
+    calculate_metrics(input1=generated, input2=gold, isc=True, isc_splits=10,
+    fid=True, batch_size=32)`` on 512² photos).
+
+    With ``inception_weights`` (a local copy of :data:`INCEPTION_FILE`) the
+    scores come from torch-fidelity itself and are ``comparable``; without, from
+    :class:`ImageMetrics` with the seeded stand-in network (not comparable).
+    ``notes["generated" | "gold"]``: why that set is empty, for the reason.
+
+    Returns ``fid, kid_mean, kid_std, is_mean, is_std`` (None when they cannot
+    be computed, with the reason in ``reasons[key]``), ``n_generated``,
+    ``n_gold``, ``is_splits``, ``feature_extractor`` and ``comparable``.
+    """
+    notes = notes or {}
+    n_gen, n_gold = len(generated), len(gold)
+    splits = max(1, min(is_splits, n_gen))
+    out: dict[str, Any] = {"fid": None, "kid_mean": None, "kid_std": None, "is_mean": None, "is_std": None,
+                           "n_generated": n_gen, "n_gold": n_gold, "is_splits": splits,
+                           "comparable": inception_weights is not None, "reasons": {}}
+    gen_reason, gold_reason = _too_few(n_gen, "generated", notes.get("generated")), \
+        _too_few(n_gold, "gold", notes.get("gold"))
+    pair_reason = gen_reason or gold_reason
+    for key in ("is_mean", "is_std"):
+        if gen_reason:
+            out["reasons"][key] = gen_reason
+    for key in ("fid", "kid_mean", "kid_std"):
+        if pair_reason:
+            out["reasons"][key] = pair_reason
+    pair = pair_reason is None
+    if inception_weights is not None:
+        out["feature_extractor"] = "inception-v3-compat (torch-fidelity)"
+        if gen_reason:
+            return out
+        fidelity = require_torch_fidelity()
+        with _fidelity_weights_file(inception_weights) as weights:
+            m = fidelity.calculate_metrics(
+                input1=ImageFiles(generated, size), input2=ImageFiles(gold, size) if pair else None,
+                isc=True, fid=pair, kid=pair, isc_splits=splits, kid_subset_size=min(1000, n_gen, n_gold),
+                batch_size=batch_size, feature_extractor_weights_path=weights, cuda=torch.cuda.is_available(),
+                save_cpu_ram=True, verbose=False)
+        out.update(is_mean=m["inception_score_mean"], is_std=m["inception_score_std"])
+        if pair:
+            out.update(fid=m["frechet_inception_distance"], kid_mean=m["kernel_inception_distance_mean"],
+                       kid_std=m["kernel_inception_distance_std"])
+        return out
+    im = ImageMetrics(is_splits=is_splits)
+    out["feature_extractor"], out["note"] = im.name, NOT_COMPARABLE_NOTE
+    if gen_reason:
+        return out
+    for files, update in ((ImageFiles(generated, size), im.update_fake), (ImageFiles(gold, size), im.update_real)):
+        for i in range(0, len(files), batch_size):
+            update(torch.stack([files[j] for j in range(i, min(i + batch_size, len(files)))]))  # (B, 3, H, W)
+    m = im.compute()
+    out.update(is_mean=m["is_mean"], is_std=m["is_std"])
+    if pair:
+        out.update(fid=m["fid"], kid_mean=m["kid_mean"], kid_std=m["kid_std"])
+    return out
 
 
 # --------------------------------------------------------------------------- #
