@@ -106,3 +106,29 @@ def test_installed_plugin_is_listed_reads_its_format_trains_and_chats(site, chat
     assert chat.returncode == 0, chat.stderr[-3000:]
     reply = json.loads(chat.stdout.strip().splitlines()[-1])
     assert isinstance(reply["text"], str) and reply["truncated"] is False
+
+
+def test_listing_plugins_imports_no_component_and_no_torch():
+    code = ("import sys; from mmdialog.core.registry import Registry; r = Registry(); "
+            "print(len(r.all()), 'torch' in sys.modules, any(m.startswith('mmdialog.plugins.') and m.count('.') == 3 "
+            "for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["8", "False", "False"], out
+
+
+def test_a_plugin_named_by_module_and_class_is_imported_when_built():
+    from mmdialog import Plugin, PluginError
+    from mmdialog.core.registry import Registry
+
+    reg = Registry(load_entry_points=False)
+    reg.register(Plugin("bridge", "text2", "mmdialog.plugins.bridges.text:TextBridge", "the text bridge again"))
+    assert next(p for p in reg.all() if p.name == "text2").factory == "mmdialog.plugins.bridges.text:TextBridge"
+    assert reg.get("bridge", "text2").factory.__name__ == "TextBridge"
+    reg.register(Plugin("bridge", "gone", "no_such_package.bridges:Bridge"))
+    with pytest.raises(PluginError, match="cannot import 'no_such_package.bridges:Bridge'.*installed"):
+        reg.get("bridge", "gone")
+    reg.register(Plugin("bridge", "wrong", "mmdialog.plugins.generators.sd:SDGenerator"))
+    with pytest.raises(PluginError, match="must be a subclass of mmdialog.Bridge"):
+        reg.get("bridge", "wrong")
+    with pytest.raises(PluginError, match="must be a class or 'module:Class'"):
+        reg.register(Plugin("bridge", "bad", "just_a_name"))

@@ -11,17 +11,21 @@ the group ``mmdialog``::
     @hookimpl
     def mmdialog_plugins():
         return [Plugin(kind="perceiver", name="clip", factory=ClipPerceiver)]
+        # or factory="my_package.clip:ClipPerceiver": imported only when built
 
-The built-in components and dataset readers register through exactly the
-same hooks.
+The built-in components (by ``"module:Class"``, so that listing them imports
+no torch) and dataset readers register through exactly the same hooks.
 """
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+from mmdialog.core.errors import PluginError
 
 if TYPE_CHECKING:
     from mmdialog.core.data.records import RawRecord
@@ -38,12 +42,28 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 @dataclass(frozen=True)
 class Plugin:
     """One component implementation: ``kind`` is llm|perceiver|bridge|generator;
-    ``factory`` is a ``Component`` subclass (its ``Options`` validate the config)."""
+    ``factory`` is a ``Component`` subclass (its ``Options`` validate the config),
+    or ``"module:Class"``, imported only when the plugin is built."""
 
     kind: str
     name: str
-    factory: type
+    factory: type | str
     description: str = ""
+
+    @property
+    def module(self) -> str:
+        return self.factory.split(":")[0] if isinstance(self.factory, str) else self.factory.__module__
+
+    def load(self) -> type:
+        """The class ``factory`` names (imported on first use)."""
+        if not isinstance(self.factory, str):
+            return self.factory
+        module, _, name = self.factory.partition(":")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise PluginError(f"{self.kind} plugin '{self.name}': cannot import '{self.factory}' ({e}); "
+                              "is its package installed?") from None
 
 
 @dataclass(frozen=True)

@@ -8,18 +8,13 @@ import pluggy
 
 from mmdialog.core import hookspecs
 from mmdialog.core.errors import PluginError
-from mmdialog.core.hookspecs import DatasetFormat, Plugin
-from mmdialog.core.interfaces import KINDS, Retriever
+from mmdialog.core.hookspecs import KIND_NAMES, DatasetFormat, Plugin
 
 BUILTIN_MODULES = (
-    "mmdialog.plugins.llms.hf",
-    "mmdialog.plugins.perceivers.qformer",
-    "mmdialog.plugins.perceivers.caption",
-    "mmdialog.plugins.bridges.gumbel",
-    "mmdialog.plugins.bridges.text",
-    "mmdialog.plugins.generators.sd",
-    "mmdialog.plugins.generators.sdxl",
-    "mmdialog.plugins.generators.library",
+    "mmdialog.plugins.llms",
+    "mmdialog.plugins.perceivers",
+    "mmdialog.plugins.bridges",
+    "mmdialog.plugins.generators",
     # Dataset readers, in the order ``format: auto`` tries them (after any installed one).
     "mmdialog.core.data.jsonl",
     "mmdialog.core.data.dialogcc",
@@ -61,12 +56,14 @@ class Registry:
         self._formats[fmt.name] = fmt
 
     def _add(self, plugin: Plugin) -> None:
-        if plugin.kind not in KINDS:
+        if plugin.kind not in KIND_NAMES:
             raise PluginError(f"plugin '{plugin.name}' has kind '{plugin.kind}'; "
-                              f"use one of: {', '.join(KINDS)}")
-        if not (isinstance(plugin.factory, type) and issubclass(plugin.factory, KINDS[plugin.kind])):
-            raise PluginError(f"{plugin.kind} plugin '{plugin.name}' must be a subclass of "
-                              f"mmdialog.{KINDS[plugin.kind].__name__}")
+                              f"use one of: {', '.join(KIND_NAMES)}")
+        if not isinstance(plugin.factory, str):
+            plugin = _checked(plugin)
+        elif ":" not in plugin.factory:
+            raise PluginError(f"{plugin.kind} plugin '{plugin.name}': factory '{plugin.factory}' must be a class "
+                              "or 'module:Class'")
         self._plugins[(plugin.kind, plugin.name)] = plugin
 
     def names(self, kind: str) -> list[str]:
@@ -74,17 +71,24 @@ class Registry:
 
     def retrievers(self) -> list[str]:
         """Generators that can stand in front of another one (``library,sd``)."""
-        return [n for n in self.names("generator") if issubclass(self._plugins[("generator", n)].factory, Retriever)]
+        from mmdialog.core.interfaces import Retriever
+
+        return [n for n in self.names("generator") if issubclass(self.get("generator", n).factory, Retriever)]
 
     def get(self, kind: str, name: str) -> Plugin:
+        """The plugin, its class imported (and checked) on first use."""
         try:
-            return self._plugins[(kind, name)]
+            plugin = self._plugins[(kind, name)]
         except KeyError:
             raise PluginError(f"unknown {kind} plugin '{name}'; available: "
                               f"{', '.join(self.names(kind)) or 'none'}") from None
+        if isinstance(plugin.factory, str):
+            plugin = self._plugins[(kind, name)] = _checked(plugin)
+        return plugin
 
     def all(self) -> list[Plugin]:
-        return sorted(self._plugins.values(), key=lambda p: (list(KINDS).index(p.kind), p.name))
+        """Every plugin, as registered (nothing is imported)."""
+        return sorted(self._plugins.values(), key=lambda p: (KIND_NAMES.index(p.kind), p.name))
 
     def dataset_formats(self) -> list[str]:
         """Format names, in the order ``format: auto`` tries them."""
@@ -96,6 +100,17 @@ class Registry:
         except KeyError:
             raise PluginError(f"unknown dataset format '{name}'; available: auto, "
                               f"{', '.join(self._formats)}") from None
+
+
+def _checked(plugin: Plugin) -> Plugin:
+    """``plugin`` with its class imported, which must implement its kind's contract."""
+    from mmdialog.core.interfaces import KINDS
+
+    cls = plugin.load()
+    if not (isinstance(cls, type) and issubclass(cls, KINDS[plugin.kind])):
+        raise PluginError(f"{plugin.kind} plugin '{plugin.name}' must be a subclass of "
+                          f"mmdialog.{KINDS[plugin.kind].__name__}")
+    return Plugin(plugin.kind, plugin.name, cls, plugin.description)
 
 
 @lru_cache(maxsize=1)

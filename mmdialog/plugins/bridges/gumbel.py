@@ -32,7 +32,6 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mmdialog.core.hookspecs import Plugin, hookimpl
 from mmdialog.core.interfaces import Bridge, BuildContext, PluginOptions, PromptTokens, TextTower
 from mmdialog.core.vocab import check_bridgeable, decode_with_offsets, static_map, tokenize_for_tower
 
@@ -178,9 +177,3 @@ class GumbelBridge(Bridge):
                 else torch.zeros_like(w[0])
             deltas.append(s * x)                                              # (d,)
         return torch.stack(deltas)[:, None, :]                                # (N, 1, d)
-
-
-@hookimpl
-def mmdialog_plugins() -> list[Plugin]:
-    return [Plugin("bridge", "gumbel", GumbelBridge,
-                   "straight-through Gumbel-softmax + dynamic vocabulary matrix (end-to-end)")]

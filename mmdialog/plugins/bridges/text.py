@@ -10,7 +10,6 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mmdialog.core.hookspecs import Plugin, hookimpl
 from mmdialog.core.interfaces import Bridge, BuildContext, PluginOptions, PromptTokens, TextTower
 from mmdialog.core.vocab import decode_text, tokenize_for_tower
 
@@ -50,8 +49,3 @@ class TextBridge(Bridge):
             with torch.no_grad():
                 out.append(PromptTokens(c, tower.embedding(c).float(), texts))
         return out
-
-
-@hookimpl
-def mmdialog_plugins() -> list[Plugin]:
-    return [Plugin("bridge", "text", TextBridge, "decoded text → generator tokenizer, no gradient (pipeline)")]

@@ -38,7 +38,6 @@ from mmdialog.core.data.demo import demo_library
 from mmdialog.core.data.images import caption_from_filename, load_image
 from mmdialog.core.errors import ConfigError, DataError
 from mmdialog.core.files import atomic_write
-from mmdialog.core.hookspecs import Plugin, hookimpl
 from mmdialog.core.interfaces import (
     BuildContext,
     GeneratedImage,
@@ -223,9 +222,3 @@ class LibraryGenerator(Generator, Retriever):
                 raise ConfigError(f"generator library: photo '{m.file}' can no longer be read")
             out.append(shared)
         return out
-
-
-@hookimpl
-def mmdialog_plugins() -> list[Plugin]:
-    return [Plugin("generator", "library", LibraryGenerator,
-                   "shares a real photo from a folder (MiniLM caption match); first of a chain: library,sd")]

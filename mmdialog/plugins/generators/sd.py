@@ -13,7 +13,6 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from mmdialog.core.hookspecs import Plugin, hookimpl
 from mmdialog.core.interfaces import GeneratedImage, PromptTokens
 from mmdialog.plugins.generators.latent_diffusion import (
     LatentDiffusionGenerator,
@@ -73,8 +72,3 @@ class SDGenerator(LatentDiffusionGenerator):
         dt = self.unet.dtype
         return self.draw(pipe, "sd", prompt_embeds=conditioning.to(dt), negative_prompt_embeds=negative.to(dt),
                          **options)
-
-
-@hookimpl
-def mmdialog_plugins() -> list[Plugin]:
-    return [Plugin("generator", "sd", SDGenerator, "Stable Diffusion 1.5 / 2.1 (diffusers folder or tiny)")]

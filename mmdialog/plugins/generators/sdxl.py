@@ -10,7 +10,6 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from mmdialog.core.hookspecs import Plugin, hookimpl
 from mmdialog.core.interfaces import GeneratedImage, PromptTokens
 from mmdialog.plugins.generators.latent_diffusion import (
     LatentDiffusionGenerator,
@@ -92,8 +91,3 @@ class SDXLGenerator(LatentDiffusionGenerator):
                          pooled_prompt_embeds=conditioning["pooled"].to(dt),
                          negative_prompt_embeds=neg["prompt_embeds"].to(dt),
                          negative_pooled_prompt_embeds=neg["pooled"].to(dt), **options)
-
-
-@hookimpl
-def mmdialog_plugins() -> list[Plugin]:
-    return [Plugin("generator", "sdxl", SDXLGenerator, "Stable Diffusion XL, two text towers (folder or tiny)")]

@@ -17,7 +17,6 @@ from torch import nn
 
 from mmdialog.core import assets
 from mmdialog.core.errors import ConfigError
-from mmdialog.core.hookspecs import Plugin, hookimpl
 from mmdialog.core.interfaces import LanguageModel, PluginOptions
 from mmdialog.core.markup import IMAGE_TOKEN, IMG_CLOSE, IMG_OPEN
 from mmdialog.core.pretrained import is_local, require_folder
@@ -247,8 +246,3 @@ def _with_lora(model: nn.Module, lora: LoraOptions) -> nn.Module:
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                      target_modules=lora.targets, bias="none")
     return get_peft_model(model, cfg, autocast_adapter_dtype=lora.dtype == "float32")
-
-
-@hookimpl
-def mmdialog_plugins() -> list[Plugin]:
-    return [Plugin("llm", "hf", HFLanguageModel, "Hugging Face causal LM + LoRA (hub id, folder, GGUF)")]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from mmdialog.core.data.schema import Photo
 from mmdialog.core.errors import DataError
-from mmdialog.core.hookspecs import Plugin, hookimpl
 from mmdialog.core.interfaces import Perceiver, PluginOptions
 
 
@@ -28,8 +27,3 @@ class CaptionPerceiver(Perceiver):
             raise DataError("the caption perceiver needs a description for every photo "
                                 "(use --perceiver qformer to read raw pixels)")
         return photo.description
-
-
-@hookimpl
-def mmdialog_plugins() -> list[Plugin]:
-    return [Plugin("perceiver", "caption", CaptionPerceiver, "photo → its caption text (pipeline baseline)")]

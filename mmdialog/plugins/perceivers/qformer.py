@@ -15,7 +15,6 @@ from pydantic import Field
 from torch import nn
 
 from mmdialog.core.caching import cached_per_photo
-from mmdialog.core.hookspecs import Plugin, hookimpl
 from mmdialog.core.interfaces import BuildContext, Perceiver, PluginOptions
 from mmdialog.core.pretrained import load_prefixed, resolve_folder
 
@@ -115,9 +114,3 @@ class QFormerPerceiver(Perceiver):
         else:
             h = self.features(pixels)
         return self.projection(h.to(self.projection.weight.dtype))           # (N, K, D)
-
-
-@hookimpl
-def mmdialog_plugins() -> list[Plugin]:
-    return [Plugin("perceiver", "qformer", QFormerPerceiver,
-                   "BLIP-2 ViT + Q-Former → K LLM embeddings (end-to-end model)")]

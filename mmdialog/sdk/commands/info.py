@@ -16,7 +16,7 @@ def plugins(as_json: bool = typer.Option(False, "--json")) -> None:
     from mmdialog.core.registry import default_registry
 
     reg = default_registry()
-    rows = [{"kind": p.kind, "name": p.name, "module": p.factory.__module__, "description": p.description}
+    rows = [{"kind": p.kind, "name": p.name, "module": p.module, "description": p.description}
             for p in reg.all()]
     rows += [{"kind": "dataset", "name": name, "module": fmt.parse.__module__, "description": fmt.description}
              for name in reg.dataset_formats() for fmt in [reg.dataset_format(name)]]
