@@ -89,3 +89,6 @@ def test_eval_cli_prints_the_paper_table(tmp_path):
     decoding = json.loads((tmp_path / "results.json").read_text())[0]["decoding"]
     assert {k: decoding[k] for k in ("num_beams", "max_new_tokens", "num_inference_steps", "guidance_scale")} == \
         {"num_beams": 2, "max_new_tokens": 6, "num_inference_steps": 20, "guidance_scale": 7.5}
+    # progress on stderr (not a terminal here: the first and the last line), with the turns done
+    lines = [line for line in out.stderr.splitlines() if line.startswith("eval caption+text (untrained): ")]
+    assert lines[0].startswith("eval caption+text (untrained): 0/4 turns") and "4/4 turns" in lines[-1], out.stderr

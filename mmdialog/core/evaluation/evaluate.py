@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from mmdialog.core.evaluation.metrics import text
 from mmdialog.core.evaluation.metrics.image import METRICS_EXTRA, REFERENCE_IMAGE_SIZE, set_scores
 from mmdialog.core.evaluation.table import results_table
 from mmdialog.core.model import DialogueModel
+
+Progress = Callable[[int, int], None]  # (turns done, turns in all)
 
 
 @dataclass
@@ -40,10 +43,13 @@ class GeneratedTurn:
 
 
 def generate_turns(model: DialogueModel, samples: list[TurnSample], image_dir: Path | None,
-                   batch_size: int = 8, **options: Any) -> list[GeneratedTurn]:
-    """Generate every sample's reply (and its photos, when ``image_dir`` is given)."""
+                   batch_size: int = 8, progress: Progress | None = None, **options: Any) -> list[GeneratedTurn]:
+    """Generate every sample's reply (and its photos, when ``image_dir`` is given);
+    ``progress(done, total)`` is called after each batch."""
     out: list[GeneratedTurn] = []
     for i in range(0, len(samples), batch_size):
+        if progress is not None:
+            progress(i, len(samples))
         chunk = samples[i:i + batch_size]
         replies = model.respond_batch([(list(s.context), s.speaker) for s in chunk],
                                       draw=image_dir is not None, **options)
@@ -60,6 +66,8 @@ def generate_turns(model: DialogueModel, samples: list[TurnSample], image_dir: P
                 gold_shared=s.shares_photo, description=r.descriptions[0] if r.descriptions else None,
                 gold_description=gold_photo.description if gold_photo else None, image=image,
                 gold_image=str(gold_photo.path) if gold_photo and gold_photo.path else None))
+    if progress is not None:
+        progress(len(samples), len(samples))
     return out
 
 
@@ -122,13 +130,14 @@ def score(turns: list[GeneratedTurn], inception_weights: str | None = None, clip
 def evaluate(model: DialogueModel, dialogues: list[Dialogue], out_dir: str | Path, name: str = "model",
              dataset: str = "", limit: int | None = None, batch_size: int = 8, draw: bool = True,
              inception_weights: str | None = None, clip_model: str | None = None,
-             **options: Any) -> dict[str, Any]:
+             progress: Progress | None = None, **options: Any) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     samples = dialogue_samples(dialogues)[:limit]
     model.eval()
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
-    turns = generate_turns(model, samples, out / "images" / slug if draw else None, batch_size, **options)
+    turns = generate_turns(model, samples, out / "images" / slug if draw else None, batch_size, progress,
+                           **options)
     result = {"model": name, "dataset": dataset, "decoding": options,
               **score(turns, inception_weights, clip_model)}
     with open(out / f"replies_{slug}.jsonl", "w", encoding="utf-8") as f:

@@ -156,3 +156,30 @@ def quiet(log_file: Path | None = None) -> None:
         hf_logging.disable_default_handler()
     except ImportError:
         pass
+
+
+def progress_line(label: str):
+    """``progress(done, total)`` for long loops: one line on stderr with the
+    elapsed time and an ETA, rewritten in place on a terminal, else printed at
+    most every 30 s (logs stay short)."""
+    import sys
+    import time
+
+    start, last = time.monotonic(), [0.0]
+    tty = sys.stderr.isatty()
+
+    def clock(s: float) -> str:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if not tty and done not in (0, total) and now - last[0] < 30:
+            return
+        last[0] = now
+        elapsed = now - start
+        eta = f", ETA {clock(elapsed / done * (total - done))}" if 0 < done < total else ""
+        begin, end = ("\r" if tty else ""), ("\n" if done == total or not tty else "")
+        sys.stderr.write(f"{begin}{label}: {done}/{total} turns, {clock(elapsed)}{eta}  {end}")
+        sys.stderr.flush()
+
+    return progress

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from mmdialog.sdk.commands.common import CONFIG, SET, config_from_cli
+from mmdialog.sdk.commands.common import CONFIG, SET, config_from_cli, progress_line
 from mmdialog.sdk.commands.common import quiet as quiet_libraries
 
 
@@ -160,7 +160,7 @@ def evaluate(
         rows.append(run_eval(model, dialogues, out, name=label, dataset=f"{cfg.data.path}:{split}",
                              limit=limit, batch_size=batch_size, draw=not no_images,
                              inception_weights=inception_weights, clip_model=clip_model,
-                             **options, seed=cfg.model.seed))
+                             progress=progress_line(f"eval {label}"), **options, seed=cfg.model.seed))
     _, md = write_results(rows, out)
     typer.echo(md.read_text())
     typer.echo(f"results: {os.path.join(out, 'results.json')}")
