@@ -31,6 +31,17 @@ def strip(text: str) -> str:
     return " ".join(_STRAY_CLOSE.sub(" ", _SPAN.sub(" ", text)).split())
 
 
+def placed(text: str) -> tuple[str, list[int]]:
+    """``strip(text)`` and, for each description span, the character offset in
+    it where the span was (what ``Photo.offset`` records)."""
+    offsets, pos, before = [], 0, []
+    for m in _SPAN.finditer(text):
+        before.append(text[pos:m.start()])
+        offsets.append(len(strip(" ".join(before))))
+        pos = m.end()
+    return strip(text), offsets
+
+
 def descriptions(text: str) -> list[str]:
     """The descriptions of ``text``'s spans, in order (an open span counts)."""
     return [m.group(1).strip() for m in _SPAN.finditer(text)]

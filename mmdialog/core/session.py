@@ -18,14 +18,16 @@ import contextlib
 import tempfile
 import uuid
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from mmdialog.core import markup
 from mmdialog.core.data.images import MAX_PIXELS, caption_from_filename, verify_image
 from mmdialog.core.data.schema import Photo, Turn
 from mmdialog.core.errors import DataError, ImageError, MMDialogError
 from mmdialog.core.generation import GenerationOptions, Reply
+from mmdialog.core.interfaces import GeneratedImage
 
 USER, AGENT = "user", "assistant"
 
@@ -51,9 +53,13 @@ class Session:
         self._warned = False
 
     # -- public ---------------------------------------------------------------------------------
-    def send(self, text: str = "", images: Iterable[Any] = (), **options: Any) -> Reply:
+    def send(self, text: str = "", images: Iterable[Any] = (),
+             stream: Callable[[str | GeneratedImage], None] | None = None, **options: Any) -> Reply:
         """Add the user's turn, write the model's, return it. ``options`` override
-        the session's generation options for this reply only."""
+        the session's generation options for this reply only. ``stream`` gets the
+        reply as it is written: text deltas that concatenate to ``reply.text`` and
+        each photo when it is produced (``DialogueModel.respond_batch``); the photos
+        are saved once the reply is complete."""
         opts = GenerationOptions.parse({**self.options.model_dump(), **options}) if options else self.options
         photos = [self.photo(img) for img in images]
         text = (text or "").strip()
@@ -65,11 +71,15 @@ class Session:
         except MMDialogError:
             self.history.pop()
             raise
-        reply = self.model.respond(self.history, agent=AGENT, **opts.model_dump())
+        reply = self.model.respond(self.history, agent=AGENT, stream=stream, **opts.model_dump())
         reply.paths = [self.save_photo(img) for img in reply.images]
         reply.truncated = truncated
-        shared = [Photo(description=d.strip(), path=p) for d, p in zip(reply.descriptions, reply.paths)]
-        self.history.append(Turn(AGENT, reply.plain, shared))
+        # Each photo stays where it was shared in the reply: the next prompt lays the turn
+        # out as the model wrote and saw it (text after a photo stays after it).
+        plain, offsets = markup.placed(reply.text)
+        shared = [Photo(description=d.strip(), path=p, offset=o)
+                  for d, p, o in zip(reply.descriptions, reply.paths, offsets)]
+        self.history.append(Turn(AGENT, plain, shared))
         return reply
 
     def reset(self) -> None:
