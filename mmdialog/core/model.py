@@ -12,10 +12,13 @@ Training (teacher forcing, docs/design.md §1):
 With the ``gumbel`` bridge, ∂L_img reaches the LLM (and the perceiver)
 through the description logits; with the ``text`` bridge it stops there.
 
-Inference: the LLM writes the turn; each ``[img] description [/img]`` goes
-through the bridge to the generator, which draws the photo. With a retriever
-in front (``library,sd``), a description that matches a real photo well
-enough shares that photo and only the others are drawn.
+Inference (the photo in the loop): the LLM writes the turn up to ``[/img]``;
+the description goes through the bridge to the generator, which draws the
+photo; the perceiver's K embeddings of that photo follow ``[/img]``, as in
+training, and the LLM writes on after it. With a retriever in front
+(``library,sd``), a description that matches a real photo well enough shares
+that photo and only the others are drawn. Replies can stream (text deltas and
+photos as they are produced).
 """
 from __future__ import annotations
 
@@ -138,9 +141,9 @@ class DialogueModel(nn.Module):
         tokens). After ``max_photos`` photos a row can no longer open ``[img]``.
         With ``draw=False`` no photo exists, so the row goes on right after
         ``[/img]``: the layout of a shared photo without pixels, whose next token
-        training also scores from ``[/img]`` (``Collator.encode``). Each piece is a
-        fresh prefill of the row's context (no KV cache is carried over), at most
-        ``max_photos`` + 1 per row.
+        training also scores from ``[/img]`` (``Collator.encode``). Each piece after
+        a ``[/img]`` starts with a fresh prefill of the row's context (no KV cache
+        is carried over).
 
         ``stream(i, piece)``, when given, is called as row i is written: text
         deltas (``str``) whose concatenation is exactly ``replies[i].text``
@@ -187,7 +190,7 @@ class DialogueModel(nn.Module):
                 r.ids += new[:keep]
                 r.capped = end == "limit" or (end == "photo" and len(r.ids) >= opts.max_new_tokens)
                 r.done = end != "photo" or r.capped
-                if delta := r.text.update(r.ids):
+                if delta := r.text.update(r.ids, final=r.done):
                     emit(r.index, delta)
             photos = self._describe(active, opts, draw, pieces)
             pieces += 1
@@ -202,9 +205,6 @@ class DialogueModel(nn.Module):
                 if r in seen_photo:
                     parts.append(vis[seen_photo.index(r)].to(r.context.dtype))
                 r.context = torch.cat(parts)                                     # (T + n (+ K), D)
-        for r in rows:
-            if delta := r.text.update(r.ids, final=True):
-                emit(r.index, delta)
         return [r.reply(decode) for r in rows]
 
     def _piece_end(self, tokens: list[int], budget: int) -> tuple[int, str]:
