@@ -94,10 +94,10 @@ class TextDeltas:
     call, so the pieces concatenate to the final text. A piece is held back
     while the text ends in an incomplete character (a multi-byte character
     split over byte tokens decodes to U+FFFD) or is not an extension of what
-    was handed out (a tokenizer that rewrites earlier text, e.g. SentencePiece
-    dropping the leading space of the first piece): whole decoded prefixes are
-    compared, never single tokens. Trailing white space waits for the text
-    that follows it (the final text is stripped).
+    was handed out (should a decoder rewrite earlier text): whole decoded
+    prefixes are compared, never single tokens, so SentencePiece's leading
+    ``▁`` and byte-fallback pieces come out right. Trailing white space waits
+    for the text that follows it (the final text is stripped).
     """
 
     def __init__(self, decode: Callable[[list[int]], str]) -> None:
