@@ -34,9 +34,11 @@ def test_batch_marks_descriptions_labels_and_missing_photos(tiny, cat_dialogue):
     tok = tiny.llm.tokenizer
     spans = [tok.decode(b.input_ids[0, s:s + n]) for s, n in zip(b.desc_start.tolist(), b.desc_len.tolist())]
     assert spans == [" my old cat ", " a tabby cat lying on a wooden floor "]
-    # labels cover the agent's turns only, never the image placeholders
+    # labels cover the agent's turns only, never the image placeholders; the first slot's
+    # label is the token after the photo (predicted from [/img] as well, test_photo_loop.py)
     lab = b.labels[0]
-    assert (lab[b.input_ids[0] == tiny.llm.image_token_id] == IGNORE).all()
+    slots = (b.input_ids[0] == tiny.llm.image_token_id).nonzero()[:, 0]
+    assert (lab[slots[1:]] == IGNORE).all() and lab[slots[0]] == lab[slots[-1] + 1] != IGNORE
     trained = tok.decode(b.input_ids[0][lab != IGNORE])
     assert "good! I just adopted a cat" in trained and "so cute" not in trained
     # speaker 0 sees speaker 1's photo as K perceived embeddings, not as text

@@ -1,11 +1,13 @@
 """What ``DialogueModel.respond`` takes and gives: ``GenerationOptions`` (the
 one definition of the options and their bounds, for the session, the server
-and the CLI) and ``Reply``."""
+and the CLI), ``Reply``, and ``TextDeltas`` (a reply's text as it grows, for
+streaming)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -27,6 +29,8 @@ class GenerationOptions(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False,
                                          description="classifier-free guidance scale")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="fix sampling and diffusion noise")
+    max_photos: int = Field(4, ge=0, le=16, description="photos per reply; after the last one the reply "
+                                                        "goes on in text ([img] is no longer written)")
 
     @classmethod
     def parse(cls, options: dict[str, Any], field: str = "") -> GenerationOptions:
@@ -83,3 +87,33 @@ class Reply:
         return [{"description": d, "source": p.source, "plugin": p.plugin, "file": str(p.file) if p.file else None,
                  "caption": p.caption, "score": p.score, "path": str(path) if path else None}
                 for d, p, path in zip(self.descriptions, self.photos, paths)]
+
+
+#: ``respond_batch``'s streaming callback: ``(row, text delta | photo)``.
+StreamCallback = Callable[[int, Union[str, GeneratedImage]], None]
+
+
+class TextDeltas:
+    """The text of a growing token list, handed out in pieces.
+
+    ``update(ids)`` returns what ``decode(ids).strip()`` gained since the last
+    call, so the pieces concatenate to the final text. A piece is held back
+    while the text ends in an incomplete character (a multi-byte character
+    split over byte tokens decodes to U+FFFD) or is not an extension of what
+    was handed out (should a decoder rewrite earlier text): whole decoded
+    prefixes are compared, never single tokens, so SentencePiece's leading
+    ``▁`` and byte-fallback pieces come out right. Trailing white space waits
+    for the text that follows it (the final text is stripped).
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self.decode = decode
+        self.sent = ""
+
+    def update(self, ids: list[int], final: bool = False) -> str:
+        """The new piece of text (may be empty); ``final``: ``ids`` are complete, hold nothing back."""
+        text = self.decode(ids).strip()
+        if not text.startswith(self.sent) or (text.endswith("\ufffd") and not final):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta

@@ -70,8 +70,12 @@ class LanguageModel(Component):
       -> logits (B,T,V)``, differentiable w.r.t. the embeddings and trainable
       parameters; with ``positions (B,T) bool`` only those rows: ``(N,V)`` in
       row-major order (the LM head is skipped elsewhere).
-    * ``generate(inputs_embeds (B,T,D), attention_mask (B,T)) -> new ids (B,T')``;
-      rows are left-padded, and generation stops at ``stop_ids``.
+    * ``generate(inputs_embeds (B,T,D), attention_mask (B,T), max_new_tokens,
+      temperature, num_beams, stop_ids=None, suppress=None, on_step=None) -> new ids
+      (B,T')``; rows are left-padded; a row stops at any of ``stop_ids`` (default
+      the LLM's own); ``suppress[b]`` lists ids row b may never write; ``on_step(ids)``
+      gets each decoding step's new token of every row (B,), where the decoding
+      streams (greedy and sampling; beam search may not).
     * ``render(messages, add_generation_prompt)`` applies the chat template to
       ``[{"role": "user"|"assistant", "content": str}]`` and returns a string.
     * ``user_first``: the chat template needs the user to speak first (Llama-2-chat

@@ -41,6 +41,17 @@ def visible(partial: str) -> str:
     return strip(partial)
 
 
+def placed(text: str) -> tuple[str, list[int]]:
+    """``strip(text)`` and, for each description span, the character offset in
+    it where the span was (what ``Photo.offset`` records)."""
+    offsets, pos, before = [], 0, []
+    for m in _SPAN.finditer(text):
+        before.append(text[pos:m.start()])
+        offsets.append(len(strip(" ".join(before))))
+        pos = m.end()
+    return strip(text), offsets
+
+
 def descriptions(text: str) -> list[str]:
     """The descriptions of ``text``'s spans, in order (an open span counts)."""
     return [m.group(1).strip() for m in _SPAN.finditer(text)]

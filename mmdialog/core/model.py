@@ -12,13 +12,18 @@ Training (teacher forcing, docs/design.md §1):
 With the ``gumbel`` bridge, ∂L_img reaches the LLM (and the perceiver)
 through the description logits; with the ``text`` bridge it stops there.
 
-Inference: the LLM writes the turn; each ``[img] description [/img]`` goes
-through the bridge to the generator, which draws the photo. With a retriever
-in front (``library,sd``), a description that matches a real photo well
-enough shares that photo and only the others are drawn.
+Inference (the photo in the loop): the LLM writes the turn up to ``[/img]``;
+the description goes through the bridge to the generator, which draws the
+photo; the perceiver's K embeddings of that photo follow ``[/img]``, as in
+training, and the LLM writes on after it. With a retriever in front
+(``library,sd``), a description that matches a real photo well enough shares
+that photo and only the others are drawn. Replies can stream (text deltas and
+photos as they are produced).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +35,7 @@ from mmdialog.core import markup
 from mmdialog.core.config import Config
 from mmdialog.core.data.collate import IGNORE, Batch, Collator
 from mmdialog.core.data.schema import Turn
-from mmdialog.core.generation import GenerationOptions, Reply
+from mmdialog.core.generation import GenerationOptions, Reply, StreamCallback, TextDeltas
 from mmdialog.core.interfaces import (
     KINDS,
     Bridge,
@@ -110,53 +115,144 @@ class DialogueModel(nn.Module):
 
     # -- inference ------------------------------------------------------------------------
     @torch.no_grad()
-    def respond(self, history: list[Turn], agent: str = "assistant", **options: Any) -> Reply:
+    def respond(self, history: list[Turn], agent: str = "assistant",
+                stream: Callable[[str | GeneratedImage], None] | None = None, **options: Any) -> Reply:
         """Write the agent's next turn after ``history``; produce each described photo.
 
         Options: the fields of ``GenerationOptions``, and draw (False: decide and
-        describe, but produce no photo).
+        describe, but produce no photo). ``stream``: called with each piece of the
+        reply as it is written, text deltas and photos (``respond_batch``'s contract,
+        one row).
         """
-        return self.respond_batch([(history, agent)], **options)[0]
+        row_stream = None if stream is None else lambda _, piece: stream(piece)
+        return self.respond_batch([(history, agent)], stream=row_stream, **options)[0]
 
     @torch.no_grad()
     def respond_batch(self, requests: list[tuple[list[Turn], str]], draw: bool = True,
-                      **options: Any) -> list[Reply]:
-        """``respond`` for many (history, agent) pairs at once (left-padded batch)."""
+                      stream: StreamCallback | None = None, **options: Any) -> list[Reply]:
+        """``respond`` for many (history, agent) pairs at once (left-padded batch).
+
+        The photo is in the loop, as training lays it out: each row's generation
+        stops at ``[/img]``; the photo is produced (``share``: retrieved or drawn),
+        perceived (its K perceiver embeddings follow ``[/img]``, as the collator's
+        ``<image>`` slots do; a text perceiver's own photo is its description, so
+        nothing follows) and the row goes on from there until the end of its turn.
+        Rows that end are done; the others continue together. ``max_new_tokens``
+        counts the reply's tokens over all its pieces (the perceived slots are not
+        tokens). After ``max_photos`` photos a row can no longer open ``[img]``.
+        With ``draw=False`` no photo exists, so the row goes on right after
+        ``[/img]``: the layout of a shared photo without pixels, whose next token
+        training also scores from ``[/img]`` (``Collator.encode``). Each piece after
+        a ``[/img]`` starts with a fresh prefill of the row's context (no KV cache
+        is carried over).
+
+        ``stream(i, piece)``, when given, is called as row i is written: text
+        deltas (``str``) whose concatenation is exactly ``replies[i].text``
+        (markup included; the text up to ``[/img]`` arrives before that photo),
+        and each ``GeneratedImage`` as soon as it is produced, in the order of
+        ``replies[i].photos``. Greedy and sampled decoding stream token by token;
+        beam search delivers each piece's text when the piece ends. Rows
+        interleave; the pieces of one row are in order.
+        """
         opts = GenerationOptions.parse(options)
         if opts.seed is not None:
             torch.manual_seed(opts.seed)
         device = next(self.parameters()).device
-        prompts = [self.collator.prompt(h, a).to(device) for h, a in requests]
-        embs = [self.input_embeddings(p)[0] for p in prompts]                 # each (T_i, D)
-        t = max(e.shape[0] for e in embs)
-        emb = embs[0].new_zeros(len(embs), t, embs[0].shape[-1])              # (B, T, D), left-padded
-        mask = torch.zeros(len(embs), t, dtype=torch.long, device=device)
-        for i, e in enumerate(embs):
-            emb[i, t - e.shape[0]:] = e
-            mask[i, t - e.shape[0]:] = 1
-        out = self.llm.generate(emb, mask, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
-                                num_beams=opts.num_beams)                     # (B, T')
-        rows, capped = [], []
-        for row in out.tolist():
-            stop = next((i for i, x in enumerate(row) if x in self.llm.stop_ids), None)
-            rows.append(row[:stop])
-            capped.append(stop is None)  # no end of turn: the reply hit max_new_tokens
-        spans = [markup.spans(r, self.llm.img_open_id, self.llm.img_close_id) for r in rows]
-        replies = [Reply(self.llm.tokenizer.decode(r, skip_special_tokens=True).strip(), shared=bool(s),
-                         length_capped=c) for r, s, c in zip(rows, spans, capped)]
-        flat = [(i, s) for i, ss in enumerate(spans) for s in ss]
+        llm = self.llm
+
+        def decode(ids: list[int]) -> str:
+            return llm.tokenizer.decode(ids, skip_special_tokens=True)
+
+        rows = [_Row(n, self.input_embeddings(self.collator.prompt(h, a).to(device))[0], TextDeltas(decode))
+                for n, (h, a) in enumerate(requests)]
+        emit = stream or (lambda i, piece: None)
+        pieces = 0
+        while active := [r for r in rows if not r.done]:
+            emb, mask = _left_pad([r.context for r in active])               # (B', T, D), (B', T)
+            budgets = [opts.max_new_tokens - len(r.ids) for r in active]
+            seen: list[list[int]] = [[] for _ in active]
+
+            def on_step(tokens: list[int], active=active, budgets=budgets, seen=seen) -> None:
+                for r, got, budget, token in zip(active, seen, budgets, tokens):
+                    got.append(token)
+                    keep, _ = self._piece_end(got, budget)
+                    if delta := r.text.update(r.ids + got[:keep]):
+                        emit(r.index, delta)
+
+            out = llm.generate(emb, mask, max_new_tokens=max(budgets), temperature=opts.temperature,
+                               num_beams=opts.num_beams, stop_ids=[*llm.stop_ids, llm.img_close_id],
+                               suppress=[[llm.img_open_id, llm.img_close_id] if len(r.spans) >= opts.max_photos
+                                         else [] for r in active],
+                               on_step=on_step if stream else None)             # (B', T')
+            added = []
+            for r, new, budget in zip(active, out.tolist(), budgets):
+                keep, end = self._piece_end(new, budget)
+                added.append(new[:keep])
+                r.ids += new[:keep]
+                r.capped = end == "limit" or (end == "photo" and len(r.ids) >= opts.max_new_tokens)
+                r.done = end != "photo" or r.capped
+                if delta := r.text.update(r.ids, final=r.done):
+                    emit(r.index, delta)
+            photos = self._describe(active, opts, draw, pieces)
+            pieces += 1
+            for r in active:
+                for photo in photos.get(r.index, []):
+                    emit(r.index, photo)
+            going = [(r, new) for r, new in zip(active, added) if not r.done]
+            seen_photo = [r for r, _ in going if r.index in photos and self.perceiver.kind == "pixels"]
+            vis = self._perceive([photos[r.index][0] for r in seen_photo], device)  # (N, K, D)
+            for r, new in going:
+                parts = [r.context, llm.embed(torch.tensor([new], device=device))[0]]
+                if r in seen_photo:
+                    parts.append(vis[seen_photo.index(r)].to(r.context.dtype))
+                r.context = torch.cat(parts)                                     # (T + n (+ K), D)
+        return [r.reply(decode) for r in rows]
+
+    def _piece_end(self, tokens: list[int], budget: int) -> tuple[int, str]:
+        """How many of a piece's new ``tokens`` the reply keeps, and why it stops there:
+        ``turn`` (end of turn, not kept), ``photo`` (``[/img]``, kept) or ``limit``."""
+        for n, token in enumerate(tokens[:budget]):
+            if token in self.llm.stop_ids:
+                return n, "turn"
+            if token == self.llm.img_close_id:
+                return n + 1, "photo"
+        return min(len(tokens), budget), "limit"
+
+    def _describe(self, rows: list[_Row], opts: GenerationOptions, draw: bool,
+                  piece: int) -> dict[int, list[GeneratedImage]]:
+        """Each description the rows completed in this piece (or left open at their end):
+        its text through the bridge, and its photo when ``draw``. Row index → photos."""
+        flat = [(r, s) for r in rows
+                for s in markup.spans(r.ids, self.llm.img_open_id, self.llm.img_close_id)[len(r.spans):]]
         if not flat:
-            return replies
+            return {}
+        device = next(self.parameters()).device
         width = max(1, max(len(s) for _, s in flat))
         ids = torch.tensor([s + [self.llm.pad_token_id] * (width - len(s)) for _, s in flat], device=device)
         valid = torch.tensor([[True] * len(s) + [False] * (width - len(s)) for _, s in flat], device=device)
         prompts = self.bridge(ids, valid)
-        photos = self.share(prompts, opts) if draw else []
-        for n, (i, _) in enumerate(flat):
-            replies[i].descriptions.append(prompts[0].texts[n].strip())
-            if photos:
-                replies[i].photos.append(photos[n])
-        return replies
+        for (r, _), text in zip(flat, prompts[0].texts):
+            r.spans.append(text.strip())
+        if not draw:
+            return {}
+        # Each piece draws with its own seed: two photos of one reply do not share their noise.
+        seed = None if opts.seed is None else (opts.seed + piece) % 2**63
+        out: dict[int, list[GeneratedImage]] = {}
+        for (r, _), photo in zip(flat, self.share(prompts, opts.model_copy(update={"seed": seed}))):
+            r.photos.append(photo)
+            out.setdefault(r.index, []).append(photo)
+        return out
+
+    def _perceive(self, photos: list[GeneratedImage], device: torch.device) -> torch.Tensor:
+        """The perceiver's K embeddings of photos just produced (N, K, D), as the
+        collator's loader feeds it: centre crop, ``perceiver.image_size``, [0, 1]."""
+        from mmdialog.core.data.images import to_tensor
+
+        if not photos:
+            return torch.zeros(0)
+        size = self.perceiver.image_size
+        pixels = torch.stack([to_tensor(p.image, size) for p in photos]).to(device)   # (N, 3, H, W)
+        return self.perceiver(pixels, [str(p.file) if p.file else "" for p in photos])
 
     def share(self, prompts: list[PromptTokens], options: GenerationOptions) -> list[GeneratedImage]:
         """One photo per description: the retriever's match where it reaches its
@@ -206,6 +302,36 @@ class DialogueModel(nn.Module):
             out[name] = {"params": sum(p.numel() for p in params),
                          "trainable": sum(p.numel() for p in params if p.requires_grad)}
         return out
+
+
+@dataclass(eq=False)
+class _Row:
+    """One reply being written: its context so far (prompt, the reply's tokens and
+    the perceived photos, as embeddings), tokens, descriptions and photos."""
+
+    index: int
+    context: torch.Tensor                                   # (T, D)
+    text: TextDeltas
+    ids: list[int] = field(default_factory=list)
+    spans: list[str] = field(default_factory=list)         # description texts, in order
+    photos: list[GeneratedImage] = field(default_factory=list)
+    done: bool = False
+    capped: bool = False
+
+    def reply(self, decode: Callable[[list[int]], str]) -> Reply:
+        return Reply(decode(self.ids).strip(), photos=self.photos, shared=bool(self.spans),
+                     descriptions=self.spans, length_capped=self.capped)
+
+
+def _left_pad(embs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of embeddings (T_i, D) → a left-padded batch (B, T, D) and its mask (B, T)."""
+    t = max(e.shape[0] for e in embs)
+    emb = embs[0].new_zeros(len(embs), t, embs[0].shape[-1])                 # (B, T, D)
+    mask = torch.zeros(len(embs), t, dtype=torch.long, device=emb.device)
+    for i, e in enumerate(embs):
+        emb[i, t - e.shape[0]:] = e
+        mask[i, t - e.shape[0]:] = 1
+    return emb, mask
 
 
 def _frozen_to_eval(module: nn.Module) -> None:

@@ -20,16 +20,19 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from mmdialog.core import markup
 from mmdialog.core.data.images import MAX_PIXELS, caption_from_filename, verify_image
 from mmdialog.core.data.schema import Photo, Turn
 from mmdialog.core.errors import DataError, ImageError, MMDialogError
 from mmdialog.core.generation import GenerationOptions, Reply
+from mmdialog.core.interfaces import GeneratedImage
+
+if TYPE_CHECKING:
+    from mmdialog.core.model import StreamCallback
 
 USER, AGENT = "user", "assistant"
-#: Called as a batch of replies is written: (row, a text delta or a produced photo).
-Stream = Callable[[int, Any], None]
 
 
 class HistoryTruncatedWarning(UserWarning):
@@ -53,12 +56,15 @@ class Session:
         self._warned = False
 
     # -- public ---------------------------------------------------------------------------------
-    def send(self, text: str = "", images: Iterable[Any] = (), stream: Stream | None = None,
-             **options: Any) -> Reply:
+    def send(self, text: str = "", images: Iterable[Any] = (),
+             stream: Callable[[str | GeneratedImage], None] | None = None, **options: Any) -> Reply:
         """Add the user's turn, write the model's, return it. ``options`` override
-        the session's generation options for this reply only; ``stream`` is called
-        as the reply is written (``DialogueModel.respond_batch``'s contract)."""
-        return send_batch([(self, text, images)], stream=stream, **options)[0]
+        the session's generation options for this reply only. ``stream`` gets the
+        reply as it is written: text deltas that concatenate to ``reply.text`` and
+        each photo when it is produced (``DialogueModel.respond_batch``); the photos
+        are saved once the reply is complete."""
+        rows = None if stream is None else lambda _, piece: stream(piece)
+        return send_batch([(self, text, images)], stream=rows, **options)[0]
 
     def options_for(self, **options: Any) -> GenerationOptions:
         """The session's generation options with ``options`` over them."""
@@ -82,8 +88,12 @@ class Session:
         """Save the reply's photos and add its turn (second half of ``send``)."""
         reply.paths = [self.save_photo(img) for img in reply.images]
         reply.truncated = truncated
-        shared = [Photo(description=d.strip(), path=p) for d, p in zip(reply.descriptions, reply.paths)]
-        self.history.append(Turn(AGENT, reply.plain, shared))
+        # Each photo stays where it was shared in the reply: the next prompt lays the turn
+        # out as the model wrote and saw it (text after a photo stays after it).
+        plain, offsets = markup.placed(reply.text)
+        shared = [Photo(description=d.strip(), path=p, offset=o)
+                  for d, p, o in zip(reply.descriptions, reply.paths, offsets)]
+        self.history.append(Turn(AGENT, plain, shared))
         return reply
 
     def reset(self) -> None:
@@ -141,7 +151,7 @@ class Session:
         return bool(dropped)
 
 
-def send_batch(sends: list[tuple[Session, str, Iterable[Any]]], stream: Stream | None = None,
+def send_batch(sends: list[tuple[Session, str, Iterable[Any]]], stream: StreamCallback | None = None,
                **options: Any) -> list[Reply]:
     """``Session.send`` for several sessions of one model at once, through one
     ``respond_batch``. Every session must reply with the same generation options."""
@@ -162,15 +172,14 @@ def send_batch(sends: list[tuple[Session, str, Iterable[Any]]], stream: Stream |
 
 
 def reply_batch(begun: list[tuple[Session, bool]], options: GenerationOptions,
-                stream: Stream | None = None) -> list[Reply]:
+                stream: StreamCallback | None = None) -> list[Reply]:
     """The replies of sessions whose user turn is in (``Session.begin`` gave each
     ``truncated``): one ``respond_batch`` over all of them, then ``finish``
     (how ``mmdialog serve`` answers concurrent requests together)."""
     model = begun[0][0].model
     if any(s.model is not model for s, _ in begun):
         raise MMDialogError("reply_batch: the sessions must share one model")
-    extra = {"stream": stream} if stream is not None else {}
-    replies = model.respond_batch([(s.history, AGENT) for s, _ in begun], **extra, **options.model_dump())
+    replies = model.respond_batch([(s.history, AGENT) for s, _ in begun], stream=stream, **options.model_dump())
     return [s.finish(r, truncated) for (s, truncated), r in zip(begun, replies)]
 
 

@@ -112,6 +112,13 @@ class Collator:
         # space before a word ("▁hey"), so the first word of a Llama-2 turn starts before the span.
         labels = [i if any(a < e and b > s for s, e in spans) else IGNORE for i, (a, b) in zip(ids, offsets)]
         labels = [IGNORE if i == self.llm.image_token_id else lab for i, lab in zip(ids, labels)]
+        # What the agent writes after a photo it shared is trained from both places inference
+        # goes on from: the last of the K slots (the photo produced and perceived) and the
+        # agent's [/img] itself (no photo: draw=False, or one whose file cannot be read), whose
+        # target is the first slot's label.
+        for c in range(len(ids) - 1 - self.k):
+            if ids[c] == self.llm.img_close_id and labels[c] != IGNORE and ids[c + 1] == self.llm.image_token_id:
+                labels[c + 1] = labels[c + 1 + self.k]
         photos = [p for t in dialogue.turns for p in t.ordered_photos]
         agent_photos = [p for t in dialogue.turns if t.speaker == agent for p in t.ordered_photos]
         return {"ids": ids, "labels": labels, "photos": photos, "agent_photos": agent_photos,
@@ -181,6 +188,8 @@ class Collator:
                     slot_keys.append(str(photo.path))
                 else:  # truncated mid-photo, or unreadable since the data was checked: hide the slots
                     mask[b, pos:min(pos + self.k, n)] = 0
+                    # and predict the token after them from [/img] only, not from a hidden slot
+                    labels[b, pos + self.k:pos + self.k + 1] = IGNORE
             # Description spans in the agent's (labelled) turns, in order of its photos.
             agent_photos = iter(e["agent_photos"])
             opens = [i for i, x in enumerate(row) if x == self.llm.img_open_id and e["labels"][i] != IGNORE]

@@ -9,6 +9,8 @@ train (the reference trains all of ``embed_tokens`` and ``lm_head``; set
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -181,16 +183,59 @@ class HFLanguageModel(LanguageModel):
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                  max_new_tokens: int = 64, temperature: float = 0.0, num_beams: int = 1,
-                 top_p: float = 1.0, **_: Any) -> torch.Tensor:
+                 top_p: float = 1.0, stop_ids: list[int] | None = None,
+                 suppress: list[list[int]] | None = None,
+                 on_step: Callable[[list[int]], None] | None = None, **_: Any) -> torch.Tensor:
+        from transformers import LogitsProcessorList
+
         sample = temperature > 0
+        processors = LogitsProcessorList([_Suppress(suppress, num_beams)] if suppress and any(suppress) else [])
+        # transformers streams greedy and sampled decoding only; beam search decides at the end.
+        streamer = _step_streamer()(on_step) if on_step is not None and num_beams == 1 else None
         return self.model.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
             do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
-            num_beams=num_beams, eos_token_id=self.stop_ids, pad_token_id=self.pad_token_id)
+            num_beams=num_beams, eos_token_id=stop_ids or self.stop_ids, pad_token_id=self.pad_token_id,
+            logits_processor=processors, streamer=streamer)
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+@functools.cache
+def _step_streamer() -> type:
+    """transformers' streamer protocol for a batch (``TextStreamer`` takes one row only):
+    ``generate`` puts the prompt ids (B, T) once, then each step's new token of every
+    row (B,), which go to ``on_step``. Built on first use: transformers is a heavy import."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class StepStreamer(BaseStreamer):
+        def __init__(self, on_step: Callable[[list[int]], None]) -> None:
+            self.on_step = on_step
+
+        def put(self, value: torch.Tensor) -> None:
+            if value.dim() == 1:
+                self.on_step(value.tolist())
+
+        def end(self) -> None:
+            pass
+
+    return StepStreamer
+
+
+class _Suppress:
+    """A logits processor that never lets row b write ``ids[b]`` (rows expanded per beam)."""
+
+    def __init__(self, ids: list[list[int]], num_beams: int) -> None:
+        self.ids, self.num_beams = ids, num_beams
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        banned = torch.zeros(len(self.ids), scores.shape[-1], dtype=torch.bool)
+        for b, ids in enumerate(self.ids):
+            banned[b, ids] = True
+        banned = banned.repeat_interleave(self.num_beams, dim=0).to(scores.device)   # (B·beams, V)
+        return scores.masked_fill(banned, float("-inf"))
 
 
 def _renders(tokenizer: Any, messages: list[dict[str, str]]) -> bool:

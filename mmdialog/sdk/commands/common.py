@@ -32,6 +32,7 @@ GENERATION_FLAGS = {
                                                                                "(default: the generator's)")),
     "guidance_scale": (Optional[float], typer.Option(None, "--guidance", help="classifier-free guidance scale")),
     "seed": (Optional[int], typer.Option(None, "--seed", help="fix sampling and diffusion noise")),
+    "max_photos": (int, typer.Option(4, "--max-photos", help="photos per reply (0: never share)")),
 }
 
 
