@@ -24,13 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def dialogues():
+    """The photos have files (scikit-image's), so the model learns what follows a
+    photo it has *seen*: at inference the shared photo is perceived before it goes on."""
+    import skimage
+
     from mmdialog import Dialogue, Photo, Turn
 
+    data = Path(skimage.__file__).parent / "data"
     return [
         Dialogue("cat", [Turn("user", CAT_PROMPT),
-                         Turn("assistant", "here she is", [Photo(description="my tabby cat")])]),
+                         Turn("assistant", "here she is", [Photo(description="my tabby cat",
+                                                                 path=data / "chelsea.png")])]),
         Dialogue("coffee", [Turn("user", COFFEE_PROMPT),
-                            Turn("assistant", "an espresso, look", [Photo(description="a cup of espresso coffee")])]),
+                            Turn("assistant", "an espresso, look", [Photo(description="a cup of espresso coffee",
+                                                                          path=data / "coffee.png")])]),
         Dialogue("hi", [Turn("user", HELLO_PROMPT), Turn("assistant", "hi! how are you?")]),
     ]
 
