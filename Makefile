@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # The tiny preset's recipe (80 steps on the embedded "when to share" dialogues), then a short
-# scripted chat with the trained run: small talk, then a request the agent answers with a real photo.
-DEMO_CHAT := -m "hi! how are you?" -m "show me your cat" -m "what are you drinking?"
+# scripted chat with the trained run: a request (worded unlike the training dialogues) that the
+# agent answers with a real photo, then small talk that it answers with none.
+DEMO_CHAT := -m "can I see a photo of your coffee?" -m "looks good! how was your day?"
 
 demo: install
 	$(VENV)/bin/mmdialog train --quiet --overwrite
