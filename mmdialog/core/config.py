@@ -81,7 +81,9 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    path: str = Field("embedded:demo", description="dataset file/folder, or 'embedded:demo'")
+    path: str = Field("embedded:demo", description="dataset file/folder, or an embedded set: 'embedded:demo' "
+                                                    "(PhotoChat excerpt + demo chats), 'embedded:demo-share' "
+                                                    "(when to share: the tiny preset's)")
     format: str = Field("auto", description="auto (detect from the records), or a dataset format: "
                                             "photochat, dialogcc, jsonl, or one a plugin registers")
     split: str | None = Field(None, description="split folder/file to read (train, dev, test)")

@@ -5,7 +5,11 @@ dev 9, test 24 dialogues; no local images -- they train the text loss).
 ``demo/chat.jsonl`` holds 8 short PhotoChat-style dialogues (train 6, dev 1,
 test 1) written for mmdialog, each sharing one real photograph bundled with
 scikit-image; the photo paths (``pkg:skimage/data/…``) are resolved from the
-installed package at load time. See ``demo/README.md`` for sources and licences.
+installed package at load time. ``demo/share.jsonl`` holds 28 shorter ones
+(train 24, dev 2, test 2) that teach *when* to share: a photo asked for or an
+offer taken is shared at once, small talk never is. They are the ``tiny``
+preset's training set (``embedded:demo-share``, what ``make demo`` trains on).
+See ``demo/README.md`` for sources and licences.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from mmdialog.core.data.schema import Dialogue
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_PHOTOCHAT = DEMO_DIR / "photochat"
 DEMO_JSONL = DEMO_DIR / "chat.jsonl"
+DEMO_SHARE = DEMO_DIR / "share.jsonl"
 
 
 def demo_dialogues(split: str | None = "train", *, photochat: bool = True, photos: bool = True,
@@ -35,6 +40,11 @@ def demo_dialogues(split: str | None = "train", *, photochat: bool = True, photo
         out += load_dialogues(DEMO_PHOTOCHAT, format="photochat", split=split,
                               description_style=description_style, person=person).dialogues
     return out
+
+
+def share_dialogues(split: str | None = "train") -> list[Dialogue]:
+    """The dialogues of ``demo/share.jsonl`` in ``split``: when to share, and when not."""
+    return load_dialogues(DEMO_SHARE, format="jsonl", split=split).dialogues
 
 
 DEMO_LIBRARY = DEMO_DIR / "library.json"

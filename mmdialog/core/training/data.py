@@ -16,6 +16,7 @@ from mmdialog.core.data.schema import Dialogue
 from mmdialog.core.errors import MMDialogError
 
 DEMO = "embedded:demo"
+DEMO_SHARE = "embedded:demo-share"
 
 
 def read_dialogues(cfg: DataConfig, split: str | None = None) -> tuple[list[Dialogue], str]:
@@ -26,11 +27,12 @@ def read_dialogues(cfg: DataConfig, split: str | None = None) -> tuple[list[Dial
     is counted in the summary; ``cfg.strict`` makes it a one-line error instead.
     """
     from mmdialog.core.data import demo_dialogues, load_dialogues
+    from mmdialog.core.data.demo import share_dialogues
 
     split = split or cfg.split
-    if cfg.path == DEMO:
-        dialogues = demo_dialogues(split or "train")
-        return dialogues, f"embedded demo ({split or 'train'}): {len(dialogues)} dialogues"
+    if cfg.path in (DEMO, DEMO_SHARE):
+        dialogues = demo_dialogues(split or "train") if cfg.path == DEMO else share_dialogues(split or "train")
+        return dialogues, f"{cfg.path} ({split or 'train'}): {len(dialogues)} dialogues"
     result = load_dialogues(cfg.path, format=cfg.format, split=split, image_dir=cfg.image_dir,
                             strict=cfg.strict, verify_images=True)
     if not result.dialogues:

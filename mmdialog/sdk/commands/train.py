@@ -77,8 +77,9 @@ def train(
     if not verbose:
         quiet_libraries(out / "log.txt")
     m = cfg.model
+    chain = f"{m.retriever.name},{m.generator.name}" if m.retriever else m.generator.name
     typer.echo(f"building llm={m.llm.name} perceiver={m.perceiver.name} bridge={m.bridge.name} "
-               f"generator={m.generator.name}", err=True)
+               f"generator={chain}", err=True)
     model = build(cfg)
     typer.echo(f"trainable groups: {', '.join(model.trainable_groups)}", err=True)
     result = run(model, progress=not quiet, resume=checkpoint, data=(dialogues, summary))

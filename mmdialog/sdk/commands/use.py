@@ -57,8 +57,9 @@ def _send(session, text: str, images: list[str], as_json: bool = False):
 @model_flags
 def chat(
     model: str = MODEL_ARG,
-    message: str | None = typer.Option(None, "--message", "-m", help="send one message, print the reply, exit"),
-    image: list[str] = typer.Option([], "--image", "-i", help="photo to attach to --message (repeatable)"),
+    message: list[str] = typer.Option([], "--message", "-m", help="send a message, print the reply, exit; "
+                                                                  "repeated: one conversation, printed turn by turn"),
+    image: list[str] = typer.Option([], "--image", "-i", help="photo to attach to the first --message (repeatable)"),
     photos_dir: str | None = typer.Option(None, "--photos-dir", help="where shared photos are saved "
                                                                         "(default: a new temporary folder)"),
     as_json: bool = typer.Option(False, "--json", help="with --message: print the reply as one JSON line"),
@@ -67,14 +68,17 @@ def chat(
     """Chat in the terminal. Shared photos are saved and their paths printed."""
     from mmdialog.core.session import Session, check_image
 
-    if image and message is None:
+    if image and not message:
         raise MMDialogError("--image goes with --message; in the interactive chat type /image PATH")
     for path in image:  # before the model loads: a typo should not cost a minute
         check_image(Path(path).expanduser())
     m = _load(model, use)
     session = Session(m, photos_dir=photos_dir, **use.options)
-    if message is not None:
-        _send(session, message, image, as_json)
+    if message:
+        for i, text in enumerate(message):  # several: a scripted conversation (`make demo` ends with one)
+            if len(message) > 1 and not as_json:
+                typer.echo(f"you> {text}\nassistant> ", nl=False)
+            _send(session, text, image if i == 0 else [], as_json)
         return
     typer.echo(f"chatting with {model}; photos are saved in {session.photos_dir}\n{HELP}", err=True)
     pending: list[str] = []

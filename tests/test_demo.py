@@ -1,0 +1,87 @@
+"""The demo (`make demo`): the tiny preset's recipe, its "when to share" dialogues, the
+scripted chat it ends with, and (slow) the whole recipe end to end."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sharing_model import CAT_PROMPT, HELLO_PROMPT, ROOT, exported_dir, run_cli
+
+from mmdialog.core.config import load_config
+from mmdialog.core.data.demo import demo_library, share_dialogues
+from mmdialog.core.training.data import read_dialogues
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_demo import ASKED, SMALL_TALK  # noqa: E402
+
+
+def test_the_tiny_preset_is_the_demo_recipe_with_a_real_photo_library():
+    cfg = load_config("tiny")
+    assert cfg.model.retriever.name == "library" and cfg.model.generator.name == "sd"
+    assert cfg.data.path == "embedded:demo-share"
+    dialogues, summary = read_dialogues(cfg.data, "train")
+    assert summary == "embedded:demo-share (train): 24 dialogues"
+    # Both speakers are agents: the asker's and small talk's turns teach *not* sharing.
+    assert cfg.data.both_speakers
+    sharing = [d for d in dialogues if d.photos]
+    assert len(sharing) == 14 and len(dialogues) - len(sharing) == 10
+    # A photo is shared in the turn right after it is asked for or the offer is taken.
+    for d in sharing:
+        i = next(i for i, t in enumerate(d.turns) if t.photos)
+        assert i > 0 and d.turns[i - 1].speaker != d.turns[i].speaker, d.id
+    assert [len(share_dialogues(s)) for s in ("dev", "test")] == [2, 2]
+
+
+def test_the_demo_prompts_are_not_training_turns():
+    """The benchmark's requests and small talk are held out: none is a training turn."""
+    seen = {t.text.lower() for d in share_dialogues(None) for t in d.turns}
+    assert not seen & {p.lower() for p in ASKED + SMALL_TALK}
+
+
+def test_each_demo_description_retrieves_its_own_photo():
+    """What the model learns to write between [img] and [/img] finds, with the real
+    MiniLM, the very photo of that turn in the embedded library, above the threshold."""
+    from mmdialog.plugins.generators.library import LibraryGenerator, LibraryOptions
+
+    library = LibraryGenerator(LibraryOptions())
+    assert {p.path for p in library.photos} == {p for p, _ in demo_library()}
+    photos = [p for d in share_dialogues(None) for p in d.photos]
+    assert {p.path for p in photos} <= {p.path for p in library.photos}
+    for photo, match in zip(photos, library.match([p.description for p in photos])):
+        assert match.file == photo.path and match.score >= library.threshold, (photo.description, match.score)
+
+
+def test_repeated_messages_are_one_conversation_printed_turn_by_turn(tmp_path):
+    out = run_cli("chat", str(exported_dir()), "-m", HELLO_PROMPT, "-m", CAT_PROMPT, "--seed", "0",
+                  "--photos-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    you = [i for i, line in enumerate(lines) if line.startswith("you> ")]
+    assert [lines[i] for i in you] == [f"you> {HELLO_PROMPT}", f"you> {CAT_PROMPT}"]
+    assert all(lines[i + 1].startswith("assistant> ") for i in you)
+    assert "photo: " not in "\n".join(lines[:you[1]])
+    photo = [line for line in lines[you[1]:] if line.startswith("photo: ")]
+    assert len(photo) == 1 and photo[0].endswith("(library: chelsea.png)")
+    assert Path(photo[0].split("photo: ")[1].split("  — ")[0]).parent == tmp_path
+
+
+@pytest.mark.slow
+def test_make_demo_trains_a_model_that_shares_when_asked_and_not_on_small_talk(tmp_path):
+    """The demo's two commands (Makefile `demo`) with the tiny preset as it is: ~3 minutes on 2 idle
+    cores, then the demo benchmark's share rates (6 held-out requests, 10 small-talk prompts)."""
+    out = run_cli("train", "--quiet", "--out-dir", str(tmp_path / "run"), timeout=1800)
+    assert out.returncode == 0, out.stderr[-2000:]
+    losses = [float(line.split()[3]) for line in out.stdout.splitlines() if line.startswith("step")]
+    assert len(losses) == 80 and sum(losses[-5:]) < 0.5 * sum(losses[:5])
+    out = run_cli("chat", str(tmp_path / "run"), "--seed", "0", "--photos-dir", str(tmp_path / "photos"),
+                  "-m", "can I see a photo of your coffee?", "-m", "looks good! how was your day?")
+    assert out.returncode == 0, out.stderr[-2000:]
+    photos = [line for line in out.stdout.splitlines() if line.startswith("photo: ")]
+    assert len(photos) == 1 and photos[0].endswith("(library: coffee.png)"), out.stdout
+    assert out.stdout.split("you> looks good")[1].count("photo: ") == 0
+    bench = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_demo.py"), "--model",
+                            str(tmp_path / "run"), "--limit", "0"], capture_output=True, text=True, timeout=900)
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    r = json.loads(bench.stdout)
+    assert r["share_rate_small_talk"] <= 0.1 and r["share_rate_asked"] >= 2 / 6, r
