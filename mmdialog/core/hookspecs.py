@@ -12,8 +12,8 @@ the group ``mmdialog``::
     def mmdialog_plugins():
         return [Plugin(kind="perceiver", name="clip", factory=ClipPerceiver)]
 
-The built-in components and dataset readers register through exactly the
-same hooks.
+The built-in components, dataset readers and prompt formats register through
+exactly the same hooks.
 """
 from __future__ import annotations
 
@@ -75,6 +75,12 @@ def mmdialog_plugins() -> list[Plugin]:
 @hookspec
 def mmdialog_dataset_formats() -> list[DatasetFormat]:
     """Return the dataset formats this module can read (``--data PATH --set data.format=NAME``)."""
+
+
+@hookspec
+def mmdialog_prompt_formats() -> list[type]:
+    """Return the prompt formats (``mmdialog.PromptFormat`` subclasses) this module provides:
+    how a dialogue becomes LLM text and labels (``--set model.llm.prompt_format=NAME``)."""
 
 
 __all__ = ["DatasetFormat", "LoadReport", "Plugin", "hookimpl", "hookspec"]

@@ -141,7 +141,9 @@ class DialogueModel(nn.Module):
             rows.append(row[:stop])
             capped.append(stop is None)  # no end of turn: the reply hit max_new_tokens
         spans = [markup.spans(r, self.llm.img_open_id, self.llm.img_close_id) for r in rows]
-        replies = [Reply(self.llm.tokenizer.decode(r, skip_special_tokens=True).strip(), shared=bool(s),
+        # The prompt format reads the reply back (the reference strips [INST] / [/INST]).
+        replies = [Reply(self.collator.format.clean(self.llm.tokenizer.decode(r, skip_special_tokens=True)),
+                         shared=bool(s),
                          length_capped=c) for r, s, c in zip(rows, spans, capped)]
         flat = [(i, s) for i, ss in enumerate(spans) for s in ss]
         if not flat:

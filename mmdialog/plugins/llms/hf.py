@@ -56,6 +56,13 @@ class HFOptions(PluginOptions):
                                  "every layer; k > 1 every k-th layer only (selective: less recompute, "
                                  "more memory)")
     attn_implementation: str = "sdpa"
+    prompt_format: str = Field("template", description="how a dialogue becomes text and labels: template "
+                                                       "(the tokenizer's chat template, the agent's turns "
+                                                       "trained), reference (the authors' Llama-2 format, one "
+                                                       "sample per dialogue, every token trained), or a "
+                                                       "registered one (`mmdialog plugins`)")
+    system_prompt: str | None = Field(None, description="system prompt (None: the format's default; template: "
+                                                        "none, reference: the authors')")
 
 
 class AddedTokenEmbedding(nn.Module):
@@ -133,6 +140,7 @@ class HFLanguageModel(LanguageModel):
         im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.stop_ids = sorted({i for i in (self.tokenizer.eos_token_id, im_end)
                                 if isinstance(i, int) and i != self.tokenizer.unk_token_id})
+        self.prompt_format, self.system_prompt = options.prompt_format, options.system_prompt
         self.user_first = not _renders(self.tokenizer, [{"role": "assistant", "content": "hi"}])
 
     @property
