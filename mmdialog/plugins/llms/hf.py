@@ -61,6 +61,10 @@ class HFOptions(PluginOptions):
                                                        "trained), reference (the authors' Llama-2 format, one "
                                                        "sample per dialogue, every token trained), or a "
                                                        "registered one (`mmdialog plugins`)")
+    tokenizer_options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword options of AutoTokenizer.from_pretrained, e.g. {legacy: true}: "
+                                          "Llama-2's tokenizer as transformers 4 loaded it (the reference's "
+                                          "'<s>[INST]' is ▁[ INST ], not [ INST ])")
     system_prompt: str | None = Field(None, description="system prompt (None: the format's default; template: "
                                                         "none, reference: the authors')")
 
@@ -226,7 +230,7 @@ def _load(o: HFOptions) -> tuple[Any, nn.Module]:
     elif is_local(path):
         require_folder(path, ["tokenizer_config.json"] if o.config else ["config.json"], "llm")
     try:
-        tok = AutoTokenizer.from_pretrained(path, **kw)
+        tok = AutoTokenizer.from_pretrained(path, **kw, **o.tokenizer_options)
         if o.random_weights:
             cfg = AutoConfig.for_model(**o.config) if o.config else AutoConfig.from_pretrained(path, **kw)
             for k, v in o.config_overrides.items():
