@@ -86,7 +86,8 @@ class DataConfig(_Strict):
                                             "photochat, dialogcc, jsonl, or one a plugin registers")
     split: str | None = Field(None, description="split folder/file to read (train, dev, test)")
     image_dir: str | None = Field(None, description="folder with photos named by id or URL hash")
-    both_speakers: bool = Field(True, description="one sample per speaker as the agent; else sharer only")
+    both_speakers: bool = Field(True, description="one sample per speaker as the agent; else sharer only "
+                                                  "(prompt format template; reference: one per dialogue)")
     strict: bool = Field(False, description="stop with a one-line error at the first bad record or photo, before "
                                             "any step (default: skip it for the image loss, count and report it)")
     batch_size: int = Field(2, gt=0)
