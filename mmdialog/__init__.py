@@ -42,6 +42,7 @@ _EXPORTS = {
     "hookimpl": "mmdialog.core.hookspecs",
     "Plugin": "mmdialog.core.hookspecs",
     "DatasetFormat": "mmdialog.core.hookspecs",
+    "PromptFormat": "mmdialog.core.prompts",
     "LanguageModel": "mmdialog.core.interfaces",
     "Perceiver": "mmdialog.core.interfaces",
     "Bridge": "mmdialog.core.interfaces",
@@ -112,6 +113,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     )
     from mmdialog.core.model import DialogueModel
     from mmdialog.core.pretrained import load_prefixed, require_folder
+    from mmdialog.core.prompts import PromptFormat
     from mmdialog.core.session import Session
     from mmdialog.core.vocab import tokenize_for_tower
     from mmdialog.plugins.generators.latent_diffusion import (

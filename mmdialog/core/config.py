@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -88,11 +88,15 @@ class DataConfig(_Strict):
                                             "photochat, dialogcc, jsonl, or one a plugin registers")
     split: str | None = Field(None, description="split folder/file to read (train, dev, test)")
     image_dir: str | None = Field(None, description="folder with photos named by id or URL hash")
-    both_speakers: bool = Field(True, description="one sample per speaker as the agent; else sharer only")
+    both_speakers: bool = Field(True, description="one sample per speaker as the agent; else sharer only "
+                                                  "(prompt format template; reference: one per dialogue)")
     strict: bool = Field(False, description="stop with a one-line error at the first bad record or photo, before "
                                             "any step (default: skip it for the image loss, count and report it)")
     batch_size: int = Field(2, gt=0)
     num_workers: int = Field(0, ge=0)
+    order: Literal["shuffle", "length"] = Field(
+        "shuffle", description="training order: shuffle (a new permutation each epoch, from the seed) or "
+                               "length (shortest dialogue first, the same every epoch, as the reference)")
 
 
 class TrainConfig(_Strict):
@@ -100,6 +104,9 @@ class TrainConfig(_Strict):
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(400, ge=0)
+    warmup_start_factor: float | None = Field(
+        None, ge=0, le=1, description="lr factor at step 0 of the linear warm-up (the reference's LinearLR: "
+                                      "0.01); None: step s uses (s+1)/warmup_steps")
     accumulate: int = Field(1, gt=0, description="micro-batches per optimizer step")
     precision: str = Field("auto", description="Lightning precision: auto (bf16-mixed where supported, "
                                                "else 32-true), 32-true, bf16-mixed, bf16-true, 16-mixed")
@@ -115,15 +122,48 @@ class TrainConfig(_Strict):
     compile: bool = Field(False, description="regional torch.compile of the repeated blocks (decoder and "
                                              "encoder layers, UNet transformer blocks); the first steps "
                                              "compile")
-    val_every: int = Field(0, ge=0, description="optimizer steps between dev evaluations (0: none)")
-    val_turns: int = Field(200, gt=0, description="dev turns generated per evaluation (gold context)")
+    val_every: Annotated[int, Field(ge=0)] | Literal["epoch"] = Field(
+        0, description="optimizer steps between dev evaluations (0: none), or 'epoch': after every "
+                             "pass over the training data, as the reference")
+    val_turns: int = Field(200, ge=0, description="dev turns generated per evaluation (gold context; "
+                                                  "0: the whole dev split)")
     val_max_new_tokens: int = Field(32, gt=0)
+    val_num_beams: int = Field(1, gt=0, description="beam width of the dev replies (1: greedy)")
     plateau_patience: int = Field(1, ge=0, description="after warm-up, the lr halves when more than this many dev "
                                                        "evaluations in a row did not improve BLEU-2 "
                                                        "(ReduceLROnPlateau's patience, as the reference)")
     early_stop_patience: int = Field(6, gt=0, description="evaluations without a better dev BLEU-2 before stopping")
     deterministic: bool = Field(True, description="reseed every step from (seed, step, rank): "
                                                   "resumed runs repeat uninterrupted ones")
+
+
+#: The authors' training recipe (Guo et al., E2E_PSDG), merged over any config by
+#: ``load_config(..., reference_recipe=True)`` (``--reference-recipe``); flags and
+#: ``--set`` still override it. What remains different from it: README, "The
+#: reference recipe".
+REFERENCE_RECIPE: dict[str, Any] = {
+    "model": {
+        # One sample per dialogue in their Llama-2 format and system prompt, every token trained.
+        # Llama-2's tokenizer as their transformers 4 loaded it: "<s>[INST]" → <s> ▁[ INST ].
+        "llm": {"prompt_format": "reference", "system_prompt": None, "tokenizer_options": {"legacy": True}},
+        # Their DVTM: the bag of predicted tokens times the re-tokenised description.
+        "bridge": {"name": "gumbel", "alignment": "bag", "tau": 1.0, "noise": False, "hard": True},
+        "trainable": {"llm.embeddings": True},  # all rows of embed_tokens and lm_head train
+        "image_loss_weight": 1.0,
+    },
+    # Micro-batches of 4 dialogues, 4 accumulated (16 per step), shortest dialogue first, no shuffling.
+    "data": {"batch_size": 4, "order": "length"},
+    "train": {
+        "accumulate": 4, "lr": 5.0e-5, "weight_decay": 0.01,
+        "warmup_steps": 400, "warmup_start_factor": 0.01,      # LinearLR(0.01 → 1, 400 steps)
+        "gradient_clip": 400.0,                                # clip_grad_norm_(…, 400): effectively off
+        # Dev BLEU-2 on the whole dev split after every epoch, replies with 2 beams and 30 new tokens.
+        "val_every": "epoch", "val_turns": 0, "val_max_new_tokens": 30, "val_num_beams": 2,
+        "plateau_patience": 1,                                 # ReduceLROnPlateau(patience=6 // 3 - 1)
+        # They stop when more than 6 evaluations in a row did not improve: at the 7th.
+        "early_stop_patience": 7,
+    },
+}
 
 
 class Config(_Strict):
@@ -203,8 +243,12 @@ def generator_chain(names: str) -> tuple[str | None, str]:
 
 
 def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
-                overrides: dict[str, Any] | None = None, **components: Any) -> Config:
+                overrides: dict[str, Any] | None = None, reference_recipe: bool = False,
+                **components: Any) -> Config:
     """Load a preset name, YAML path or dict, apply overrides, validate everything.
+
+    ``reference_recipe`` merges ``REFERENCE_RECIPE`` over the source first; the
+    components and overrides then apply on top of it.
 
     ``components`` switch plugins: ``perceiver="caption"`` (a name; options of
     the old plugin are dropped unless the name is unchanged) or
@@ -224,7 +268,7 @@ def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
             raw = _merge(preset_dict(raw.pop("preset")), raw)
     else:
         raw = preset_dict(str(source))
-    raw = _merge(raw, {})
+    raw = _merge(raw, REFERENCE_RECIPE if reference_recipe else {})
     model = raw.setdefault("model", {})
     if isinstance(model, dict):
         model.update(ModelConfig._chain_from_fallback(model))
@@ -288,6 +332,10 @@ def validate_plugins(config: Config) -> dict[str, Any]:
         except ValidationError as e:
             field, _, msg = validation_message(e, f"model.{slot}").partition(": ")
             raise ConfigError(f"config field '{field}' ({kind} plugin '{spec.name}'): {msg}") from None
+    prompt_format = getattr(parsed.get("llm"), "prompt_format", None)
+    if prompt_format is not None and prompt_format not in reg.prompt_formats():
+        raise ConfigError(f"config field 'model.llm.prompt_format': unknown prompt format '{prompt_format}'; "
+                          f"use {', '.join(reg.prompt_formats())}")
     if config.data.format != "auto" and config.data.format not in reg.dataset_formats():
         raise ConfigError(f"config field 'data.format': unknown dataset format '{config.data.format}'; "
                           f"use auto, {', '.join(reg.dataset_formats())}")

@@ -14,7 +14,8 @@ the group ``mmdialog``::
         # or factory="my_package.clip:ClipPerceiver": imported only when built
 
 The built-in components (by ``"module:Class"``, so that listing them imports
-no torch) and dataset readers register through exactly the same hooks.
+no torch), dataset readers and prompt formats register through exactly the
+same hooks.
 """
 from __future__ import annotations
 
@@ -95,6 +96,12 @@ def mmdialog_plugins() -> list[Plugin]:
 @hookspec
 def mmdialog_dataset_formats() -> list[DatasetFormat]:
     """Return the dataset formats this module can read (``--data PATH --set data.format=NAME``)."""
+
+
+@hookspec
+def mmdialog_prompt_formats() -> list[type]:
+    """Return the prompt formats (``mmdialog.PromptFormat`` subclasses) this module provides:
+    how a dialogue becomes LLM text and labels (``--set model.llm.prompt_format=NAME``)."""
 
 
 __all__ = ["DatasetFormat", "LoadReport", "Plugin", "hookimpl", "hookspec"]

@@ -79,8 +79,11 @@ class LanguageModel(Component):
     * ``render(messages, add_generation_prompt)`` applies the chat template to
       ``[{"role": "user"|"assistant", "content": str}]`` and returns a string.
     * ``user_first``: the chat template needs the user to speak first (Llama-2-chat
-      raises otherwise); the collator then opens an agent-first conversation with
-      an empty user message.
+      raises otherwise); the ``template`` prompt format then opens an agent-first
+      conversation with an empty user message.
+    * ``prompt_format``, ``system_prompt``: the registered prompt format the
+      collator builds samples and prompts with (``core/prompts.py``), and its
+      system prompt (None: the format's default).
     """
 
     tokenizer: Any
@@ -91,6 +94,8 @@ class LanguageModel(Component):
     pad_token_id: int
     stop_ids: list[int]  # ids that end the assistant's turn
     user_first: bool = False
+    prompt_format: str = "template"
+    system_prompt: str | None = None
 
     @abstractmethod
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...

@@ -161,7 +161,8 @@ class DialogueModel(nn.Module):
         llm = self.llm
 
         def decode(ids: list[int]) -> str:
-            return llm.tokenizer.decode(ids, skip_special_tokens=True)
+            # The prompt format reads the reply back (the reference's strips [INST] / [/INST]).
+            return self.collator.format.clean(llm.tokenizer.decode(ids, skip_special_tokens=True))
 
         rows = [_Row(n, self.input_embeddings(self.collator.prompt(h, a).to(device))[0], TextDeltas(decode))
                 for n, (h, a) in enumerate(requests)]

@@ -9,6 +9,7 @@ import pluggy
 from mmdialog.core import hookspecs
 from mmdialog.core.errors import PluginError
 from mmdialog.core.hookspecs import KIND_NAMES, DatasetFormat, Plugin
+from mmdialog.core.prompts import PromptFormat
 
 BUILTIN_MODULES = (
     "mmdialog.plugins.llms",
@@ -19,6 +20,8 @@ BUILTIN_MODULES = (
     "mmdialog.core.data.jsonl",
     "mmdialog.core.data.dialogcc",
     "mmdialog.core.data.photochat",
+    # How a dialogue becomes LLM text: model.llm.prompt_format.
+    "mmdialog.core.prompts",
 )
 
 
@@ -32,6 +35,7 @@ class Registry:
             self.pm.load_setuptools_entrypoints(hookspecs.PROJECT)
         self._plugins: dict[tuple[str, str], Plugin] = {}
         self._formats: dict[str, DatasetFormat] = {}
+        self._prompt_formats: dict[str, type[PromptFormat]] = {}
         for batch in self.pm.hook.mmdialog_plugins():
             for plugin in batch:
                 self._add(plugin)
@@ -42,6 +46,9 @@ class Registry:
         for impl in impls:
             for fmt in impl.function():
                 self.register_format(fmt)
+        for batch in self.pm.hook.mmdialog_prompt_formats():
+            for cls in batch:
+                self.register_prompt_format(cls)
 
     def register(self, plugin: Plugin) -> None:
         """Register one plugin at run time (tests, notebooks)."""
@@ -54,6 +61,24 @@ class Registry:
         if fmt.name in self._formats or fmt.name == "auto":
             raise PluginError(f"dataset format '{fmt.name}' is registered twice; rename one")
         self._formats[fmt.name] = fmt
+
+    def register_prompt_format(self, cls: type[PromptFormat]) -> None:
+        """Register one prompt format (a ``PromptFormat`` subclass); a name registered twice is an error."""
+        if not (isinstance(cls, type) and issubclass(cls, PromptFormat)):
+            raise PluginError(f"prompt formats must be subclasses of mmdialog.PromptFormat, not {cls!r}")
+        if cls.name in self._prompt_formats:
+            raise PluginError(f"prompt format '{cls.name}' is registered twice; rename one")
+        self._prompt_formats[cls.name] = cls
+
+    def prompt_formats(self) -> list[str]:
+        return list(self._prompt_formats)
+
+    def prompt_format(self, name: str) -> type[PromptFormat]:
+        try:
+            return self._prompt_formats[name]
+        except KeyError:
+            raise PluginError(f"unknown prompt format '{name}'; available: "
+                              f"{', '.join(self._prompt_formats)}") from None
 
     def _add(self, plugin: Plugin) -> None:
         if plugin.kind not in KIND_NAMES:

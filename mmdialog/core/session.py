@@ -125,8 +125,7 @@ class Session:
     def prompt_tokens(self, turns: list[Turn] | None = None) -> int:
         """LLM tokens of the prompt for ``turns`` (default: the history)."""
         model = self.model
-        msgs = model.collator.messages(self.history if turns is None else turns, AGENT)
-        text = model.llm.render(msgs, add_generation_prompt=True)
+        text = model.collator.prompt_text(self.history if turns is None else turns, AGENT)
         return len(model.llm.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def fit(self, max_new_tokens: int) -> bool:

@@ -1,18 +1,19 @@
 """Dialogues → token batches the ``DialogueModel`` accepts.
 
-A sample is one dialogue seen from one speaker, the *agent*: the agent's
-turns are ``assistant`` messages (trained), the other speaker's are ``user``
-messages (context). A photo appears as
+A sample is one dialogue seen from one speaker, the *agent*. The LLM's prompt
+format (``model.llm.prompt_format``, ``core/prompts.py``) decides the roles,
+the samples a dialogue gives and which tokens are labelled: with ``template``
+(default) the agent's turns are ``assistant`` messages (trained) and the other
+speaker's ``user`` messages (context), one sample per speaker; with
+``reference`` the first speaker is the user, one sample per dialogue, every
+token trained. A photo appears, where it was shared in its turn, as
 
-* ``[img] description [/img]`` in the agent's turn — the model learns to write
-  it, and its gold photo is the target of the image loss;
+* ``[img] description [/img]`` in a turn the model learns to write (the
+  assistant's; every turn with ``reference``) — its gold photo is the target of
+  the image loss;
 * K ``<image>`` placeholders after it, replaced by the perceiver's K
   embeddings, so later turns *see* the photo (end-to-end model);
-* for a text perceiver, ``[img] caption [/img]`` in the turn that shares it.
-
-The chat template is applied to the whole dialogue; label positions are the
-characters each assistant message adds to the rendered prefix (its content
-and end-of-turn marker), so any prefix-stable chat template works.
+* for a text perceiver, ``[img] caption [/img]`` in a context turn that shares it.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch
 from mmdialog.core import markup
 from mmdialog.core.data.schema import Dialogue, Photo, Turn
 from mmdialog.core.errors import DataError
+from mmdialog.core.prompts import PromptFormat, TemplateFormat
 
 IGNORE = -100
 ImageLoader = Callable[[Path, int], torch.Tensor]  # (path, size) -> (3, size, size) in [0, 1]
@@ -62,27 +64,39 @@ class Collator:
 
     def __init__(self, llm, perceiver, generator_resolution: int, max_length: int,
                  image_loader: ImageLoader | None = None) -> None:
+        from mmdialog.core.registry import default_registry
+
         self.llm, self.perceiver = llm, perceiver
         self.k = perceiver.num_tokens if perceiver.kind == "pixels" else 0
         self.gen_res = generator_resolution
         self.max_length = max_length
         self.load_image = image_loader or default_image_loader
+        fmt = default_registry().prompt_format(getattr(llm, "prompt_format", "template"))
+        self.format = fmt(llm, getattr(llm, "system_prompt", None))
 
     # -- messages ---------------------------------------------------------------------------
+    def written(self, turns: list[Turn], agent: str) -> list[bool]:
+        """Per turn: does the model learn to write it (so its photos are descriptions)?"""
+        roles = self.format.roles([t.speaker for t in turns], agent)
+        return [self.format.scores_all or r == "assistant" for r in roles]
+
     def messages(self, turns: list[Turn], agent: str) -> list[dict[str, str]]:
-        """Chat messages for ``turns`` seen by ``agent``; consecutive turns of one role merge."""
+        """Chat messages for ``turns`` seen by ``agent``, arranged by the prompt format;
+        consecutive turns of one role merge."""
         msgs: list[dict[str, str]] = []
-        for turn in turns:
-            role = "assistant" if turn.speaker == agent else "user"
+        roles = self.format.roles([t.speaker for t in turns], agent)
+        for turn, role, written in zip(turns, roles, self.written(turns, agent)):
             # Each photo where it was shared in the turn (the reference does so), not after the text.
-            content = turn.text_with_photos(lambda p, agent=role == "assistant": self.photo_text(p, agent))
+            content = turn.text_with_photos(lambda p, w=written: self.photo_text(p, w))
             if msgs and msgs[-1]["role"] == role:
                 msgs[-1]["content"] += " " + content
             else:
                 msgs.append({"role": role, "content": content})
-        if msgs and msgs[0]["role"] == "assistant" and self.llm.user_first:
-            msgs.insert(0, {"role": "user", "content": ""})  # the template wants the user first
-        return msgs
+        return self.format.arrange(msgs)
+
+    def samples(self, dialogues: list[Dialogue], both_speakers: bool = True) -> list[tuple[Dialogue, str]]:
+        """(dialogue, agent) training samples, as the prompt format makes them."""
+        return training_samples(dialogues, both_speakers, self.format)
 
     def photo_text(self, photo: Photo, shared_by_agent: bool) -> str:
         seen = self.k > 0 and photo.path is not None
@@ -97,20 +111,16 @@ class Collator:
     # -- one sample --------------------------------------------------------------------------
     def encode(self, dialogue: Dialogue, agent: str) -> dict:
         msgs = self.messages(dialogue.turns, agent)
-        text = self.llm.render(msgs)
-        # Character spans each assistant message adds to the rendered prefix.
-        spans, prev = [], 0
-        for i, m in enumerate(msgs):
-            end = len(self.llm.render(msgs[: i + 1]))
-            if m["role"] == "assistant":
-                start = text.find(m["content"], prev)
-                spans.append((start if start >= 0 else prev, end))
-            prev = end
+        text = self.format.render(msgs)
         enc = self.llm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"][: self.max_length], enc["offset_mapping"][: self.max_length]
-        # A token is labelled when it overlaps an assistant span: SentencePiece tokens carry the
-        # space before a word ("▁hey"), so the first word of a Llama-2 turn starts before the span.
-        labels = [i if any(a < e and b > s for s, e in spans) else IGNORE for i, (a, b) in zip(ids, offsets)]
+        if self.format.scores_all:  # every token of the sample (the reference's loss)
+            labels = list(ids)
+        else:
+            # A token is labelled when it overlaps an assistant span: SentencePiece tokens carry the
+            # space before a word ("▁hey"), so the first word of a Llama-2 turn starts before the span.
+            spans = self.format.assistant_spans(msgs, text)
+            labels = [i if any(a < e and b > s for s, e in spans) else IGNORE for i, (a, b) in zip(ids, offsets)]
         labels = [IGNORE if i == self.llm.image_token_id else lab for i, lab in zip(ids, labels)]
         # What the agent writes after a photo it shared is trained from both places inference
         # goes on from: the last of the K slots (the photo produced and perceived) and the
@@ -120,9 +130,14 @@ class Collator:
             if ids[c] == self.llm.img_close_id and labels[c] != IGNORE and ids[c + 1] == self.llm.image_token_id:
                 labels[c + 1] = labels[c + 1 + self.k]
         photos = [p for t in dialogue.turns for p in t.ordered_photos]
-        agent_photos = [p for t in dialogue.turns if t.speaker == agent for p in t.ordered_photos]
+        written = self.written(dialogue.turns, agent)
+        agent_photos = [p for t, w in zip(dialogue.turns, written) if w for p in t.ordered_photos]
+        # The [img] of each description span the model writes (not one the system prompt names).
+        start = self.format.dialogue_start(text)
+        opens = [i for i, (x, lab, (a, _)) in enumerate(zip(ids, labels, offsets))
+                 if x == self.llm.img_open_id and lab != IGNORE and a >= start]
         return {"ids": ids, "labels": labels, "photos": photos, "agent_photos": agent_photos,
-                "shares": bool(agent_photos)}
+                "opens": opens, "shares": bool(agent_photos)}
 
     def photo_slots(self, row: list[int], photos: list[Photo]) -> list[tuple[int, Photo]]:
         """(position, photo) of each run of K <image> ids, in order of the photos with pixels."""
@@ -136,10 +151,13 @@ class Collator:
                 pos += 1
         return out
 
+    def prompt_text(self, turns: list[Turn], agent: str) -> str:
+        """The text after which the model writes the agent's next turn."""
+        return self.format.prompt(self.messages(turns, agent))
+
     def prompt(self, turns: list[Turn], agent: str) -> Batch:
         """A one-sample batch that ends with the agent's generation prompt."""
-        text = self.llm.render(self.messages(turns, agent), add_generation_prompt=True)
-        row = self.llm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        row = self.llm.tokenizer(self.prompt_text(turns, agent), add_special_tokens=False)["input_ids"]
         photos = [p for t in turns for p in t.ordered_photos]
         found = self.photo_slots(row, photos)
         size = self.perceiver.image_size
@@ -192,8 +210,7 @@ class Collator:
                     labels[b, pos + self.k:pos + self.k + 1] = IGNORE
             # Description spans in the agent's (labelled) turns, in order of its photos.
             agent_photos = iter(e["agent_photos"])
-            opens = [i for i, x in enumerate(row) if x == self.llm.img_open_id and e["labels"][i] != IGNORE]
-            for o in opens:
+            for o in e["opens"]:
                 photo = next(agent_photos, None)
                 try:
                     close = row.index(self.llm.img_close_id, o + 1)
@@ -228,11 +245,13 @@ def default_image_loader(path: Path, size: int) -> torch.Tensor:
     return to_tensor(load_image(path), size)
 
 
-def training_samples(dialogues: list[Dialogue], both_speakers: bool = True) -> list[tuple[Dialogue, str]]:
-    """(dialogue, agent) pairs: every speaker as the agent, or only the sharers."""
+def training_samples(dialogues: list[Dialogue], both_speakers: bool = True,
+                     prompt_format: PromptFormat | None = None) -> list[tuple[Dialogue, str]]:
+    """(dialogue, agent) pairs: every speaker as the agent, or only the sharers
+    (``template``); one per dialogue (``reference``)."""
+    fmt = prompt_format or TemplateFormat(None)
     out = []
     for d in dialogues:
         sharers = [t.speaker for t in d.turns if t.photos]
-        agents = d.speakers if both_speakers else list(dict.fromkeys(sharers))
-        out.extend((d, a) for a in agents)
+        out.extend((d, a) for a in fmt.agents(d.speakers, sharers, both_speakers))
     return out

@@ -68,8 +68,10 @@ def _trainer(t: Any, out: Path, callbacks: list[L.Callback], loggers: list, prog
         default_root_dir=out, log_every_n_steps=t.log_every, callbacks=callbacks, logger=loggers,
         enable_progress_bar=progress, enable_model_summary=False, gradient_clip_val=t.gradient_clip or None,
         plugins=[AtomicCheckpointIO()], use_distributed_sampler=True,
-        val_check_interval=t.val_every * t.accumulate if validate else None,
-        check_val_every_n_epoch=None if validate else 1, limit_val_batches=None if validate else 0,
+        # Every val_every optimizer steps, or after every epoch ("epoch", as the reference).
+        val_check_interval=t.val_every * t.accumulate if validate and t.val_every != "epoch" else None,
+        check_val_every_n_epoch=1 if not validate or t.val_every == "epoch" else None,
+        limit_val_batches=None if validate else 0,
         num_sanity_val_steps=0)
 
 
@@ -108,7 +110,7 @@ def train(model: DialogueModel, progress: bool = True, resume: str | Path | bool
     stop = StopOnSignal(out / LAST)
     callbacks: list[L.Callback] = [history, checkpoint, SaveAtLastStep(out / LAST, t.checkpoint_every), stop,
                                    Throughput(), L.pytorch.callbacks.LearningRateMonitor("step")]
-    validate = t.val_every > 0
+    validate = t.val_every != 0
     best = ModelCheckpoint(dirpath=out / BEST.rsplit("/", 1)[0], filename="best", monitor="val_bleu2", mode="max",
                            save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=False)
     if validate:  # the weights of the best dev BLEU-2 are kept (and exported), as the reference keeps them

@@ -1,6 +1,7 @@
 """Training data: (dialogue, agent) samples in an order that depends only on
-(seed, epoch), served by a loader whose position inside the epoch is saved in
-checkpoints, so a resumed run sees exactly the batches it would have seen."""
+(seed, epoch) — shuffled, or sorted by length as the reference does — served by
+a loader whose position inside the epoch is saved in checkpoints, so a resumed
+run sees exactly the batches it would have seen."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -10,8 +11,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mmdialog.core import markup
 from mmdialog.core.config import Config, DataConfig
-from mmdialog.core.data.collate import training_samples
 from mmdialog.core.data.schema import Dialogue
 from mmdialog.core.errors import MMDialogError
 
@@ -70,6 +71,31 @@ class EpochShuffleSampler(Sampler[int]):
         return self.n
 
 
+class LengthSampler(Sampler[int]):
+    """Samples by dialogue length in words, shortest first, ties in data order, the
+    same every epoch: the reference's ``DialogueLengthSampler`` (no shuffling).
+    ``set_epoch`` only records the epoch, for the loader's saved state."""
+
+    def __init__(self, lengths: list[int]) -> None:
+        self.order = sorted(range(len(lengths)), key=lambda i: lengths[i])  # stable
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def dialogue_words(dialogue: Dialogue) -> int:
+    """Words of the dialogue with each photo as ``[img] description [/img]``: the
+    length the reference sorts by (``str.split`` of its joined turns)."""
+    return sum(len(t.text_with_photos(lambda p: markup.render(p.description)).split()) for t in dialogue.turns)
+
+
 class ResumableLoader(DataLoader):
     """A DataLoader whose position inside the epoch is saved in checkpoints.
 
@@ -121,18 +147,22 @@ class DialogueDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         dialogues, self.summary = self.data or read_dialogues(self.cfg, self.cfg.split or "train")
-        self.train_set = SampleDataset(training_samples(dialogues, self.cfg.both_speakers))
+        self.train_set = SampleDataset(self.collator.samples(dialogues, self.cfg.both_speakers))
 
     def val_dataloader(self) -> DataLoader:
         """Dev turns with gold context; the module scores BLEU-2 of the replies."""
         from mmdialog.core.data.samples import dialogue_samples
 
         dev, _ = read_dialogues(self.cfg, "dev")
-        samples = dialogue_samples(dev)[: self.val_turns]
+        samples = dialogue_samples(dev)[: self.val_turns or None]  # 0: the whole dev split
         return DataLoader(samples, batch_size=self.cfg.batch_size * 2, collate_fn=list)
 
+    def sampler(self) -> Sampler[int]:
+        if self.cfg.order == "length":
+            return LengthSampler([dialogue_words(d) for d, _ in self.train_set.samples])
+        return EpochShuffleSampler(len(self.train_set), self.seed)
+
     def train_dataloader(self) -> DataLoader:
-        return ResumableLoader(self.train_set, batch_size=self.cfg.batch_size,
-                          sampler=EpochShuffleSampler(len(self.train_set), self.seed),
-                          collate_fn=self.collator, num_workers=self.cfg.num_workers,
-                          persistent_workers=self.cfg.num_workers > 0)
+        return ResumableLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=self.sampler(),
+                               collate_fn=self.collator, num_workers=self.cfg.num_workers,
+                               persistent_workers=self.cfg.num_workers > 0)

@@ -59,7 +59,8 @@ class DialogueModule(L.LightningModule):
 
     def validation_step(self, samples: list, batch_idx: int) -> None:
         replies = self.model.respond_batch([(list(s.context), s.speaker) for s in samples], draw=False,
-                                           max_new_tokens=self.train_cfg.val_max_new_tokens)
+                                           max_new_tokens=self.train_cfg.val_max_new_tokens,
+                                           num_beams=self.train_cfg.val_num_beams)
         gold = [s.target.text_with_photos() for s in samples]
         self._val.extend(zip([r.text for r in replies], gold))
 
@@ -96,9 +97,16 @@ class DialogueModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         fused = t.fused_optimizer and all(p.is_cuda for p in params)
         opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
-        warm = t.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: (min(1.0, (s + 1) / warm) if warm else 1.0) * self.lr_scale)
+        warm, start = t.warmup_steps, t.warmup_start_factor
+
+        def warmup(s: int) -> float:
+            if not warm:
+                return 1.0
+            if start is None:
+                return min(1.0, (s + 1) / warm)
+            return start + (1.0 - start) * min(1.0, s / warm)  # torch's LinearLR(start, 1.0, warm)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup(s) * self.lr_scale)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

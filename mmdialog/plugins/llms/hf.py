@@ -57,6 +57,17 @@ class HFOptions(PluginOptions):
                                  "every layer; k > 1 every k-th layer only (selective: less recompute, "
                                  "more memory)")
     attn_implementation: str = "sdpa"
+    prompt_format: str = Field("template", description="how a dialogue becomes text and labels: template "
+                                                       "(the tokenizer's chat template, the agent's turns "
+                                                       "trained), reference (the authors' Llama-2 format, one "
+                                                       "sample per dialogue, every token trained), or a "
+                                                       "registered one (`mmdialog plugins`)")
+    tokenizer_options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword options of AutoTokenizer.from_pretrained, e.g. {legacy: true}: "
+                                          "Llama-2's tokenizer as transformers 4 loaded it (the reference's "
+                                          "'<s>[INST]' is ▁[ INST ], not [ INST ])")
+    system_prompt: str | None = Field(None, description="system prompt (None: the format's default; template: "
+                                                        "none, reference: the authors')")
 
 
 class AddedTokenEmbedding(nn.Module):
@@ -134,6 +145,7 @@ class HFLanguageModel(LanguageModel):
         im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.stop_ids = sorted({i for i in (self.tokenizer.eos_token_id, im_end)
                                 if isinstance(i, int) and i != self.tokenizer.unk_token_id})
+        self.prompt_format, self.system_prompt = options.prompt_format, options.system_prompt
         self.user_first = not _renders(self.tokenizer, [{"role": "assistant", "content": "hi"}])
 
     @property
@@ -262,7 +274,7 @@ def _load(o: HFOptions) -> tuple[Any, nn.Module]:
     elif is_local(path):
         require_folder(path, ["tokenizer_config.json"] if o.config else ["config.json"], "llm")
     try:
-        tok = AutoTokenizer.from_pretrained(path, **kw)
+        tok = AutoTokenizer.from_pretrained(path, **kw, **o.tokenizer_options)
         if o.random_weights:
             cfg = AutoConfig.for_model(**o.config) if o.config else AutoConfig.from_pretrained(path, **kw)
             for k, v in o.config_overrides.items():

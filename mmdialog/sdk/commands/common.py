@@ -96,14 +96,22 @@ def parse_sets(sets: list[str]) -> dict[str, Any]:
     return out
 
 
-def config_from_cli(config: str, llm, perceiver, bridge, generator, sets: list[str], **fields: Any):
-    """The validated config of a command: the preset or YAML, the plugin flags,
-    the command's own flags (dotted keys) and ``--set``."""
+REFERENCE_RECIPE = typer.Option(False, "--reference-recipe",
+                                help="the authors' training recipe over the config: their prompt format and "
+                                     "DVTM, length-sorted batches, dev BLEU-2 every epoch, clipping 400, … "
+                                     "(README: 'The reference recipe'); other flags still override it")
+
+
+def config_from_cli(config: str, llm, perceiver, bridge, generator, sets: list[str],
+                    reference_recipe: bool = False, **fields: Any):
+    """The validated config of a command: the preset or YAML, the reference recipe
+    if asked, the plugin flags, the command's own flags (dotted keys) and ``--set``."""
     overrides = {k: v for k, v in fields.items() if v is not None}
     overrides.update(parse_sets(sets))
     from mmdialog.core.config import load_config
 
-    return load_config(config, overrides, llm=llm, perceiver=perceiver, bridge=bridge, generator=generator)
+    return load_config(config, overrides, reference_recipe=reference_recipe,
+                       llm=llm, perceiver=perceiver, bridge=bridge, generator=generator)
 
 
 def generator_spec(generator: str | None, library: str | None = None) -> str | dict[str, Any] | None:

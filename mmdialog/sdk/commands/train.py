@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from mmdialog.sdk.commands.common import CONFIG, SET, config_from_cli, progress_line
+from mmdialog.sdk.commands.common import CONFIG, REFERENCE_RECIPE, SET, config_from_cli, progress_line
 from mmdialog.sdk.commands.common import quiet as quiet_libraries
 
 
@@ -34,6 +34,7 @@ def train(
                                                          "(default: skipped for the image loss and counted)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="train into an out-dir that holds an earlier run"),
     sets: list[str] = SET,
+    reference_recipe: bool = REFERENCE_RECIPE,
     quiet: bool = typer.Option(False, help="no progress bar"),
     verbose: bool = typer.Option(False, "--verbose", help="show library warnings and notices (otherwise in "
                                                          "OUT_DIR/log.txt)"),
@@ -41,7 +42,7 @@ def train(
     """Train a model (the end-to-end one by default) and print its losses.
 
     SIGTERM and Ctrl-C write a checkpoint and exit with 143 / 130; continue with --resume last."""
-    cfg = config_from_cli(config, llm, perceiver, bridge, generator, sets, **{
+    cfg = config_from_cli(config, llm, perceiver, bridge, generator, sets, reference_recipe, **{
         "data.path": data, "train.max_steps": max_steps, "data.batch_size": batch_size, "train.lr": lr,
         "train.accumulate": accumulate, "train.precision": precision,
         "train.devices": int(devices) if devices and devices.isdigit() else devices,
