@@ -105,11 +105,11 @@ def test_streamed_deltas_make_the_text_and_photos_arrive_in_order(model):
 def test_a_batch_of_rows_with_and_without_photos(model, num_beams):
     """Rows that stop at [/img] go on together; a row that ended is done. Beam search
     (no token-by-token streaming in transformers) delivers each piece's text at its end."""
-    prompts = (CAT, HELLO, COFFEE) if num_beams == 1 else (CAT, HELLO)
+    prompts = (CAT, HELLO, COFFEE) if num_beams == 1 else (HELLO, CAT)   # beam search: slow on CPU
     pieces: dict[int, list] = {i: [] for i in range(len(prompts))}
-    replies = model.respond_batch([([Turn("user", q)], "assistant") for q in prompts], max_new_tokens=24,
+    replies = model.respond_batch([([Turn("user", q)], "assistant") for q in prompts], max_new_tokens=20,
                                   seed=0, num_beams=num_beams, stream=lambda i, p: pieces[i].append(p))
-    cat, hello = replies[:2]
+    cat, hello = replies[prompts.index(CAT)], replies[prompts.index(HELLO)]
     assert cat.text == CAT_REPLY and [p.file.name for p in cat.photos] == ["chelsea.png"]
     assert not hello.shared and not hello.photos and "[img]" not in hello.text and hello.text
     if num_beams == 1:
