@@ -3,6 +3,7 @@ with the genuine Llama-2 tokenizer and with the embedded SmolLM2, the default
 template format, and a format a plugin registers."""
 import pytest
 import torch
+import torch.nn.functional as F
 from llama2 import tiny_llama2_folder
 
 from mmdialog import ConfigError, Dialogue, PromptFormat, Turn, build, load_config
@@ -61,9 +62,16 @@ def test_every_excerpt_dialogue_is_one_sample_with_every_token_labelled(which, r
     samples = model.collator.samples(dialogues, both_speakers=True)
     assert [d.id for d, _ in samples] == [d.id for d in dialogues]
     batch = model.collator(samples)
-    real = batch.attention_mask.bool() & (batch.input_ids != model.llm.image_token_id)
-    assert torch.equal(batch.labels != IGNORE, real)             # all non-pad tokens, no <image> slot
+    slot = batch.input_ids == model.llm.image_token_id
+    real = batch.attention_mask.bool() & ~slot
+    # The first slot after a shared photo's [/img] predicts the token after the photo (what the
+    # reply goes on with once the photo is perceived); no other slot is a position that predicts.
+    first = slot & F.pad(batch.input_ids[:, :-1] == model.llm.img_close_id, (1, 0), value=False)
+    assert torch.equal(batch.labels != IGNORE, real | first)     # all non-pad tokens
     assert torch.equal(batch.labels[real], batch.input_ids[real])
+    b, t = first.nonzero(as_tuple=True)
+    if model.perceiver.kind == "pixels":  # a text perceiver adds no slots
+        assert len(b) and torch.equal(batch.labels[b, t], batch.input_ids[b, t + model.perceiver.num_tokens])
     photos = [p for d in dialogues for t in d.turns for p in t.photos]
     assert len(batch.desc_index) == len(photos)                  # every shared photo, either speaker
     with_files = sum(p.path is not None for p in photos)

@@ -61,13 +61,14 @@ def build(config: str | Path | dict[str, Any] | Config = "tiny", /,
             built[kind] = plugin.factory.from_options(options[kind], ctx)
             if kind in ("llm", "generator"):  # later factories depend on these two
                 setattr(ctx, kind, built[kind])
-        # Built last, so every other component gets the random init a build without it gets.
-        retriever = None
-        if cfg.model.retriever is not None:
-            plugin = reg.get("generator", cfg.model.retriever.name)
-            retriever = plugin.factory.from_options(options["retriever"], BuildContext(cache_dir=ctx.cache_dir))
-        model = DialogueModel(built["llm"], built["perceiver"], built["bridge"], built["generator"], cfg,
-                              retriever=retriever)
+    # Built last, so every other component gets the random init a build without it gets, and
+    # outside the device context: a retriever loads its pretrained encoder, moved below.
+    retriever = None
+    if cfg.model.retriever is not None:
+        plugin = reg.get("generator", cfg.model.retriever.name)
+        retriever = plugin.factory.from_options(options["retriever"], BuildContext(cache_dir=ctx.cache_dir))
+    model = DialogueModel(built["llm"], built["perceiver"], built["bridge"], built["generator"], cfg,
+                          retriever=retriever)
     if device is not None:
         model.to(device)  # anything a plugin created on the CPU explicitly
     apply_freeze_policy(model, cfg.model.trainable)
