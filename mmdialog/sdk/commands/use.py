@@ -169,7 +169,7 @@ def serve(
     how = "; open it as /?key=YOUR_KEY" if api_key is not None else ""
     typer.echo(f"mmdialog: chat page at http://{host}:{port}/ (photos in {app.state.root}){how}", err=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)  # our own line above
     except OSError as e:
         raise MMDialogError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 

@@ -217,7 +217,12 @@ def create_app(model_or_factory: Any, out_dir: str | Path | None = None, limits:
         return reply
 
     def photo_records(reply: Reply, base: str = "") -> list[dict[str, Any]]:
-        return [{**r, "url": f"{base}/files/{Path(r.pop('path')).name}"} for r in reply.photo_records()]
+        """The reply's photos for a client: their URL here, never a path on this machine."""
+        out = []
+        for r in reply.photo_records():
+            saved, file = Path(r.pop("path")), r.pop("file")
+            out.append({**r, "file": Path(file).name if file else None, "url": f"{base}/files/{saved.name}"})
+        return out
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
