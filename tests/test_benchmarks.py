@@ -27,6 +27,7 @@ def test_bench_paper_step_tiny(flags):
     assert (parts["vae_encode_fwd"] > 0) == bool(flags)  # ours reads cached VAE posteriors
 
 
+@pytest.mark.slow
 def test_bench_paper_step_sweep_tiny():
     """One build, every setting of SWEEP measured (micro-batches capped at --dialogues)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -44,6 +45,7 @@ def test_bench_paper_step_sweep_tiny():
     assert r["best_under_cap"] == max(rows, key=lambda x: x["dialogues_per_s"])
 
 
+@pytest.mark.slow
 def test_bench_paper_step_settings_and_lora_dtype_tiny():
     """--settings replaces SWEEP (MB:LLM_EVERY:UNET); --lora-dtype reaches the model; a bad list is one line."""
     script = str(ROOT / "benchmarks" / "bench_paper_step.py")

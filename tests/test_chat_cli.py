@@ -73,7 +73,7 @@ def test_export_command_writes_a_folder_that_chat_loads(tmp_path):
     assert again.returncode == 2 and "is not empty" in again.stderr
 
 
-@pytest.mark.parametrize("chain", ["library", "library,sd"])
+@pytest.mark.parametrize("chain", [pytest.param("library", marks=pytest.mark.slow), "library,sd"])
 def test_a_model_exported_with_sd_chats_with_a_library_in_front(chain, tmp_path):
     out = run_cli("chat", str(exported_sd_dir()), "--generator", chain, "--message", CAT_PROMPT, "--json",
                   "--seed", "0", "--max-new-tokens", "20", "--steps", "2", "--photos-dir", str(tmp_path))

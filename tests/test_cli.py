@@ -15,7 +15,8 @@ def run(*args, timeout=600):
                           env=env, timeout=timeout)
 
 
-@pytest.mark.parametrize("perceiver, bridge", [("qformer", "gumbel"), ("caption", "text")])
+@pytest.mark.parametrize("perceiver, bridge", [("qformer", "gumbel"),
+                                                pytest.param("caption", "text", marks=pytest.mark.slow)])
 def test_train_prints_both_losses(tmp_path, perceiver, bridge):
     """The end-to-end model and the pipeline baseline train with the same command."""
     out = run("train", "--perceiver", perceiver, "--bridge", bridge, "--max-steps", "3", "--quiet",

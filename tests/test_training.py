@@ -48,7 +48,10 @@ def test_checkpoint_holds_only_trainable_weights_and_config(uninterrupted):
     assert list((out / "tensorboard").rglob("events.out.tfevents*"))
 
 
-@pytest.mark.parametrize("first,every", [(3, 1), (2, 1), (4, 1), (3, 2), (2, 3)],
+# Two cases run by default; the other three are slow (make test-all).
+@pytest.mark.parametrize("first,every", [pytest.param(3, 1, marks=pytest.mark.slow), (2, 1),
+                                         pytest.param(4, 1, marks=pytest.mark.slow),
+                                         pytest.param(3, 2, marks=pytest.mark.slow), (2, 3)],
                          ids=["epoch-boundary", "mid-epoch", "mid-second-epoch", "end-of-run-save",
                               "end-of-run-save-mid-epoch"])
 def test_resume_reaches_the_same_weights(tmp_path, uninterrupted, first, every):
@@ -87,6 +90,7 @@ def test_manifest_records_samples_and_weights(uninterrupted):
     assert len(m["samples"]) == 10 and m["weights_sha1"] == weights_digest(model)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_on_cpu(tmp_path):
     """Real DDP (gloo, 2 processes) through the CLI: disjoint data, identical weights."""
     import os
@@ -109,7 +113,8 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert out.stdout.count("step    2") == 1               # only rank 0 reports
 
 
-@pytest.mark.parametrize("warmup, expected", [(0, [1.0, 1.0, 0.5, 0.5]), (10, [1.0, 1.0, 1.0, 1.0])],
+@pytest.mark.parametrize("warmup, expected", [(0, [1.0, 1.0, 0.5, 0.5]),
+                                              pytest.param(10, [1.0, 1.0, 1.0, 1.0], marks=pytest.mark.slow)],
                          ids=["after-warm-up", "during-warm-up"])
 def test_dev_bleu2_plateau_halves_the_lr_as_the_reference_and_early_stops(tmp_path, warmup, expected):
     """Validation generates dev replies (gold context), logs BLEU-2. As the reference's
@@ -293,6 +298,7 @@ def test_latent_cache_changes_nothing_the_unet_sees(tiny, cat_dialogue):
     assert calls == [1]                          # switched off: the VAE encodes again
 
 
+@pytest.mark.slow
 def test_training_compiled_runs_and_writes_the_same_checkpoint_keys(tmp_path, uninterrupted):
     """``train.compile`` (on in the paper preset) through the Lightning loop: the compiled
     blocks train, and checkpoints name the weights exactly as an eager run's do."""
