@@ -131,6 +131,6 @@ def shared_server():
 
     out = Path(tempfile.mkdtemp(prefix="mmdialog-test-serve-"))
     limits = Limits(max_body_bytes=3 * 2**20, max_image_bytes=2**20, max_images=2, max_messages=6,
-                    max_new_tokens=32, max_queue=1)
+                    max_new_tokens=32, max_queue=1, max_batch=2)
     app = create_app(sharing_model(), out, limits, seed=0, max_new_tokens=20)
     return ServerThread(app), app

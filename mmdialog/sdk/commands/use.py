@@ -138,7 +138,7 @@ def serve(
     max_image_mb: float = typer.Option(8.0, min=0.001, help="largest image"),
     max_images: int = typer.Option(4, min=0, help="images per request"),
     max_messages: int = typer.Option(64, min=1, help="messages per request"),
-    max_queue: int = typer.Option(16, min=1, help="requests waiting for the model before 503"),
+    max_queue: int = typer.Option(16, min=1, help="requests waiting beyond the next batch before 503"),
     max_batch: int = typer.Option(8, min=1, help="concurrent requests answered together (one batch)"),
     allowed_host: list[str] = typer.Option([], "--allowed-host", metavar="NAME",
                                            help="another name clients reach the server by (its Host header: a LAN "

@@ -196,9 +196,7 @@ def create_app(model_or_factory: Any, out_dir: str | Path | None = None, limits:
         try:
             history, last = to_turns(req, uploads, limits, own_photo, uploads_dir, written)
             opts = to_options(req.options, limits)
-            if len(batcher.waiting) >= limits.max_queue:
-                raise ApiError(503, "busy", f"{len(batcher.waiting)} requests are already waiting; try again "
-                                            "shortly")
+            batcher.check_room()
             session, truncated, gen, notice = await run_in_threadpool(_begin, factory, photos_dir, history, last,
                                                                       opts)
         except BaseException:

@@ -3,7 +3,8 @@
 Requests wait in one queue. Whenever the model is free, the oldest request and
 every other waiting one that can share its batch (same model, same generation
 options), up to ``max_batch``, are answered by one ``reply_batch`` call, run
-in a worker thread. Nothing runs two batches at once: one model, one batch.
+in a worker thread; an idle model first waits, while requests keep arriving,
+for those sent together (``_gather``). Nothing runs two batches at once: one model, one batch.
 A full queue answers 503, never a crash.
 """
 from __future__ import annotations
@@ -33,8 +34,8 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, max_batch: int, max_queue: int) -> None:
-        self.max_batch, self.max_queue = max_batch, max_queue
+    def __init__(self, max_batch: int, max_queue: int, wait_s: float = 0.05, max_wait_s: float = 0.5) -> None:
+        self.max_batch, self.max_queue, self.wait_s, self.max_wait_s = max_batch, max_queue, wait_s, max_wait_s
         self.waiting: list[Job] = []
         self.counters = {"queued": 0, "active": 0, "max_active": 0, "served": 0, "batches": 0}
         self._wake: asyncio.Event | None = None
@@ -44,10 +45,15 @@ class Batcher:
     def busy(self) -> bool:
         return self.counters["active"] > 0
 
+    def check_room(self) -> None:
+        """503 unless a request can wait: ``max_batch`` for the next batch and
+        ``max_queue`` more for later ones."""
+        if len(self.waiting) >= self.max_batch + self.max_queue:
+            raise ApiError(503, "busy", f"{len(self.waiting)} requests are already waiting; try again shortly")
+
     async def submit(self, job: Job) -> Reply:
         """Queue ``job`` and wait for its reply (503 when the queue is full)."""
-        if len(self.waiting) >= self.max_queue:
-            raise ApiError(503, "busy", f"{len(self.waiting)} requests are already waiting; try again shortly")
+        self.check_room()
         if self._worker is None or self._worker.done():
             self._wake = asyncio.Event()
             self._worker = asyncio.get_running_loop().create_task(self._run())
@@ -60,8 +66,19 @@ class Batcher:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            await self._gather()
             while self.waiting:
                 await self._answer(self._take())
+
+    async def _gather(self) -> None:
+        """Requests sent together reach the queue tens of ms apart (each is checked and
+        tokenised first): while more keep coming, every ``wait_s``, wait for them (up to
+        ``max_wait_s``), so the first does not make a batch of one. A reply takes seconds."""
+        waited, seen = 0.0, -1
+        while seen != len(self.waiting) < self.max_batch and waited < self.max_wait_s:
+            seen = len(self.waiting)
+            await asyncio.sleep(self.wait_s)
+            waited += self.wait_s
 
     def _take(self) -> list[Job]:
         key = self.waiting[0].key()

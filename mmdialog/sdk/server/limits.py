@@ -45,8 +45,8 @@ class Limits:
     max_new_tokens: int = 256
     max_inference_steps: int = 100
     max_beams: int = 4
-    max_queue: int = 16
     max_batch: int = 8  # requests answered together by one respond_batch
+    max_queue: int = 16  # requests waiting, beyond the next batch, before 503
     image_types: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
 
 
