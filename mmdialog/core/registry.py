@@ -12,10 +12,7 @@ from mmdialog.core.hookspecs import KIND_NAMES, DatasetFormat, Plugin
 from mmdialog.core.prompts import PromptFormat
 
 BUILTIN_MODULES = (
-    "mmdialog.plugins.llms",
-    "mmdialog.plugins.perceivers",
-    "mmdialog.plugins.bridges",
-    "mmdialog.plugins.generators",
+    "mmdialog.plugins",
     # Dataset readers, in the order ``format: auto`` tries them (after any installed one).
     "mmdialog.core.data.jsonl",
     "mmdialog.core.data.dialogcc",
