@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [[], ["--reference-recipe"]])
 def test_bench_paper_step_tiny(flags):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -228,6 +228,7 @@ def test_unknown_unet_block_to_checkpoint_is_a_clear_error():
         build("tiny", overrides={"model.generator.gradient_checkpointing": ["down.0"]})
 
 
+@pytest.mark.slow
 def test_compiled_blocks_give_the_same_loss_and_gradients(cat_dialogue):
     eager, compiled = build("tiny"), build("tiny")
     n = compile_repeated_blocks(compiled)
