@@ -20,17 +20,14 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mmdialog.core import markup
 from mmdialog.core.data.images import MAX_PIXELS, caption_from_filename, verify_image
 from mmdialog.core.data.schema import Photo, Turn
 from mmdialog.core.errors import DataError, ImageError, MMDialogError
-from mmdialog.core.generation import GenerationOptions, Reply
+from mmdialog.core.generation import GenerationOptions, Reply, StreamCallback
 from mmdialog.core.interfaces import GeneratedImage
-
-if TYPE_CHECKING:
-    from mmdialog.core.model import StreamCallback
 
 USER, AGENT = "user", "assistant"
 
@@ -63,8 +60,10 @@ class Session:
         reply as it is written: text deltas that concatenate to ``reply.text`` and
         each photo when it is produced (``DialogueModel.respond_batch``); the photos
         are saved once the reply is complete."""
+        opts = self.options_for(**options)
+        truncated = self.begin(text, images, opts)
         rows = None if stream is None else lambda _, piece: stream(piece)
-        return send_batch([(self, text, images)], stream=rows, **options)[0]
+        return reply_batch([(self, truncated)], opts, rows)[0]
 
     def options_for(self, **options: Any) -> GenerationOptions:
         """The session's generation options with ``options`` over them."""
@@ -148,26 +147,6 @@ class Session:
                     f"the conversation is longer than the model's context ({limit} tokens): dropping the "
                     "oldest turns from now on"), stacklevel=3)
         return bool(dropped)
-
-
-def send_batch(sends: list[tuple[Session, str, Iterable[Any]]], stream: StreamCallback | None = None,
-               **options: Any) -> list[Reply]:
-    """``Session.send`` for several sessions of one model at once, through one
-    ``respond_batch``. Every session must reply with the same generation options."""
-    if not sends:
-        return []
-    opts = [s.options_for(**options) for s, _, _ in sends]
-    if any(o != opts[0] for o in opts):
-        raise MMDialogError("send_batch: the sessions must reply with the same generation options")
-    begun: list[tuple[Session, bool]] = []
-    try:
-        for session, text, images in sends:
-            begun.append((session, session.begin(text, images, opts[0])))
-    except MMDialogError:
-        for session, _ in begun:  # all or nothing: no session keeps a turn without a reply
-            session.history.pop()
-        raise
-    return reply_batch(begun, opts[0], stream)
 
 
 def reply_batch(begun: list[tuple[Session, bool]], options: GenerationOptions,
