@@ -282,6 +282,9 @@ def create_app(model_or_factory: Any, out_dir: str | Path | None = None, limits:
                 "message": {"role": "assistant", "content": reply.plain, "images": images(reply)}}]}
         pieces: asyncio.Queue = asyncio.Queue()
         job, _ = await submit(from_openai(req), uploads, on_piece=pieces.put_nowait)
+        # Queued now, not when the stream is first read: a client gone before that still has
+        # its job run and its uploads deleted when the job ends.
+        answer = asyncio.ensure_future(reply_of(job))
 
         def event(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> str:
             chunk = {**head, "object": "chat.completion.chunk",
@@ -290,7 +293,6 @@ def create_app(model_or_factory: Any, out_dir: str | Path | None = None, limits:
 
         async def events() -> AsyncIterator[str]:
             yield event({"role": "assistant", "content": ""})
-            answer = asyncio.ensure_future(reply_of(job))
             raw, shown = "", ""
             while True:
                 nxt = asyncio.ensure_future(pieces.get())
