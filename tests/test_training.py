@@ -223,6 +223,44 @@ def test_gradient_checkpointing_recomputes_the_chosen_blocks_and_keeps_gradients
         assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-3, atol=1e-5), n
 
 
+def test_save_matmuls_policy_recomputes_only_elementwise_ops_and_keeps_gradients(cat_dialogue):
+    """Selective activation checkpointing: the full policy runs every checkpointed
+    matmul again in the backward pass; save_matmuls runs none again (so the backward
+    does exactly the uncheckpointed model's matmuls) and the gradients are unchanged."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+               torch.ops.aten.convolution.default}
+
+    class CountMatmuls(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func in matmuls
+            return func(*args, **(kwargs or {}))
+
+    def backward_matmuls(policy):
+        over = {} if policy is None else {
+            "model.llm.gradient_checkpointing": True, "model.llm.checkpoint_policy": policy,
+            "model.generator.gradient_checkpointing": True, "model.generator.checkpoint_policy": policy}
+        m = build("tiny", overrides=over)
+        m.train()
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+        torch.manual_seed(0)
+        loss = m(m.collator([(cat_dialogue, "1")]))["loss"]
+        with CountMatmuls() as counter:
+            loss.backward()
+        return counter.n, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    (plain, g0), (full, g1), (selective, g2) = (backward_matmuls(p) for p in (None, "full", "save_matmuls"))
+    assert full > plain + 20 and selective == plain
+    assert g0.keys() == g1.keys() == g2.keys()
+    for n in g0:
+        assert torch.allclose(g0[n], g2[n], rtol=1e-3, atol=1e-5), n
+
+
 def test_unknown_unet_block_to_checkpoint_is_a_clear_error():
     with pytest.raises(ConfigError, match=r"unknown UNet block\(s\) \['down\.0'\]; choose from \['down_blocks\.0'"):
         build("tiny", overrides={"model.generator.gradient_checkpointing": ["down.0"]})
@@ -302,10 +340,12 @@ def test_latent_cache_changes_nothing_the_unet_sees(tiny, cat_dialogue):
 @pytest.mark.slow
 def test_training_compiled_runs_and_writes_the_same_checkpoint_keys(tmp_path, uninterrupted):
     """``train.compile`` (on in the paper preset) through the Lightning loop: the compiled
-    blocks train, and checkpoints name the weights exactly as an eager run's do."""
+    blocks train under an activation memory budget, and checkpoints name the weights
+    exactly as an eager run's do."""
     eager_out, _, _ = uninterrupted
-    model = make(tmp_path, 2, **{"train.compile": True})
+    model = make(tmp_path, 2, **{"train.compile": True, "train.activation_memory_budget": 0.5})
     result = train(model, progress=False)
+    assert torch._functorch.config.activation_memory_budget == 1.0  # set for the run only
     assert result["steps"] == 2
     assert all(torch.isfinite(torch.tensor(r["text_loss"])) and r["image_loss"] > 0 for r in result["history"])
     assert sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()) > 30

@@ -122,6 +122,11 @@ class TrainConfig(_Strict):
     compile: bool = Field(False, description="regional torch.compile of the repeated blocks (decoder and "
                                              "encoder layers, UNet transformer blocks); the first steps "
                                              "compile")
+    activation_memory_budget: float | None = Field(
+        None, gt=0, le=1, description="with compile: the share of a compiled block's activations kept for the "
+                                      "backward pass; the compiler recomputes the cheapest ops to fit it "
+                                      "(torch's activation memory budget; None: its default, 1.0); same "
+                                      "numerics. Eager blocks: the components' checkpoint_policy")
     val_every: Annotated[int, Field(ge=0)] | Literal["epoch"] = Field(
         0, description="optimizer steps between dev evaluations (0: none), or 'epoch': after every "
                              "pass over the training data, as the reference")

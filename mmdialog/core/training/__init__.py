@@ -128,8 +128,10 @@ def train(model: DialogueModel, progress: bool = True, resume: str | Path | bool
         compile_repeated_blocks(model)
     module = DialogueModule(model)
     data = DialogueDataModule(cfg, model.collator, data)
+    budget = {} if t.activation_memory_budget is None else {"activation_memory_budget": t.activation_memory_budget}
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        with torch._functorch.config.patch(**budget):
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     except SystemExit:
         if stop.signal is not None:  # a second Ctrl-C: stop now, without a checkpoint
             raise KeyboardInterrupt from None

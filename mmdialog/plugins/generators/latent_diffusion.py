@@ -19,6 +19,7 @@ from torch import nn
 
 from mmdialog.core import assets
 from mmdialog.core.caching import cached_per_photo
+from mmdialog.core.checkpointing import CheckpointPolicy, checkpoint_function
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.interfaces import GeneratedImage, Generator, PluginOptions, PromptTokens, TextTower
 from mmdialog.core.pretrained import resolve_folder
@@ -140,6 +141,10 @@ class LatentDiffusionOptions(PluginOptions):
         False, description="recompute UNet activations in the backward pass: true for every block, or "
                            "the blocks to checkpoint (selective), e.g. [down_blocks.0, up_blocks.3] — "
                            "the 64² blocks hold most of SD's activations")
+    checkpoint_policy: CheckpointPolicy = Field(
+        "full", description="what a checkpointed block keeps: full (only its input) or save_matmuls "
+                            "(convolution, matmul and attention outputs kept, element-wise ops recomputed); "
+                            "same numerics")
     # The frozen VAE gives the same distribution for a photo every epoch: keep its
     # (mean, std) and sample from it, so nothing the UNet sees changes.
     latent_cache: bool = Field(True, description="encode each training photo once (frozen VAE), keep its "
@@ -187,26 +192,29 @@ class LatentDiffusionGenerator(Generator):
             self.vae = _cast(AutoencoderKL(**options.vae), dtype)
             self.unet = _cast(UNet2DConditionModel(**options.unet), dtype)
         self.train_scheduler, self.sample_scheduler = load_schedulers(folder)
-        self.set_gradient_checkpointing(options.gradient_checkpointing)
+        self.set_gradient_checkpointing(options.gradient_checkpointing, options.checkpoint_policy)
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.resolution = options.resolution or self.unet.config.sample_size * factor
 
-    def set_gradient_checkpointing(self, blocks: bool | list[str]) -> None:
-        """Checkpoint every UNet block (True), none (False), or the named ones."""
+    def set_gradient_checkpointing(self, blocks: bool | list[str], policy: CheckpointPolicy = "full") -> None:
+        """Checkpoint every UNet block (True), none (False), or the named ones,
+        under ``policy`` (``core/checkpointing.py``)."""
         unet = self.unet
-        if blocks is True or not blocks:
-            (unet.enable_gradient_checkpointing if blocks else unet.disable_gradient_checkpointing)()
+        if not blocks:
+            unet.disable_gradient_checkpointing()
             return
-        names = [n for n, m in unet.named_children() if n.endswith("_blocks")]
-        known = [f"{n}.{i}" for n in names for i in range(len(getattr(unet, n)))] + ["mid_block"]
-        unknown = sorted(set(blocks) - set(known))
-        if unknown:
-            raise ConfigError(f"generator.gradient_checkpointing: unknown UNet block(s) {unknown}; "
-                              f"choose from {known}")
-        unet.enable_gradient_checkpointing()  # sets the checkpoint function everywhere…
-        for name, module in unet.named_modules():  # …then keeps the flag only inside the chosen blocks
-            if hasattr(module, "gradient_checkpointing"):
-                module.gradient_checkpointing = any(name == b or name.startswith(b + ".") for b in blocks)
+        if blocks is not True:
+            names = [n for n, m in unet.named_children() if n.endswith("_blocks")]
+            known = [f"{n}.{i}" for n in names for i in range(len(getattr(unet, n)))] + ["mid_block"]
+            unknown = sorted(set(blocks) - set(known))
+            if unknown:
+                raise ConfigError(f"generator.gradient_checkpointing: unknown UNet block(s) {unknown}; "
+                                  f"choose from {known}")
+        unet.enable_gradient_checkpointing(checkpoint_function(policy))  # sets it everywhere…
+        if blocks is not True:
+            for name, module in unet.named_modules():  # …then keeps the flag only inside the chosen blocks
+                if hasattr(module, "gradient_checkpointing"):
+                    module.gradient_checkpointing = any(name == b or name.startswith(b + ".") for b in blocks)
 
     def init_towers(self) -> None:
         """The ``text_towers`` a bridge feeds, from ``tokenizers`` and ``text_encoders``."""

@@ -18,6 +18,7 @@ from pydantic import Field
 from torch import nn
 
 from mmdialog.core import assets
+from mmdialog.core.checkpointing import CheckpointPolicy, checkpoint_kwargs
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.interfaces import LanguageModel, PluginOptions
 from mmdialog.core.markup import IMAGE_TOKEN, IMG_CLOSE, IMG_OPEN
@@ -56,6 +57,10 @@ class HFOptions(PluginOptions):
         False, ge=0, description="recompute decoder-layer activations in the backward pass: true (or 1) "
                                  "every layer; k > 1 every k-th layer only (selective: less recompute, "
                                  "more memory)")
+    checkpoint_policy: CheckpointPolicy = Field(
+        "full", description="what a checkpointed layer keeps: full (only its input; everything is "
+                            "recomputed) or save_matmuls (matmul and attention outputs kept, element-wise ops "
+                            "recomputed: less recompute, more memory); same numerics")
     attn_implementation: str = "sdpa"
     prompt_format: str = Field("template", description="how a dialogue becomes text and labels: template "
                                                        "(the tokenizer's chat template, the agent's turns "
@@ -134,7 +139,7 @@ class HFLanguageModel(LanguageModel):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = _with_lora(base, options.lora)
-        self.set_gradient_checkpointing(options.gradient_checkpointing)
+        self.set_gradient_checkpointing(options.gradient_checkpointing, options.checkpoint_policy)
         self.hidden_size = base.config.hidden_size
         ids = self.tokenizer.convert_tokens_to_ids
         self.img_open_id, self.img_close_id = ids(IMG_OPEN), ids(IMG_CLOSE)
@@ -152,14 +157,15 @@ class HFLanguageModel(LanguageModel):
     def base_model(self) -> nn.Module:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
-    def set_gradient_checkpointing(self, every: bool | int) -> None:
-        """Checkpoint every ``every``-th decoder layer (True: all; False or 0: none)."""
+    def set_gradient_checkpointing(self, every: bool | int, policy: CheckpointPolicy = "full") -> None:
+        """Checkpoint every ``every``-th decoder layer (True: all; False or 0: none)
+        under ``policy`` (``core/checkpointing.py``)."""
         base = self.base_model
         # transformers ≥ 5.2x names it "activation checkpointing"; earlier 5.x "gradient checkpointing".
         new_api = hasattr(base, "activation_checkpointing_enable")
         if every:
             enable = base.activation_checkpointing_enable if new_api else base.gradient_checkpointing_enable
-            enable({"use_reentrant": False}, every_n_layers=int(every))
+            enable(checkpoint_kwargs(policy), every_n_layers=int(every))
         elif new_api:
             base.activation_checkpointing_disable()
         else:
