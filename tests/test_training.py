@@ -65,6 +65,23 @@ def test_resume_reaches_the_same_weights(tmp_path, uninterrupted, first, every):
     assert weights_digest(resumed) == weights_digest(full)
 
 
+def test_cached_encoders_leave_after_the_first_whole_epoch_without_changing_a_number(tmp_path, uninterrupted):
+    """5 steps of 3 per epoch: after epoch 1 every photo is cached, so the frozen ViT,
+    Q-Former and VAE are offloaded (on by default); a run without offloading trains
+    to the same losses and weights."""
+    _, model, result = uninterrupted
+    assert result["offloaded"] == ["perceiver.vision", "perceiver.qformer", "generator.vae"]
+    assert all(p.device.type == "cpu" for p in model.generator.vae.parameters())  # back home: CPU here
+    kept = make(tmp_path, 5, **{"train.offload_cached_encoders": False})
+    again = train(kept, progress=False)
+    assert again["offloaded"] == [] and again["history"] == result["history"]
+    assert weights_digest(kept) == weights_digest(model)
+    # A photo first seen after the offload is encoded by the (returned) encoders.
+    with torch.enable_grad():
+        new = model.perceiver(torch.rand(1, 3, 64, 64), ["a-photo-never-seen"])
+    assert new.shape == (1, model.perceiver.num_tokens, model.llm.hidden_size)
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     from mmdialog import MMDialogError
 

@@ -61,6 +61,13 @@ class Component(nn.Module, ABC):
         """Group name → parameters; the freeze policy refers to these names."""
         return {"all": list(self.parameters())}
 
+    def cached_encoders(self) -> list[nn.Module]:
+        """Frozen parts whose every training output is kept in a per-photo cache
+        once each photo was seen: training may move them off the accelerator after
+        the first epoch (``core/caching.py``). Each call site runs them under
+        ``caching.resident``."""
+        return []
+
 
 class LanguageModel(Component):
     """A causal LM that writes replies and ``[img] description [/img]`` spans.

@@ -30,7 +30,14 @@ from mmdialog.core.data.schema import Dialogue
 from mmdialog.core.errors import ConfigError, MMDialogError, TrainingError
 from mmdialog.core.files import atomic_write
 from mmdialog.core.model import DialogueModel
-from mmdialog.core.training.callbacks import AtomicCheckpointIO, LossHistory, SaveAtLastStep, StopOnSignal, Throughput
+from mmdialog.core.training.callbacks import (
+    AtomicCheckpointIO,
+    LossHistory,
+    OffloadCachedEncoders,
+    SaveAtLastStep,
+    StopOnSignal,
+    Throughput,
+)
 from mmdialog.core.training.data import DialogueDataModule, read_dialogues
 from mmdialog.core.training.module import DialogueModule, compile_repeated_blocks
 
@@ -110,6 +117,9 @@ def train(model: DialogueModel, progress: bool = True, resume: str | Path | bool
     stop = StopOnSignal(out / LAST)
     callbacks: list[L.Callback] = [history, checkpoint, SaveAtLastStep(out / LAST, t.checkpoint_every), stop,
                                    Throughput(), L.pytorch.callbacks.LearningRateMonitor("step")]
+    offloader = OffloadCachedEncoders()
+    if t.offload_cached_encoders:
+        callbacks.append(offloader)
     validate = t.val_every != 0
     best = ModelCheckpoint(dirpath=out / BEST.rsplit("/", 1)[0], filename="best", monitor="val_bleu2", mode="max",
                            save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=False)
@@ -152,7 +162,8 @@ def train(model: DialogueModel, progress: bool = True, resume: str | Path | bool
         stop.restore()
     result: dict[str, Any] = {"data": data.summary, "steps": trainer.global_step, "history": history.rows,
                               "signal": stop.signal, "global_zero": trainer.is_global_zero, "notes": notes,
-                              "photos_skipped": module.photos_skipped}
+                              "photos_skipped": module.photos_skipped,
+                              "offloaded": [n for n, m in model.named_modules() if m in offloader.offloaded]}
     manifest = {"rank": trainer.global_rank, "steps": trainer.global_step, "data": data.summary,
                 "samples": module.sample_log, "photos_skipped": module.photos_skipped,
                 "weights_sha1": weights_digest(model)}

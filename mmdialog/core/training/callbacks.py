@@ -1,6 +1,7 @@
 """Callbacks of ``mmdialog train``: atomic checkpoint writes that keep the
 previous checkpoint, a checkpoint at SIGTERM / Ctrl-C and at the last step,
-throughput in the progress bar, the loss history."""
+throughput in the progress bar, the loss history, the frozen encoders moved
+off the accelerator once their caches are full."""
 from __future__ import annotations
 
 import errno
@@ -16,6 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from mmdialog.core.caching import offload
 from mmdialog.core.checkpoint import previous_checkpoint, safe_load
 from mmdialog.core.errors import TrainingError
 from mmdialog.core.files import atomic_write
@@ -145,3 +147,38 @@ class LossHistory(L.Callback):
             m = trainer.callback_metrics
             self.rows.append({"step": trainer.global_step,
                               **{k: float(m[k]) for k in ("text_loss", "image_loss") if k in m}})
+
+
+class OffloadCachedEncoders(L.Callback):
+    """At the end of the first epoch this process ran from its first batch, every
+    training photo is in the perceiver's and the generator's caches: their frozen
+    encoders (``Component.cached_encoders``) move to the CPU for the rest of the
+    run and come back when training ends. A run resumed mid-epoch waits for the
+    next whole epoch. Single-device runs only: a sharded or replicated module is
+    the strategy's to place."""
+
+    def __init__(self) -> None:
+        self.offloaded: list[torch.nn.Module] = []
+        self._batches = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._batches = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._batches += 1
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning.pytorch.strategies import SingleDeviceStrategy
+
+        whole = self._batches >= trainer.num_training_batches
+        if self.offloaded or not whole or not isinstance(trainer.strategy, SingleDeviceStrategy):
+            return
+        model = pl_module.model
+        self.offloaded = [m for part in (model.perceiver, model.generator) for m in part.cached_encoders()]
+        offload(self.offloaded)
+        if pl_module.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for module in self.offloaded:
+            module.to(pl_module.device)

@@ -31,6 +31,11 @@ class DialogueModule(L.LightningModule):
         self.lr_scale, self.best_bleu2, self.bad_evals = 1.0, -1.0, 0
         self._val: list[tuple[str, str]] = []
 
+    def on_train_start(self) -> None:
+        # Lightning trains the module in whatever mode it was handed; DialogueModel.train
+        # keeps the frozen parts in eval mode (no dropout in a frozen Q-Former, caches on).
+        self.model.train()
+
     def transfer_batch_to_device(self, batch: Batch | list, device, dataloader_idx: int) -> Batch | list:
         return batch.to(device) if isinstance(batch, Batch) else batch  # dev turns stay Python objects
 

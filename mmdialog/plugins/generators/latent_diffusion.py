@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import nn
 
 from mmdialog.core import assets
-from mmdialog.core.caching import cached_per_photo
+from mmdialog.core.caching import cached_per_photo, resident
 from mmdialog.core.checkpointing import CheckpointPolicy, checkpoint_function
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.interfaces import GeneratedImage, Generator, PluginOptions, PromptTokens, TextTower
@@ -244,9 +244,10 @@ class LatentDiffusionGenerator(Generator):
         options' defaults, at the training resolution."""
         pipe.set_progress_bar_config(disable=True)
         gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-        images = pipe(num_inference_steps=num_inference_steps or self.options.num_inference_steps,
-                      guidance_scale=self.options.guidance_scale if guidance_scale is None else guidance_scale,
-                      height=self.resolution, width=self.resolution, generator=gen, **call).images
+        with resident(self.unet.device, self.vae):
+            images = pipe(num_inference_steps=num_inference_steps or self.options.num_inference_steps,
+                          guidance_scale=self.options.guidance_scale if guidance_scale is None else guidance_scale,
+                          height=self.resolution, width=self.resolution, generator=gen, **call).images
         return [GeneratedImage(image, "drawn", plugin) for image in images]
 
     def unet_conditioning(self, conditioning: Any, batch: int) -> dict[str, Any]:
@@ -255,6 +256,10 @@ class LatentDiffusionGenerator(Generator):
 
     def latents(self, pixels: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
         """Scaled VAE latents of photos in [0, 1], sampled from the posterior."""
+        with resident(pixels.device, self.vae):
+            return self._latents(pixels, keys)
+
+    def _latents(self, pixels: torch.Tensor, keys: list[str] | None) -> torch.Tensor:
         vae = self.vae
         x = (pixels * 2 - 1).to(vae.dtype)                                    # (N, 3, H, W) in [-1, 1]
         frozen = not any(p.requires_grad for p in vae.parameters())
@@ -273,6 +278,11 @@ class LatentDiffusionGenerator(Generator):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
                 z = vae.encode(x).latent_dist.sample()                        # (N, 4, H/f, W/f)
         return z * vae.config.scaling_factor
+
+    def cached_encoders(self) -> list[nn.Module]:
+        # With random flips an epoch need not show both mirror images of every photo.
+        frozen = not any(p.requires_grad for p in self.vae.parameters())
+        return [self.vae] if self.options.latent_cache and frozen and not self.options.random_flip else []
 
     def loss(self, conditioning: Any, pixels: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
         """Diffusion loss E‖ε − ε_θ(z_t, t, c)‖² (Ho et al. 2020; v-target when

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from mmdialog.core.caching import cached_per_photo
+from mmdialog.core.caching import cached_per_photo, resident
 from mmdialog.core.interfaces import BuildContext, Perceiver, PluginOptions
 from mmdialog.core.pretrained import load_prefixed, resolve_folder
 
@@ -95,18 +95,24 @@ class QFormerPerceiver(Perceiver):
             pixels = F.interpolate(pixels, size=(self.image_size, self.image_size),
                                    mode="bicubic", align_corners=False).clamp(0, 1)
         x = ((pixels - self.mean) / self.std).to(self.vision.dtype)           # (N, 3, H, W)
-        img = self.vision(pixel_values=x).last_hidden_state                   # (N, P, Dv)
-        q = self.query_tokens.expand(img.shape[0], -1, -1)                    # (N, K, Dq)
-        mask = torch.ones(img.shape[:2], dtype=torch.long, device=img.device)
-        return self.qformer(query_embeds=q, encoder_hidden_states=img,
-                            encoder_attention_mask=mask).last_hidden_state    # (N, K, Dq)
+        with resident(x.device, self.vision, self.qformer):
+            img = self.vision(pixel_values=x).last_hidden_state               # (N, P, Dv)
+            q = self.query_tokens.expand(img.shape[0], -1, -1)                # (N, K, Dq)
+            mask = torch.ones(img.shape[:2], dtype=torch.long, device=img.device)
+            return self.qformer(query_embeds=q, encoder_hidden_states=img,
+                                encoder_attention_mask=mask).last_hidden_state  # (N, K, Dq)
+
+    def _fixed(self) -> bool:
+        """Frozen and in eval mode (as DialogueModel.train leaves it), the trunk is a
+        fixed function of the photo."""
+        return not (self.vision.training or self.qformer.training or any(
+            p.requires_grad for p in (self.query_tokens, *self.vision.parameters(), *self.qformer.parameters())))
+
+    def cached_encoders(self) -> list[nn.Module]:
+        return [self.vision, self.qformer] if self.options.feature_cache and self._fixed() else []
 
     def forward(self, pixels: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
-        # Frozen and in eval mode (as DialogueModel.train leaves it), the trunk is a
-        # fixed function of the photo.
-        fixed = not (self.vision.training or self.qformer.training or any(
-            p.requires_grad for p in (self.query_tokens, *self.vision.parameters(), *self.qformer.parameters())))
-        if self.options.feature_cache and fixed and torch.is_grad_enabled() and keys and all(keys):
+        if self.options.feature_cache and self._fixed() and torch.is_grad_enabled() and keys and all(keys):
             cache = self.__dict__.setdefault("_feature_cache", {})  # not a buffer: never saved
             rows = cached_per_photo(cache, [f"{k}@{self.image_size}" for k in keys],
                                     lambda i: self.features(pixels[i:i + 1])[0].cpu())
