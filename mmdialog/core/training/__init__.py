@@ -32,7 +32,8 @@ from mmdialog.core.files import atomic_write
 from mmdialog.core.model import DialogueModel
 from mmdialog.core.training.callbacks import AtomicCheckpointIO, LossHistory, SaveAtLastStep, StopOnSignal, Throughput
 from mmdialog.core.training.data import DialogueDataModule, read_dialogues
-from mmdialog.core.training.module import DialogueModule, compile_repeated_blocks
+from mmdialog.core.compiling import compile_repeated_blocks
+from mmdialog.core.training.module import DialogueModule
 
 __all__ = ["TrainingError", "compile_repeated_blocks", "read_dialogues", "train"]
 
