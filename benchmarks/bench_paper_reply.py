@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="denoising steps of a photo")
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--sessions", type=int, default=8, help="sessions batched together")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs (median); default: 3, 1 at tiny scale")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (compiling happens here)")
     ap.add_argument("--per-lever", action=argparse.BooleanOptionalAction, default=True,
                     help="also a row per lever alone (1 session)")
@@ -155,6 +155,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the JSON here")
     args = ap.parse_args()
     device = torch.device(args.device)
+    args.repeats = args.repeats or (3 if args.scale == "paper" else 1)
     compile_ = device.type == "cuda" if args.compile is None else args.compile
     # Batch sizes 1 and N, prefill and decode: each compiles its own graph.
     torch._dynamo.config.recompile_limit = 64
