@@ -160,3 +160,23 @@ def test_bench_cli_prints_ratios():
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout)
     assert r["import_torch_s"] > 0 and set(r["cases"]) >= {"mmdialog --help", "import mmdialog"}
+
+
+@pytest.mark.slow
+def test_bench_paper_reply_tiny(tmp_path):
+    script = str(ROOT / "benchmarks" / "bench_paper_reply.py")
+    out = subprocess.run([sys.executable, script, "--scale", "tiny", "--device", "cpu", "--tokens", "3",
+                          "--steps", "2", "--sessions", "2", "--repeats", "1", "--warmup", "0",
+                          "--json", str(tmp_path / "reply.json")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result == json.loads((tmp_path / "reply.json").read_text())
+    assert {"device", "torch", "transformers", "diffusers", "baseline", "levers", "ours"} <= set(result)
+    for name in ("baseline", "ours"):
+        assert {"one", "batched", "throughput_ratio", "throughput_ratio_text"} <= set(result[name])
+        assert {"ttft_s", "text_s", "photo_s", "replies_per_s"} <= set(result[name]["one"])
+        assert result[name]["batched"]["sessions"] == 2
+    assert set(result["levers"]) == {"static_cache", "scheduler"}  # the compile levers: CUDA only by default
+    assert result["ours"]["levers"] == {"kv_cache": "static", "compile_decode": False, "scheduler": "dpm",
+                                        "compile_unet": False}

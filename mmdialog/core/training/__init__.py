@@ -26,6 +26,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from mmdialog.core.checkpoint import BEST, LAST, TRAINABLE, resume_checkpoint, save_trainable, weights_digest
+from mmdialog.core.compiling import compile_repeated_blocks
 from mmdialog.core.data.schema import Dialogue
 from mmdialog.core.errors import ConfigError, MMDialogError, TrainingError
 from mmdialog.core.files import atomic_write
@@ -39,7 +40,7 @@ from mmdialog.core.training.callbacks import (
     Throughput,
 )
 from mmdialog.core.training.data import DialogueDataModule, read_dialogues
-from mmdialog.core.training.module import DialogueModule, compile_repeated_blocks
+from mmdialog.core.training.module import DialogueModule
 
 __all__ = ["TrainingError", "compile_repeated_blocks", "read_dialogues", "train"]
 

@@ -20,6 +20,7 @@ from torch import nn
 from mmdialog.core import assets
 from mmdialog.core.caching import cached_per_photo, resident
 from mmdialog.core.checkpointing import CheckpointPolicy, checkpoint_function
+from mmdialog.core.compiling import compile_repeated_blocks
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.interfaces import GeneratedImage, Generator, PluginOptions, PromptTokens, TextTower
 from mmdialog.core.pretrained import resolve_folder
@@ -51,13 +52,19 @@ def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module if dtype == torch.float32 else module.to(dtype)
 
 
-def load_schedulers(folder: Path | None = None) -> tuple[Any, Any]:
-    """(DDPM for training, the folder's own scheduler class for sampling)."""
+#: ``scheduler`` option → diffusers class that samples (None: the folder's own).
+SAMPLERS = {"default": None, "ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
+
+
+def load_schedulers(folder: Path | None = None, sampler: str = "default") -> tuple[Any, Any]:
+    """(DDPM for training, the sampling scheduler: the folder's own class, or
+    ``SAMPLERS[sampler]``, on the same noise schedule)."""
     import diffusers
 
     cfg = diffusers.DDPMScheduler.load_config(str(folder), subfolder="scheduler") if folder else \
         {"_class_name": "DDIMScheduler", **SD_SCHEDULE}
-    sampler = getattr(diffusers, cfg.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
+    name = SAMPLERS[sampler] or cfg.get("_class_name", "DDIMScheduler")
+    sampler = getattr(diffusers, name, diffusers.DDIMScheduler)
     with torch.device("cpu"):  # schedule tables are CPU state in diffusers, whatever the default device
         return diffusers.DDPMScheduler.from_config(cfg), sampler.from_config(cfg)
 
@@ -154,6 +161,13 @@ class LatentDiffusionOptions(PluginOptions):
                                                  "cache then holds both flips of a photo")
     num_inference_steps: int = Field(30, gt=0)
     guidance_scale: float = Field(7.5, ge=0)
+    scheduler: Literal["default", "ddim", "dpm"] = Field(
+        "default", description="inference only: the sampler, on the folder's noise schedule. default: the "
+                               "folder's own scheduler class (DDIM for random-init parts); ddim; dpm: "
+                               "DPM-Solver++ multistep (2nd order: as good in 15-20 steps as DDIM in 50)")
+    compile_unet: bool = Field(False, description="inference only: regional torch.compile of the UNet's "
+                                                  "repeated transformer blocks before the first photo is "
+                                                  "drawn (the first photo compiles, later ones are faster)")
 
 
 class LatentDiffusionGenerator(Generator):
@@ -191,7 +205,7 @@ class LatentDiffusionGenerator(Generator):
         else:
             self.vae = _cast(AutoencoderKL(**options.vae), dtype)
             self.unet = _cast(UNet2DConditionModel(**options.unet), dtype)
-        self.train_scheduler, self.sample_scheduler = load_schedulers(folder)
+        self.train_scheduler, self.sample_scheduler = load_schedulers(folder, options.scheduler)
         self.set_gradient_checkpointing(options.gradient_checkpointing, options.checkpoint_policy)
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.resolution = options.resolution or self.unet.config.sample_size * factor
@@ -243,6 +257,9 @@ class LatentDiffusionGenerator(Generator):
         """Run a diffusers pipeline built around this generator's parts, with the
         options' defaults, at the training resolution."""
         pipe.set_progress_bar_config(disable=True)
+        if self.options.compile_unet and not getattr(self, "_unet_compiled", False):
+            compile_repeated_blocks(self.unet)
+            self._unet_compiled = True
         gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         with resident(self.unet.device, self.vae):
             images = pipe(num_inference_steps=num_inference_steps or self.options.num_inference_steps,

@@ -73,6 +73,15 @@ class HFOptions(PluginOptions):
                                           "'<s>[INST]' is ▁[ INST ], not [ INST ])")
     system_prompt: str | None = Field(None, description="system prompt (None: the format's default; template: "
                                                         "none, reference: the authors')")
+    kv_cache: Literal["dynamic", "static"] = Field(
+        "dynamic", description="inference only: the KV cache of `generate`. dynamic grows every step; static "
+                               "is allocated once per batch size (rounded up to 256 positions, kept across "
+                               "replies) with fixed shapes a compiled decode step can replay. Greedy replies are "
+                               "the same token for token")
+    compile_decode: bool = Field(
+        False, description="inference only, needs kv_cache: static: torch.compile the one-token decode step "
+                           "(transformers' CompileConfig, CUDA graphs on CUDA). The first reply of each batch "
+                           "size compiles (seconds to a minute); later ones replay")
 
 
 class AddedTokenEmbedding(nn.Module):
@@ -152,6 +161,10 @@ class HFLanguageModel(LanguageModel):
                                 if isinstance(i, int) and i != self.tokenizer.unk_token_id})
         self.prompt_format, self.system_prompt = options.prompt_format, options.system_prompt
         self.user_first = not _renders(self.tokenizer, [{"role": "assistant", "content": "hi"}])
+        if options.compile_decode and options.kv_cache != "static":
+            raise ConfigError("llm.compile_decode needs llm.kv_cache: static (a dynamic cache changes shape "
+                              "every step)")
+        self._static_cache: Any = None
 
     @property
     def base_model(self) -> nn.Module:
@@ -203,7 +216,10 @@ class HFLanguageModel(LanguageModel):
                  max_new_tokens: int = 64, temperature: float = 0.0, num_beams: int = 1,
                  top_p: float = 1.0, stop_ids: list[int] | None = None,
                  suppress: list[list[int]] | None = None,
-                 on_step: Callable[[list[int]], None] | None = None, **_: Any) -> torch.Tensor:
+                 on_step: Callable[[list[int]], None] | None = None, min_new_tokens: int = 0,
+                 **_: Any) -> torch.Tensor:
+        """New token ids (B, T'). ``min_new_tokens``: no stop id before that many
+        (fixed reply lengths for timing)."""
         from transformers import LogitsProcessorList
 
         sample = temperature > 0
@@ -212,9 +228,34 @@ class HFLanguageModel(LanguageModel):
         streamer = _step_streamer()(on_step) if on_step is not None and num_beams == 1 else None
         return self.model.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens or None,
             do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
             num_beams=num_beams, eos_token_id=stop_ids or self.stop_ids, pad_token_id=self.pad_token_id,
-            logits_processor=processors, streamer=streamer)
+            logits_processor=processors, streamer=streamer,
+            **self._cache_options(inputs_embeds.shape[0] * num_beams, inputs_embeds.shape[1] + max_new_tokens))
+
+    def _cache_options(self, rows: int, length: int) -> dict[str, Any]:
+        """``generate``'s cache arguments. The static cache is one object kept while the
+        batch size stays and the reply fits: its tensors keep their addresses, which a
+        compiled (CUDA-graph) decode step needs to replay rather than re-record."""
+        o = self.options
+        if o.kv_cache == "dynamic":
+            return {}
+        from transformers import CompileConfig, StaticCache
+
+        held_rows, held_len, cache = self._static_cache or (0, 0, None)
+        if held_rows != rows or held_len < length:
+            size = max(-(-length // 256) * 256, held_len)
+            cache = StaticCache(config=self.base_model.config, max_cache_len=size)
+            self._static_cache = (rows, size, cache)
+        else:
+            cache.reset()
+        compile_config = None
+        if o.compile_decode:
+            compile_config = CompileConfig()
+            # transformers compiles on accelerators only unless told otherwise: the option means it.
+            compile_config._compile_all_devices = True
+        return {"cache": cache, "compile_config": compile_config, "disable_compile": not o.compile_decode}
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(
