@@ -107,27 +107,42 @@ def test_manifest_records_samples_and_weights(uninterrupted):
     assert len(m["samples"]) == 10 and m["weights_sha1"] == weights_digest(model)
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_on_cpu(tmp_path):
-    """Real DDP (gloo, 2 processes) through the CLI: disjoint data, identical weights."""
+def two_processes_on_cpu(out: Path, strategy: str) -> tuple[list[dict], str]:
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    out = subprocess.run(
-        [sys.executable, "-m", "mmdialog", "train", "--devices", "2", "--strategy", "ddp",
+    run = subprocess.run(
+        [sys.executable, "-m", "mmdialog", "train", "--devices", "2", "--strategy", strategy,
          "--set", "train.accelerator=cpu", "--data", str(DEMO), "--set", "data.split=train",
-         "--set", "data.both_speakers=false", "--max-steps", "2", "--quiet", "--out-dir", str(tmp_path)],
+         "--set", "data.both_speakers=false", "--max-steps", "2", "--quiet", "--out-dir", str(out)],
         capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"manifest_rank{r}.json").read_text()) for r in (0, 1)]
-    assert all(r["steps"] == 2 for r in ranks)
-    seen0, seen1 = set(ranks[0]["samples"]), set(ranks[1]["samples"])
-    assert seen0 and seen1 and not seen0 & seen1          # each rank trained on its own shard
-    assert len(seen0 | seen1) == 6                         # together: the whole split
-    assert ranks[0]["weights_sha1"] == ranks[1]["weights_sha1"]  # gradients were all-reduced
-    assert out.stdout.count("step    2") == 1               # only rank 0 reports
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [json.loads((out / f"manifest_rank{r}.json").read_text()) for r in (0, 1)], run.stdout
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp_two_processes_on_cpu(tmp_path):
+    """Real DDP and FSDP (gloo, 2 processes) through the CLI: disjoint data, identical
+    weights on both ranks, and the sharded run trains as the replicated one does."""
+    losses = {}
+    for strategy in ("ddp", "fsdp"):
+        ranks, stdout = two_processes_on_cpu(tmp_path / strategy, strategy)
+        assert all(r["steps"] == 2 for r in ranks)
+        seen0, seen1 = set(ranks[0]["samples"]), set(ranks[1]["samples"])
+        assert seen0 and seen1 and not seen0 & seen1          # each rank trained on its own shard
+        assert len(seen0 | seen1) == 6                         # together: the whole split
+        assert ranks[0]["weights_sha1"] == ranks[1]["weights_sha1"]  # gradients were reduced
+        assert stdout.count("step    2") == 1                   # only rank 0 reports
+        losses[strategy] = [line.split()[2:] for line in stdout.splitlines() if line.startswith("step ")]
+    ddp, fsdp = ({k: v for k, v in read_checkpoint(tmp_path / s)[0].items()} for s in ("ddp", "fsdp"))
+    assert ddp.keys() == fsdp.keys() and len(ddp) > 20
+    # Gradients reduced in another order: Adam turns their last-bit differences into
+    # updates of up to a fraction of one step (lr 1e-3).
+    worst = max((ddp[n] - fsdp[n]).abs().max().item() for n in ddp)
+    assert worst < 3e-4, worst
+    assert losses["ddp"] == losses["fsdp"], losses
 
 
 @pytest.mark.parametrize("warmup, expected", [(0, [1.0, 1.0, 0.5, 0.5]),

@@ -32,8 +32,9 @@ METRICS = "metrics.json"
 
 
 def trainable_state(model: DialogueModel) -> dict[str, torch.Tensor]:
-    """The weights the freeze policy trains, by ``DialogueModel`` parameter name."""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+    """The weights the freeze policy trains, by ``DialogueModel`` parameter name
+    (the same under FSDP, which inserts its wrappers into the module names)."""
+    return {n.replace("_fsdp_wrapped_module.", ""): p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_trainable(model: DialogueModel, path: str | Path) -> Path:
@@ -167,5 +168,6 @@ def weights_digest(model: DialogueModel) -> str:
     h = hashlib.sha1()
     for n, p in trainable_state(model).items():
         h.update(n.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
+        # A copy: a NumPy view would pin the storage, which FSDP frees after gathering it.
+        h.update(p.detach().to("cpu", torch.float32, copy=True).numpy().tobytes())
     return h.hexdigest()

@@ -41,6 +41,7 @@ from mmdialog.core.training.callbacks import (
 )
 from mmdialog.core.training.data import DialogueDataModule, read_dialogues
 from mmdialog.core.training.module import DialogueModule
+from mmdialog.core.training.strategies import full_weights, lightning_strategy
 
 __all__ = ["TrainingError", "compile_repeated_blocks", "read_dialogues", "train"]
 
@@ -69,10 +70,11 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def _trainer(t: Any, out: Path, callbacks: list[L.Callback], loggers: list, progress: bool,
-             validate: bool) -> L.Trainer:
+             validate: bool, model: DialogueModel) -> L.Trainer:
     return L.Trainer(
         max_steps=t.max_steps, accumulate_grad_batches=t.accumulate, precision=resolve_precision(t.precision),
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        strategy=lightning_strategy(t.strategy, model),
         default_root_dir=out, log_every_n_steps=t.log_every, callbacks=callbacks, logger=loggers,
         enable_progress_bar=progress, enable_model_summary=False, gradient_clip_val=t.gradient_clip or None,
         plugins=[AtomicCheckpointIO()], use_distributed_sampler=True,
@@ -132,7 +134,7 @@ def train(model: DialogueModel, progress: bool = True, resume: str | Path | bool
     if t.deterministic:
         L.seed_everything(cfg.model.seed, workers=True, verbose=False)
     try:
-        trainer = _trainer(t, out, callbacks, loggers, progress, validate)
+        trainer = _trainer(t, out, callbacks, loggers, progress, validate, model)
     except (ValueError, MisconfigurationException) as e:  # a strategy, accelerator or precision this machine lacks
         raise ConfigError(f"train: {str(e).splitlines()[0]}") from None
     if t.compile:
@@ -165,13 +167,15 @@ def train(model: DialogueModel, progress: bool = True, resume: str | Path | bool
                               "signal": stop.signal, "global_zero": trainer.is_global_zero, "notes": notes,
                               "photos_skipped": module.photos_skipped,
                               "offloaded": [n for n, m in model.named_modules() if m in offloader.offloaded]}
-    manifest = {"rank": trainer.global_rank, "steps": trainer.global_step, "data": data.summary,
-                "samples": module.sample_log, "photos_skipped": module.photos_skipped,
-                "weights_sha1": weights_digest(model)}
+    with full_weights(trainer):
+        manifest = {"rank": trainer.global_rank, "steps": trainer.global_step, "data": data.summary,
+                    "samples": module.sample_log, "photos_skipped": module.photos_skipped,
+                    "weights_sha1": weights_digest(model)}
+        if trainer.is_global_zero:
+            result["weights"] = str(save_trainable(model, out / TRAINABLE))
     with atomic_write(out / f"manifest_rank{trainer.global_rank}.json") as tmp:
         tmp.write_text(json.dumps(manifest))
     if trainer.is_global_zero:
-        result["weights"] = str(save_trainable(model, out / TRAINABLE))
         result["checkpoint"] = str(out / LAST)
         if validate and best.best_model_path:
             result["best"] = {"path": best.best_model_path, "val_bleu2": float(best.best_model_score)}

@@ -13,6 +13,7 @@ from mmdialog.core.data.collate import Batch
 from mmdialog.core.errors import TrainingError
 from mmdialog.core.model import DialogueModel
 from mmdialog.core.training.data import ResumableLoader
+from mmdialog.core.training.strategies import is_sharded
 
 
 class DialogueModule(L.LightningModule):
@@ -96,6 +97,13 @@ class DialogueModule(L.LightningModule):
         self.lr_scale, self.best_bleu2, self.bad_evals = checkpoint.get("mmdialog_plateau", (1.0, -1.0, 0))
         self.sample_log = list(checkpoint.get("mmdialog_samples", []))
         self.photos_skipped = int(checkpoint.get("mmdialog_photos_skipped", 0))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning clips a sharded (FSDP) model by value only; FSDP computes the norm across shards.
+        if gradient_clip_val and is_sharded(self.trainer):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         t = self.train_cfg
