@@ -32,9 +32,9 @@ from mmdialog.core.files import atomic_write
 from mmdialog.core.model import DialogueModel
 from mmdialog.core.training.callbacks import AtomicCheckpointIO, LossHistory, SaveAtLastStep, StopOnSignal, Throughput
 from mmdialog.core.training.data import DialogueDataModule, read_dialogues
-from mmdialog.core.training.module import DialogueModule, compile_repeated_blocks
+from mmdialog.core.training.module import DialogueModule, build_optimizer, compile_repeated_blocks
 
-__all__ = ["TrainingError", "compile_repeated_blocks", "read_dialogues", "train"]
+__all__ = ["TrainingError", "build_optimizer", "compile_repeated_blocks", "read_dialogues", "train"]
 
 
 def resolve_precision(precision: str) -> str:
