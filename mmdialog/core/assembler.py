@@ -34,6 +34,7 @@ from mmdialog.core.errors import ConfigError
 from mmdialog.core.export import MANIFEST, check_finite, check_tokens, load_weights, read_folder, save_pretrained
 from mmdialog.core.interfaces import BUILD_ORDER, BuildContext
 from mmdialog.core.model import DialogueModel
+from mmdialog.core.quantization import is_quantized
 from mmdialog.core.registry import default_registry
 
 
@@ -89,9 +90,7 @@ def apply_freeze_policy(model: DialogueModel, overrides: dict[str, bool]) -> lis
     Returns the trainable group names. A group named in ``overrides`` that no
     component has is an error (a typo would otherwise silently train nothing).
     """
-    groups = {f"{kind}.{name}": params
-              for kind, comp in model.components().items()
-              for name, params in comp.parameter_groups().items()}
+    groups = model.parameter_groups()
     unknown = sorted(set(overrides) - set(groups))
     if unknown:
         raise ConfigError(f"config field 'model.trainable.{unknown[0]}': no such parameter group; "
@@ -99,6 +98,10 @@ def apply_freeze_policy(model: DialogueModel, overrides: dict[str, bool]) -> lis
     policy = freeze_policy(model, overrides)
     model.requires_grad_(False)
     on = sorted(k for k in groups if policy.get(k, False))
+    stored_quantized = [k for k in on if any(is_quantized(p) for p in groups[k])]
+    if stored_quantized:
+        raise ConfigError(f"config field 'model.trainable.{stored_quantized[0]}': this group is stored quantized "
+                          "(model.llm.base_quantization) and cannot train; freeze it or store it unquantized")
     for key in on:
         for p in groups[key]:
             p.requires_grad_(True)

@@ -119,6 +119,16 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(100, gt=0, description="optimizer steps between checkpoints (last.ckpt)")
     gradient_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
     fused_optimizer: bool = Field(True, description="fused AdamW kernel where all parameters are on GPU")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw: torch's AdamW, float32 moments; adamw8bit: bitsandbytes' AdamW with the "
+                             "moments of optimizer_8bit_groups stored blockwise-quantized in 8 bits (uint8 + one "
+                             "float32 scale per 256 numbers: 2 bytes per weight instead of 8; the update reads "
+                             "them de-quantized, so it carries their rounding error; tensors under 4096 numbers "
+                             "keep float32 moments) and float32 moments for every other weight")
+    optimizer_8bit_groups: list[str] = Field(
+        default_factory=lambda: ["generator.unet"],
+        description="with optimizer adamw8bit: the freeze-policy groups (component.group, see DEFAULT_TRAINABLE) "
+                    "whose moments are 8-bit")
     compile: bool = Field(False, description="regional torch.compile of the repeated blocks (decoder and "
                                              "encoder layers, UNet transformer blocks); the first steps "
                                              "compile")

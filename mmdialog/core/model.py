@@ -68,6 +68,11 @@ class DialogueModel(nn.Module):
             out["retriever"] = self.retriever
         return out
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``component.group`` → parameters: the freeze policy's keys."""
+        return {f"{kind}.{name}": params for kind, comp in self.components().items()
+                for name, params in comp.parameter_groups().items()}
+
     def train(self, mode: bool = True) -> DialogueModel:
         """Parts the freeze policy froze stay in eval mode while the rest trains:
         no dropout inside a frozen Q-Former or text tower (BLIP-2 trains with its

@@ -40,10 +40,10 @@ from mmdialog.core.training.callbacks import (
     Throughput,
 )
 from mmdialog.core.training.data import DialogueDataModule, read_dialogues
-from mmdialog.core.training.module import DialogueModule
+from mmdialog.core.training.module import DialogueModule, build_optimizer
 from mmdialog.core.training.strategies import full_weights, lightning_strategy
 
-__all__ = ["TrainingError", "compile_repeated_blocks", "read_dialogues", "train"]
+__all__ = ["TrainingError", "build_optimizer", "compile_repeated_blocks", "read_dialogues", "train"]
 
 
 def resolve_precision(precision: str) -> str:

@@ -9,9 +9,11 @@ import torch
 
 from mmdialog.core import checkpoint as ckpt_format
 from mmdialog.core import markup
+from mmdialog.core.config import TrainConfig
 from mmdialog.core.data.collate import Batch
-from mmdialog.core.errors import TrainingError
+from mmdialog.core.errors import ConfigError, TrainingError
 from mmdialog.core.model import DialogueModel
+from mmdialog.core.quantization import adamw_8bit
 from mmdialog.core.training.data import ResumableLoader
 from mmdialog.core.training.strategies import is_sharded
 
@@ -107,9 +109,7 @@ class DialogueModule(L.LightningModule):
 
     def configure_optimizers(self):
         t = self.train_cfg
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        fused = t.fused_optimizer and all(p.is_cuda for p in params)
-        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+        opt = build_optimizer(self.model, t)
         warm, start = t.warmup_steps, t.warmup_start_factor
 
         def warmup(s: int) -> float:
@@ -128,3 +128,20 @@ class DialogueModule(L.LightningModule):
         checkpoint["mmdialog_photos_skipped"] = self.photos_skipped
         checkpoint["mmdialog_plateau"] = (self.lr_scale, self.best_bleu2, self.bad_evals)
 
+
+def build_optimizer(model: DialogueModel, t: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable weights (``train.optimizer``): torch's, fused where every
+    weight is on a GPU, or bitsandbytes' with 8-bit moments for ``train.optimizer_8bit_groups``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t.optimizer == "adamw":
+        fused = t.fused_optimizer and all(p.is_cuda for p in params)
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+    groups = model.parameter_groups()
+    unknown = sorted(set(t.optimizer_8bit_groups) - set(groups))
+    if unknown:
+        raise ConfigError(f"config field 'train.optimizer_8bit_groups': no parameter group '{unknown[0]}'; "
+                          f"this model has: {', '.join(sorted(groups))}")
+    eight = {id(p) for g in t.optimizer_8bit_groups for p in groups[g]}
+    by_bits = {bits: [p for p in params if (id(p) in eight) == (bits == 8)] for bits in (8, 32)}
+    return adamw_8bit([{"params": ps, "optim_bits": bits} for bits, ps in by_bits.items() if ps],
+                      lr=t.lr, weight_decay=t.weight_decay)

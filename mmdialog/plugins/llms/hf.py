@@ -14,10 +14,10 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
-from mmdialog.core import assets
+from mmdialog.core import assets, quantization
 from mmdialog.core.checkpointing import CheckpointPolicy, checkpoint_kwargs
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.interfaces import LanguageModel, PluginOptions
@@ -82,6 +82,24 @@ class HFOptions(PluginOptions):
         False, description="inference only, needs kv_cache: static: torch.compile the one-token decode step "
                            "(transformers' CompileConfig, CUDA graphs on CUDA). The first reply of each batch "
                            "size compiles (seconds to a minute); later ones replay")
+    base_quantization: quantization.BaseQuantization = Field(
+        "none", description="store the frozen decoder's Linear weights quantized (torchao, weight-only; the "
+                            "embeddings, LM head and LoRA adapters keep `dtype`): nf4 (4-bit NormalFloat in "
+                            "blocks of 64, QLoRA's), int8 (per output channel) or float8 (e4m3, per output "
+                            "channel). Each matmul de-quantizes the weight: the base's outputs carry its "
+                            "rounding error, activations and gradients keep their dtype. The base cannot "
+                            "train (model.trainable llm.base)")
+    float8_matmul: bool = Field(
+        False, description="run the frozen decoder's Linear matmuls in float8 (torchao Float8Linear: input, "
+                           "weight and output gradient cast to e4m3/e5m2 with dynamic per-tensor scales, forward "
+                           "and backward; weights stored in `dtype`). Needs a CUDA GPU of compute capability "
+                           "8.9+ (Ada, Hopper); the LoRA adapters, embeddings and LM head keep `dtype`")
+
+    @model_validator(mode="after")
+    def _one_base_numerics(self) -> HFOptions:
+        if self.float8_matmul and self.base_quantization != "none":
+            raise ValueError("float8_matmul casts the base weights itself; use it with base_quantization: none")
+        return self
 
 
 class AddedTokenEmbedding(nn.Module):
@@ -130,6 +148,8 @@ class HFLanguageModel(LanguageModel):
     def __init__(self, options: HFOptions) -> None:
         super().__init__()
         self.options = options
+        if options.float8_matmul:  # before the weights are read
+            quantization.require_float8_device()
         self.tokenizer, base = _load(options)
         n_before = len(self.tokenizer)
         self.tokenizer.add_tokens([IMG_OPEN, IMG_CLOSE])
@@ -148,6 +168,9 @@ class HFLanguageModel(LanguageModel):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = _with_lora(base, options.lora)
+        quantization.quantize_weights(base.get_decoder(), options.base_quantization)
+        if options.float8_matmul:
+            quantization.float8_matmuls(base.get_decoder())
         self.set_gradient_checkpointing(options.gradient_checkpointing, options.checkpoint_policy)
         self.hidden_size = base.config.hidden_size
         ids = self.tokenizer.convert_tokens_to_ids

@@ -137,8 +137,10 @@ def generator_spec(generator: str | None, library: str | None = None) -> str | d
     return {**spec, "fallback": {"name": drawer}} if retriever else spec
 
 
+# torchao and bitsandbytes (the lean extra, imported by peft and diffusers when installed) log at import:
+# kernels not built for this machine, and torch's pytree deprecations of their registrations.
 LIBRARY_LOGGERS = ("transformers", "diffusers", "lightning", "lightning.pytorch", "lightning.fabric",
-                   "pytorch_lightning", "py.warnings")
+                   "pytorch_lightning", "py.warnings", "torchao", "bitsandbytes", "torch.utils._pytree")
 
 
 def quiet(log_file: Path | None = None) -> None:
@@ -163,6 +165,10 @@ def quiet(log_file: Path | None = None) -> None:
 
         hf_logging.disable_progress_bar()
         hf_logging.disable_default_handler()
+        # diffusers adds its own stderr handler on first use (it warns when torchao is installed)
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_default_handler()
     except ImportError:
         pass
 
