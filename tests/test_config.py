@@ -5,7 +5,7 @@ from mmdialog import ConfigError, build, load_config
 from mmdialog.core.config import DEFAULT_TRAINABLE, dump_config
 
 
-@pytest.mark.parametrize("preset", ["tiny", "paper"])
+@pytest.mark.parametrize("preset", ["tiny", "paper", "paper-24gb"])
 def test_presets_validate(preset):
     cfg = load_config(preset)
     assert cfg.model.perceiver.name == "qformer" and cfg.model.bridge.name == "gumbel"
@@ -22,6 +22,17 @@ def test_paper_preset_matches_the_reference_recipe():
     assert cfg.data.batch_size == 16 and cfg.train.compile is True
     assert cfg.model.llm.options["gradient_checkpointing"] is True
     assert cfg.model.generator.options["gradient_checkpointing"] is True
+
+
+def test_paper_24gb_preset_is_the_paper_preset_with_the_lean_switches():
+    paper, lean = load_config("paper"), load_config("paper-24gb")
+    assert lean.model.llm.options["base_quantization"] == "nf4" and lean.train.optimizer == "adamw8bit"
+    assert lean.train.optimizer_8bit_groups == ["generator.unet"] and lean.train.offload_cached_encoders
+    assert lean.data.batch_size * lean.train.accumulate == 16
+    # Everything else is the paper's model and recipe.
+    assert {**lean.model.llm.options, "base_quantization": "none"} == {**paper.model.llm.options,
+                                                                       "base_quantization": "none"}
+    assert lean.model.generator == paper.model.generator and lean.train.lr == paper.train.lr
 
 
 def test_paper_preset_without_checkpoints_fails_before_loading(monkeypatch):

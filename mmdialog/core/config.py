@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from mmdialog.core.errors import ConfigError, validation_message
 from mmdialog.core.hookspecs import KIND_NAMES
 
-PRESETS = ("tiny", "paper")
+PRESETS = ("tiny", "paper", "paper-24gb")
 #: Config sections that name a plugin: the four kinds, and the optional retriever
 #: a generator chain (``library,sd``) puts in front of the generator.
 SLOTS = (*KIND_NAMES, "retriever")
@@ -233,7 +233,9 @@ def preset_dict(name: str) -> dict[str, Any]:
         raise ConfigError(f"unknown preset '{name}'; available: {', '.join(PRESETS)} "
                           "(or give a path to a YAML file)")
     text = resources.files("mmdialog.core.presets").joinpath(f"{name}.yaml").read_text()
-    return yaml.safe_load(text)
+    data = yaml.safe_load(text)
+    # A preset may start from another one, as a YAML file may.
+    return _merge(preset_dict(data.pop("preset")), data) if "preset" in data else data
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
