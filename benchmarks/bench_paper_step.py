@@ -52,6 +52,7 @@ import torch  # noqa: E402
 
 from mmdialog import build  # noqa: E402
 from mmdialog.core import assets  # noqa: E402
+from mmdialog.core.caching import offload  # noqa: E402
 from mmdialog.core.data.collate import IGNORE, Batch  # noqa: E402
 from mmdialog.core.training import build_optimizer, compile_repeated_blocks  # noqa: E402
 
@@ -109,7 +110,7 @@ SWEEP = [(16, 1, True), (16, 1, "outer"), (16, 2, True), (16, 1, False), (16, 0,
 
 
 def config(scale: str, reference: bool, grad_ckpt: bool, lora_dtype: str = "float32", optimizer: str = "adamw",
-           base_quantization: str = "none", float8_matmul: bool = False) -> dict:
+           base_quantization: str = "none", float8_matmul: bool = False, checkpoint_policy: str = "full") -> dict:
     paper = scale == "paper"
     return {
         "model": {
@@ -117,8 +118,8 @@ def config(scale: str, reference: bool, grad_ckpt: bool, lora_dtype: str = "floa
                     "config": LLAMA2_7B if paper else LLAMA_TINY, "dtype": "bfloat16" if paper else "float32",
                     "lora": {"r": 32, "alpha": 32, "dropout": 0.1, "targets": ["q_proj", "k_proj", "v_proj"],
                              "dtype": "model" if reference else lora_dtype},
-                    "gradient_checkpointing": grad_ckpt, "base_quantization": base_quantization,
-                    "float8_matmul": float8_matmul},
+                    "gradient_checkpointing": grad_ckpt, "checkpoint_policy": checkpoint_policy,
+                    "base_quantization": base_quantization, "float8_matmul": float8_matmul},
             # Blip2Config() defaults are BLIP-2's ViT-g + Q-Former shapes.
             "perceiver": {"name": "caption"} if reference else
             {"name": "qformer", **({"config": {}, "dtype": "bfloat16"} if paper else {})},
@@ -126,7 +127,8 @@ def config(scale: str, reference: bool, grad_ckpt: bool, lora_dtype: str = "floa
             # The reference encodes every photo with the VAE at every step; we cache the
             # posterior of each photo (multi-epoch training pays the VAE once per photo).
             "generator": {"name": "sd", "dtype": "bfloat16" if paper else "float32",
-                          "gradient_checkpointing": grad_ckpt, "latent_cache": not reference,
+                          "gradient_checkpointing": grad_ckpt, "checkpoint_policy": checkpoint_policy,
+                          "latent_cache": not reference,
                           **({"unet": SD21_UNET, "vae": SD21_VAE, "text_encoder": SD21_TEXT} if paper else {})},
             "trainable": {"llm.embeddings": True} if reference else {},
             "max_length": 256,
@@ -199,10 +201,11 @@ def stored_bytes(p: torch.Tensor) -> int:
 
 
 def set_checkpointing(model, llm_every: bool | int, unet_blocks: bool | str) -> None:
-    model.llm.set_gradient_checkpointing(llm_every)
+    model.llm.set_gradient_checkpointing(llm_every, model.llm.options.checkpoint_policy)
     unet = model.generator.unet
     outer = ["down_blocks.0", f"up_blocks.{len(unet.up_blocks) - 1}"]
-    model.generator.set_gradient_checkpointing(outer if unet_blocks == "outer" else unet_blocks)
+    model.generator.set_gradient_checkpointing(outer if unet_blocks == "outer" else unet_blocks,
+                                               model.generator.options.checkpoint_policy)
 
 
 def count_flops(model, one) -> float:
@@ -313,6 +316,14 @@ def main() -> None:
                     help="the frozen LLM decoder's Linear weights stored quantized (torchao, weight-only)")
     ap.add_argument("--float8-matmul", action="store_true",
                     help="the frozen LLM decoder's matmuls in float8 (torchao Float8Linear; CUDA sm89+)")
+    ap.add_argument("--checkpoint-policy", choices=["full", "save_matmuls"], default="full",
+                    help="what a checkpointed LLM layer / UNet block keeps (eager blocks; compiled ones follow "
+                         "--activation-memory-budget)")
+    ap.add_argument("--activation-memory-budget", type=float, default=None,
+                    help="with --compile: torch's activation memory budget (0-1) for the compiled blocks")
+    ap.add_argument("--offload", action="store_true",
+                    help="fill the per-photo caches, then move the frozen ViT, Q-Former and VAE to the CPU "
+                         "(train.offload_cached_encoders after the first epoch)")
     ap.add_argument("--dialogues", type=int, default=16, help="per optimizer step, with --sweep")
     ap.add_argument("--memory-cap", type=float, default=29.0, help="GiB, with --sweep: the reference's peak")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -328,7 +339,8 @@ def main() -> None:
             setattr(args, switch, not args.reference_recipe)
     t0 = time.perf_counter()
     model = build(config(args.scale, args.reference_recipe, args.gradient_checkpointing, args.lora_dtype,
-                         args.optimizer, args.base_quantization, args.float8_matmul), device=device)
+                         args.optimizer, args.base_quantization, args.float8_matmul, args.checkpoint_policy),
+                  device=device)
     model.train()
     build_s = time.perf_counter() - t0
     params = [p for p in model.parameters() if p.requires_grad]
@@ -345,16 +357,27 @@ def main() -> None:
               "optimizer": args.optimizer, "optimizer_8bit_groups": model.config.train.optimizer_8bit_groups
               if args.optimizer == "adamw8bit" else [], "base_quantization": args.base_quantization,
               "float8_matmul": args.float8_matmul,
+              # What keeps the numerics: where the frozen encoders live, what checkpointing keeps.
+              "offload": args.offload, "checkpoint_policy": args.checkpoint_policy,
+              "activation_memory_budget": args.activation_memory_budget,
               "frozen_llm_weight_gib": round(sum(stored_bytes(p) for p in model.llm.parameters()
                                                  if not p.requires_grad) / 2**30, 3)}
     ckpt = args.gradient_checkpointing
     set_checkpointing(model, False, False)
     flops = count_flops(model, synthetic_batch(model, 1, args.seq, args.desc, device))
     result["flops_per_dialogue"] = flops
+    if args.offload:
+        # One forward fills the caches of every synthetic photo (each batch's photos are a
+        # prefix of the largest one's), as the first epoch fills them for real photos.
+        model(synthetic_batch(model, max(mb for mb, _, _ in args.settings or SWEEP) if args.sweep else
+                              args.micro_batch or 16, args.seq, args.desc, device))
+        offload([m for part in (model.perceiver, model.generator) for m in part.cached_encoders()])
     if args.compile:
         # Settings switch checkpointing and micro-batch: each may recompile, and past the
         # default limit dynamo would fall back to eager without a word.
         torch._dynamo.config.recompile_limit = 64
+        if args.activation_memory_budget is not None:
+            torch._functorch.config.activation_memory_budget = args.activation_memory_budget
         result["compiled_blocks"] = compile_repeated_blocks(model)
     if args.sweep:
         rows = []
