@@ -18,9 +18,9 @@ nf4|int8|float8`` (the frozen LLM decoder's weights stored quantized),
 ``--reference-recipe``: micro-batch 4, all rows of embed_tokens / lm_head
 trained, LoRA weights in bf16 like every trained weight there, no perceiver
 (the reference has none), the VAE encoding every photo every step, unfused
-AdamW, eager, no autocast — the configuration measured in
-../shared/measurements (with ``--accumulate 1``: that table stepped the
-optimizer every micro-batch). Ours is the paper preset: micro-batch 16, every
+AdamW, eager, no autocast — the configuration of the reference's measured
+table (benchmarks/results/h100-2026-11-26; with ``--accumulate 1``: that
+table stepped the optimizer every micro-batch). Ours is the paper preset: micro-batch 16, every
 LLM layer and UNet block checkpointed, compiled, bf16 autocast, fused AdamW;
 it caches each photo's VAE posterior and its frozen ViT + Q-Former features
 (the synthetic photos repeat every step, as photos do across epochs, so those

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
 from mmdialog.core.data import DEMO_DIR, clean_description, detect_format, load_dialogues
 
 EXCERPT = DEMO_DIR / "photochat"
-SHARED = Path("/work/shared/data/photochat/sample")
 
 
 def test_excerpt_counts():
@@ -32,12 +30,6 @@ def test_excerpt_counts():
         assert all(a.speaker != b.speaker for a, b in zip(d.turns, d.turns[1:]))
         sharers = [t.speaker for t in d.turns if t.photos]
         assert sharers == ["0"]
-
-
-@pytest.mark.skipif(not SHARED.is_dir(), reason="shared notes not present")
-def test_demo_copy_is_verbatim():
-    for f in SHARED.glob("*.json"):
-        assert (EXCERPT / f.name).read_bytes() == f.read_bytes()
 
 
 def test_train_dialogue_0_exact():
