@@ -126,7 +126,7 @@ def two_processes_on_cpu(out: Path, strategy: str) -> tuple[list[dict], str]:
 def test_ddp_and_fsdp_two_processes_on_cpu(tmp_path):
     """Real DDP and FSDP (gloo, 2 processes) through the CLI: disjoint data, identical
     weights on both ranks, every trainable weight saved under its own name, and the
-    sharded run's text loss is the replicated run's."""
+    sharded run trains as the replicated one: the same losses, the same weights."""
     runs = {}
     for strategy in ("ddp", "fsdp"):
         ranks, stdout = two_processes_on_cpu(tmp_path / strategy, strategy)
@@ -136,12 +136,15 @@ def test_ddp_and_fsdp_two_processes_on_cpu(tmp_path):
         assert len(seen0 | seen1) == 6                         # together: the whole split
         assert ranks[0]["weights_sha1"] == ranks[1]["weights_sha1"]  # gradients were reduced
         assert stdout.count("step    2") == 1                   # only rank 0 reports
-        text_losses = [line.split()[3] for line in stdout.splitlines() if line.startswith("step ")]
-        runs[strategy] = text_losses, read_checkpoint(tmp_path / strategy)[0]
+        losses = [line.split()[2:] for line in stdout.splitlines() if line.startswith("step ")]
+        runs[strategy] = losses, read_checkpoint(tmp_path / strategy)[0]
     (ddp_loss, ddp), (fsdp_loss, fsdp) = runs["ddp"], runs["fsdp"]
+    assert ddp_loss == fsdp_loss and len(ddp_loss) == 2   # text and image loss of both steps
     assert ddp.keys() == fsdp.keys() and len(ddp) > 300
-    assert all(ddp[n].shape == fsdp[n].shape for n in ddp)
-    assert ddp_loss == fsdp_loss and len(ddp_loss) == 2
+    # Gradients reduced in another order differ in their last bits; where a gradient is near
+    # zero (biases), Adam turns that into a visible part of one step (lr × warm-up ≈ 1.8e-3 here).
+    worst = max((ddp[n] - fsdp[n]).abs().max().item() for n in ddp)
+    assert worst < 3e-4, worst
 
 
 @pytest.mark.parametrize("warmup, expected", [(0, [1.0, 1.0, 0.5, 0.5]),

@@ -8,7 +8,9 @@ because FSDP needs to know the model's units:
   LoRA adapters and projections of a bf16 model) is a unit of its own, since an
   FSDP unit flattens its weights into one tensor of one dtype;
 * frozen and trained weights may share a unit (``use_orig_params``), so the
-  freeze policy and the optimizer see the model's own parameters.
+  freeze policy and the optimizer see the model's own parameters;
+* frozen parts outside the repeated blocks stay whole (``kept_whole``): FSDP
+  shards the frozen LLM inside its layers, not the encoders behind the caches.
 
 Lightning refuses the ``fsdp`` name on a CPU accelerator; torch's FSDP runs
 there (gloo), so the strategy object is handed over as it is.
@@ -24,20 +26,49 @@ from torch import nn
 from mmdialog.core.compiling import repeated_blocks
 
 
-def fsdp_units(model: nn.Module) -> Any:
+def kept_whole(model: nn.Module) -> list[nn.Parameter]:
+    """The frozen weights FSDP leaves out of its units: every all-frozen module outside
+    the repeated blocks (BLIP-2's ViT and Q-Former, the VAE, the text encoder, the
+    frozen embedding tables) and the frozen weights of a module that also trains
+    (BLIP-2's query tokens). Inside a unit, FSDP runs forward on views of its flat
+    weight that all require grad, so what the model checks for being frozen while it
+    runs (the per-photo caches, the bridge's table) must stay outside one."""
+    blocks = {id(m) for m in repeated_blocks(model)}
+    kept: dict[int, nn.Parameter] = {}
+
+    def visit(module: nn.Module) -> None:
+        if id(module) in blocks:
+            return
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            kept.update((id(p), p) for p in params)
+            return
+        kept.update((id(p), p) for p in module.parameters(recurse=False) if not p.requires_grad)
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    return list(kept.values())
+
+
+def fsdp_units(model: nn.Module, kept: list[nn.Parameter]) -> Any:
     """FSDP's ``auto_wrap_policy`` for ``model``: its repeated blocks, and each
-    module whose own weights differ in dtype from most of the model's."""
+    module whose own weights differ in dtype from most of the model's; nothing
+    whose weights are all ``kept`` out."""
     from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
     blocks = tuple({type(m) for m in repeated_blocks(model)})
+    out = {id(p) for p in kept}
     sizes = Counter()
     for p in model.parameters():
-        sizes[p.dtype] += p.numel()
+        if id(p) not in out:
+            sizes[p.dtype] += p.numel()
     main = sizes.most_common(1)[0][0]
 
     def is_unit(module: nn.Module) -> bool:
-        own = {p.dtype for p in module.parameters(recurse=False)}
-        return isinstance(module, blocks) or (len(own) == 1 and main not in own)
+        params = [p for p in module.parameters() if id(p) not in out]
+        own = {p.dtype for p in module.parameters(recurse=False) if id(p) not in out}
+        return bool(params) and (isinstance(module, blocks) or (len(own) == 1 and main not in own))
 
     return functools.partial(lambda_auto_wrap_policy, lambda_fn=is_unit)
 
@@ -48,10 +79,14 @@ def lightning_strategy(name: str, model: nn.Module) -> Any:
         return name
     from lightning.pytorch.strategies import FSDPStrategy
 
+    kept = kept_whole(model)
+
     class ShardedStrategy(FSDPStrategy):
         """Lightning's FSDP with mmdialog's units, on any accelerator."""
 
         def _setup_model(self, model: nn.Module) -> nn.Module:
+            for p in kept:  # FSDP moves what it shards; the rest is ours to place
+                p.data = p.data.to(self.root_device)
             if self.root_device.type == "cpu":  # Lightning passes no device there, which FSDP refuses
                 from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -90,7 +125,7 @@ def lightning_strategy(name: str, model: nn.Module) -> Any:
                 state = FSDP.optim_state_dict(self.model, optimizer)
                 return FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
 
-    return ShardedStrategy(auto_wrap_policy=fsdp_units(model), use_orig_params=True,
+    return ShardedStrategy(auto_wrap_policy=fsdp_units(model, kept), ignored_states=kept, use_orig_params=True,
                            sharding_strategy="FULL_SHARD", limit_all_gathers=True)
 
 
