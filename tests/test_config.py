@@ -35,6 +35,13 @@ def test_paper_24gb_preset_is_the_paper_preset_with_the_lean_switches():
     assert lean.model.generator == paper.model.generator and lean.train.lr == paper.train.lr
 
 
+def test_fsdp_with_dev_evaluation_is_a_one_line_error():
+    with pytest.raises(ConfigError, match=r"^config field 'train': dev evaluation generates replies outside FSDP's "
+                                          r"sharded forward: with strategy fsdp set train.val_every 0"):
+        load_config("tiny", {"train.strategy": "fsdp", "train.val_every": 5})
+    assert load_config("tiny", {"train.strategy": "fsdp"}).train.val_every == 0
+
+
 def test_paper_preset_without_checkpoints_fails_before_loading(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="llm 'meta-llama/Llama-2-7b-chat-hf' could not be loaded"):

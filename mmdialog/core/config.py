@@ -156,6 +156,13 @@ class TrainConfig(_Strict):
     deterministic: bool = Field(True, description="reseed every step from (seed, step, rank): "
                                                   "resumed runs repeat uninterrupted ones")
 
+    @model_validator(mode="after")
+    def _sharded_runs_evaluate_afterwards(self) -> TrainConfig:
+        if self.strategy == "fsdp" and self.val_every != 0:
+            raise ValueError("dev evaluation generates replies outside FSDP's sharded forward: with strategy "
+                             "fsdp set train.val_every 0 and run `mmdialog eval` on the run afterwards")
+        return self
+
 
 #: The authors' training recipe (Guo et al., E2E_PSDG), merged over any config by
 #: ``load_config(..., reference_recipe=True)`` (``--reference-recipe``); flags and

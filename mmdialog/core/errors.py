@@ -46,4 +46,4 @@ def validation_message(error: ValidationError, prefix: str = "") -> str:
     """The first problem of a pydantic ``ValidationError`` as ``a.b.c: message``."""
     err = error.errors()[0]
     loc = ".".join(str(x) for x in (prefix, *err["loc"]) if x != "") or "value"
-    return f"{loc}: {err['msg']}"
+    return f"{loc}: {err['msg'].removeprefix('Value error, ')}"  # a validator's own message
