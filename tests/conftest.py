@@ -22,14 +22,24 @@ def cat_photo() -> Path:
     return Path(skimage.__file__).parent / "data" / "chelsea.png"
 
 
-@pytest.fixture()
-def cat_dialogue(cat_photo):
+def _cat_dialogue(photo: Path):
     from mmdialog import Dialogue, Photo, Turn
 
     return Dialogue("cat", [
         Turn("0", "hi there, how are you?"),
         Turn("1", "good! I just adopted a cat"),
         Turn("0", "oh show me"),
-        Turn("1", "here she is", [Photo(description="a tabby cat lying on a wooden floor", path=cat_photo)]),
+        Turn("1", "here she is", [Photo(description="a tabby cat lying on a wooden floor", path=photo)]),
         Turn("0", "so cute!"),
     ])
+
+
+@pytest.fixture()
+def cat_dialogue(cat_photo):
+    return _cat_dialogue(cat_photo)
+
+
+@pytest.fixture(scope="session")
+def cat_dialogue_session(cat_photo):
+    """The same dialogue for module-scoped fixtures (which must not change it)."""
+    return _cat_dialogue(cat_photo)

@@ -45,25 +45,9 @@ def losses_after_steps(model, dialogue, steps=2):
 
 
 @pytest.fixture(scope="module")
-def unquantized_losses(cat_dialogue_module):
-    losses, _ = losses_after_steps(small(), cat_dialogue_module)
+def unquantized_losses(cat_dialogue_session):
+    losses, _ = losses_after_steps(small(), cat_dialogue_session)
     return losses
-
-
-@pytest.fixture(scope="module")
-def cat_dialogue_module():
-    import skimage
-
-    from mmdialog import Dialogue, Photo, Turn
-
-    photo = Path(skimage.__file__).parent / "data" / "chelsea.png"
-    return Dialogue("cat", [
-        Turn("0", "hi there, how are you?"),
-        Turn("1", "good! I just adopted a cat"),
-        Turn("0", "oh show me"),
-        Turn("1", "here she is", [Photo(description="a tabby cat lying on a wooden floor", path=photo)]),
-        Turn("0", "so cute!"),
-    ])
 
 
 # Measured relative loss differences after 2 steps: int8 ≤ 6e-4, float8 ≤ 6e-4, nf4 ≤ 3e-4 on these
@@ -71,7 +55,7 @@ def cat_dialogue_module():
 @pytest.mark.parametrize("scheme,rtol", [("int8", 3e-3), ("nf4", 1e-2),
                                          pytest.param("float8", 1e-2, marks=pytest.mark.slow)])
 def test_quantized_base_stores_the_decoder_linears_quantized_and_trains_like_the_unquantized(
-        scheme, rtol, unquantized_losses, cat_dialogue_module):
+        scheme, rtol, unquantized_losses, cat_dialogue):
     model = small(**{"model.llm.base_quantization": scheme})
     decoder = model.llm.base_model.get_decoder()
     linears = quantization.base_linears(decoder)
@@ -82,7 +66,7 @@ def test_quantized_base_stores_the_decoder_linears_quantized_and_trains_like_the
     assert quantized and all(".base_layer." in n or ".mlp." in n or "o_proj" in n for n in quantized)
     assert not any(p.requires_grad for n, p in model.named_parameters() if n in quantized)
     assert all(not quantization.is_quantized(p) for n, p in model.named_parameters() if p.requires_grad)
-    losses, lora_learns = losses_after_steps(model, cat_dialogue_module)
+    losses, lora_learns = losses_after_steps(model, cat_dialogue)
     assert torch.isfinite(losses).all() and lora_learns
     assert losses[1] < losses[0]
     torch.testing.assert_close(losses, unquantized_losses, rtol=rtol, atol=0)

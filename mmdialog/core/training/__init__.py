@@ -70,11 +70,12 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def _trainer(t: Any, out: Path, callbacks: list[L.Callback], loggers: list, progress: bool,
-             validate: bool, model: DialogueModel) -> L.Trainer:
+             validate: bool, strategy: Any = None) -> L.Trainer:
+    """``strategy``: what Lightning gets (``lightning_strategy``); default ``t.strategy``."""
     return L.Trainer(
         max_steps=t.max_steps, accumulate_grad_batches=t.accumulate, precision=resolve_precision(t.precision),
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        strategy=lightning_strategy(t.strategy, model),
+        strategy=t.strategy if strategy is None else strategy,
         default_root_dir=out, log_every_n_steps=t.log_every, callbacks=callbacks, logger=loggers,
         enable_progress_bar=progress, enable_model_summary=False, gradient_clip_val=t.gradient_clip or None,
         plugins=[AtomicCheckpointIO()], use_distributed_sampler=True,
@@ -134,7 +135,7 @@ def train(model: DialogueModel, progress: bool = True, resume: str | Path | bool
     if t.deterministic:
         L.seed_everything(cfg.model.seed, workers=True, verbose=False)
     try:
-        trainer = _trainer(t, out, callbacks, loggers, progress, validate, model)
+        trainer = _trainer(t, out, callbacks, loggers, progress, validate, lightning_strategy(t.strategy, model))
     except (ValueError, MisconfigurationException) as e:  # a strategy, accelerator or precision this machine lacks
         raise ConfigError(f"train: {str(e).splitlines()[0]}") from None
     if t.compile:
