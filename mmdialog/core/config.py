@@ -135,8 +135,8 @@ class TrainConfig(_Strict):
     offload_cached_encoders: bool = Field(
         True, description="single-device runs: after the first epoch this process ran whole, every training "
                           "photo is cached, so the frozen encoders behind the caches (BLIP-2's ViT and Q-Former, "
-                          "the VAE) move to the CPU and come back only for a photo not yet cached or for "
-                          "inference; same numerics")
+                          "the VAE) move to the CPU and come back only for a photo not yet cached, for dev "
+                          "evaluation and after training; same numerics")
     activation_memory_budget: float | None = Field(
         None, gt=0, le=1, description="with compile: the share of a compiled block's activations kept for the "
                                       "backward pass; the compiler recomputes the cheapest ops to fit it "
