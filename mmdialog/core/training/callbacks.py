@@ -179,14 +179,14 @@ class OffloadCachedEncoders(L.Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Dev replies perceive every photo of their context: one move each way, not one per batch.
+    def _bring_back(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for module in self.offloaded:
             module.to(pl_module.device)
+
+    # Dev replies perceive every photo of their context: one move each way, not one per batch.
+    on_validation_start = _bring_back
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         offload(self.offloaded)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for module in self.offloaded:
-            module.to(pl_module.device)
+    on_train_end = _bring_back

@@ -279,7 +279,7 @@ class LatentDiffusionGenerator(Generator):
     def _latents(self, pixels: torch.Tensor, keys: list[str] | None) -> torch.Tensor:
         vae = self.vae
         x = (pixels * 2 - 1).to(vae.dtype)                                    # (N, 3, H, W) in [-1, 1]
-        frozen = not any(p.requires_grad for p in vae.parameters())
+        frozen = self._vae_frozen()
         if self.options.latent_cache and frozen and keys and all(keys):
             def posterior(i: int) -> tuple[torch.Tensor, torch.Tensor]:
                 dist = vae.encode(x[i:i + 1]).latent_dist
@@ -296,10 +296,13 @@ class LatentDiffusionGenerator(Generator):
                 z = vae.encode(x).latent_dist.sample()                        # (N, 4, H/f, W/f)
         return z * vae.config.scaling_factor
 
+    def _vae_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.vae.parameters())
+
     def cached_encoders(self) -> list[nn.Module]:
         # With random flips an epoch need not show both mirror images of every photo.
-        frozen = not any(p.requires_grad for p in self.vae.parameters())
-        return [self.vae] if self.options.latent_cache and frozen and not self.options.random_flip else []
+        cached = self.options.latent_cache and self._vae_frozen() and not self.options.random_flip
+        return [self.vae] if cached else []
 
     def loss(self, conditioning: Any, pixels: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
         """Diffusion loss E‖ε − ε_θ(z_t, t, c)‖² (Ho et al. 2020; v-target when
