@@ -107,3 +107,76 @@ def test_no_module_imports_a_private_name_of_another():
                 bad += [f"{module_name(f)}: {node.module}.{a.name}" for a in node.names
                         if a.name.startswith("_") and not a.name.startswith("__")]
     assert bad == []
+
+
+# -- core names no built-in -----------------------------------------------------------------------
+#: Plugin names that are also words of core's own vocabulary, in another sense: a text perceiver's
+#: ``kind`` and a message's ``text`` field; a photo's ``caption`` (a library photo's, a record's).
+CORE_WORDS = {"text", "caption"}
+
+
+def builtin_plugins() -> dict[str, tuple[str, str]]:
+    """name → (kind, "module:Class"), read from the table in ``plugins/__init__.py``."""
+    tree = ast.parse((PACKAGE / "plugins" / "__init__.py").read_text(encoding="utf-8"))
+    return {call.args[1].value: (call.args[0].value, call.args[2].value) for call in ast.walk(tree)
+            if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "Plugin"}
+
+
+def parameter_groups(module: str) -> set[str]:
+    """The group names a plugin module (and any base module it imports from plugins/) spells
+    out: keys of the dicts ``parameter_groups`` builds, and ``trainable_by_default`` entries."""
+    path = PACKAGE.parent / (module.replace(".", "/") + ".py")
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == "parameter_groups":
+            for n in ast.walk(node):
+                if isinstance(n, ast.Dict):
+                    out |= {k.value for k in n.keys if isinstance(k, ast.Constant)}
+                if isinstance(n, ast.Subscript) and isinstance(n.ctx, ast.Store) and isinstance(n.slice, ast.Constant):
+                    out.add(n.slice.value)
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "trainable_by_default"
+                                                for t in node.targets):
+            out |= {e.value for e in ast.walk(node.value) if isinstance(e, ast.Constant)}
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mmdialog.plugins."):
+            out |= parameter_groups(node.module)
+    return out
+
+
+def builtin_names() -> set[str]:
+    """What core may not spell: every built-in plugin's name, every parameter group of one,
+    bare and as the freeze policy's ``component.group`` key."""
+    plugins = builtin_plugins()
+    names = set(plugins) - CORE_WORDS
+    for kind, factory in plugins.values():
+        groups = parameter_groups(factory.split(":")[0])
+        slots = (kind, "retriever") if kind == "generator" else (kind,)  # a generator may stand as the retriever
+        names |= groups | {f"{slot}.{g}" for slot in slots for g in groups}
+    return names
+
+
+def string_constants(path: Path) -> list[tuple[int, str]]:
+    """Every string constant of a module (f-string parts included), docstrings aside."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [(n.lineno, n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
+
+
+def test_the_builtin_names_are_read():
+    names = builtin_names()
+    assert {"hf", "qformer", "gumbel", "sd", "sdxl", "library"} <= names           # the table
+    assert {"lora", "new_token_rows", "projection", "unet", "vae", "embedder"} <= names  # their groups
+    assert {"llm.lora", "perceiver.projection", "generator.unet"} <= names
+    assert not names & {"llm", "generator", "pixels", "name"}
+
+
+def test_core_names_no_builtin_plugin_or_group():
+    """Core holds the contract; which built-in trains what, or how the reference recipe sets
+    one, lives in the plugin or in a preset file (``core/presets``)."""
+    names = builtin_names()
+    found = [f"{f.relative_to(PACKAGE.parent)}:{line}: {value!r}" for f in sorted((PACKAGE / "core").rglob("*.py"))
+             for line, value in string_constants(f) if value in names]
+    assert found == []

@@ -2,7 +2,7 @@
 import pytest
 
 from mmdialog import ConfigError, build, load_config
-from mmdialog.core.config import DEFAULT_TRAINABLE, dump_config
+from mmdialog.core.config import dump_config
 
 
 @pytest.mark.parametrize("preset", ["tiny", "paper", "paper-24gb"])
@@ -87,12 +87,13 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "none.yaml")
-    with pytest.raises(ConfigError, match="unknown preset 'huge'; available: tiny, paper"):
+    with pytest.raises(ConfigError, match=r"unknown preset 'huge'; available: paper, paper-24gb, tiny \(or give a path"):
         load_config("huge")
 
 
 def test_freeze_policy_is_applied_and_overridable(tiny):
-    assert tiny.trainable_groups == sorted(k for k, v in DEFAULT_TRAINABLE.items() if v)
+    # The paper's policy, each group marked trainable_by_default by its plugin.
+    assert tiny.trainable_groups == ["generator.unet", "llm.lora", "llm.new_token_rows", "perceiver.projection"]
     frozen = {n for n, p in tiny.named_parameters() if not p.requires_grad}
     assert any("vae" in n for n in frozen) and any("text_encoders" in n for n in frozen)
     assert any(n.startswith("perceiver.vision") for n in frozen)

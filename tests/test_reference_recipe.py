@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mmdialog import build, load_config
-from mmdialog.core.config import REFERENCE_RECIPE
+from mmdialog.core.config import PRESETS, recipe
 from mmdialog.core.data import demo_dialogues
 from mmdialog.core.training import _trainer, train
 from mmdialog.core.training.data import DialogueDataModule, dialogue_words
@@ -39,12 +39,25 @@ def test_the_recipe_overrides_the_paper_preset_in_one_place_and_flags_override_i
     assert (over.data.batch_size, over.train.accumulate) == (16, 1)
 
 
+def test_the_recipe_is_an_overlay_file_beside_the_presets_with_its_decoding():
+    from mmdialog.core.generation import GenerationOptions
+
+    assert "reference" not in PRESETS and {"tiny", "paper", "paper-24gb"} <= set(PRESETS)
+    overlay = recipe("reference")
+    options = GenerationOptions.parse(overlay.pop("decoding"))
+    assert (options.num_beams, options.max_new_tokens, options.num_inference_steps, options.guidance_scale) == \
+        (2, 30, 20, 7.5)
+    # Every other key is a config section: merged over a preset it validates as a config.
+    assert set(overlay) == {"model", "data", "train"}
+    assert load_config({**load_config("tiny").model_dump(), "data": overlay["data"]}).data.order == "length"
+
+
 def test_config_show_prints_the_recipe():
     out = CliRunner().invoke(app, ["config", "show", "-c", "paper", "--reference-recipe"])
     assert out.exit_code == 0, out.output
     shown = yaml.safe_load(out.output)
     assert shown["model"]["llm"]["prompt_format"] == "reference" and shown["data"]["order"] == "length"
-    assert shown["train"]["gradient_clip"] == REFERENCE_RECIPE["train"]["gradient_clip"]
+    assert shown["train"]["gradient_clip"] == recipe("reference")["train"]["gradient_clip"]
     plain = yaml.safe_load(CliRunner().invoke(app, ["config", "show", "-c", "paper"]).output)
     assert plain["data"]["order"] == "shuffle"
 

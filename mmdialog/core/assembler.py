@@ -5,7 +5,8 @@ the LLM width), bridge (needs both vocabularies) — each by its registered
 plugin, and then the retriever of a generator chain (``library,sd``), which
 the model puts in front of the generator. No plugin builds another one.
 Then every parameter is frozen and exactly the groups the policy names are
-unfrozen. The policy's defaults are ``config.DEFAULT_TRAINABLE``.
+unfrozen. The policy's defaults are what each plugin marks
+``trainable_by_default`` (it knows its own parts).
 
 ``load`` builds a saved model back (an exported folder, a training
 checkpoint, or a preset) and ``export`` turns a checkpoint into a folder: both
@@ -22,7 +23,6 @@ import torch
 from mmdialog.core import assets
 from mmdialog.core.checkpoint import BEST, LAST, TRAINABLE, find_checkpoint, read_checkpoint
 from mmdialog.core.config import (
-    DEFAULT_TRAINABLE,
     PRESETS,
     Config,
     config_from_yaml,
@@ -77,11 +77,11 @@ def build(config: str | Path | dict[str, Any] | Config = "tiny", /,
 
 
 def freeze_policy(model: DialogueModel, overrides: dict[str, bool]) -> dict[str, bool]:
-    """Group → trainable: the built-in defaults, then what each plugin marks
-    ``trainable_by_default`` (it knows its own parts), then the config's overrides."""
+    """Group → trainable: what each plugin marks ``trainable_by_default`` (it
+    knows its own parts), then the config's overrides; any other group is frozen."""
     plugins = {f"{slot}.{group}": True for slot, comp in model.components().items()
                for group in comp.trainable_by_default}
-    return {**DEFAULT_TRAINABLE, **plugins, **overrides}
+    return {**plugins, **overrides}
 
 
 def apply_freeze_policy(model: DialogueModel, overrides: dict[str, bool]) -> list[str]:

@@ -17,26 +17,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from mmdialog.core.errors import ConfigError, validation_message
 from mmdialog.core.hookspecs import KIND_NAMES
 
-PRESETS = ("tiny", "paper", "paper-24gb")
+#: Presets and recipes are YAML files in ``core/presets/``: ``NAME.yaml`` is a preset (a whole
+#: config, or one that starts from another with ``preset: NAME``), ``NAME.recipe.yaml`` a recipe,
+#: an overlay merged over any config (``--reference-recipe``).
+PRESET_FILES = resources.files("mmdialog.core.presets")
+RECIPE_SUFFIX = ".recipe.yaml"
+PRESETS = tuple(sorted(f.name.removesuffix(".yaml") for f in PRESET_FILES.iterdir()
+                       if f.name.endswith(".yaml") and not f.name.endswith(RECIPE_SUFFIX)))
 #: Config sections that name a plugin: the four kinds, and the optional retriever
 #: a generator chain (``library,sd``) puts in front of the generator.
 SLOTS = (*KIND_NAMES, "retriever")
-
-#: The freeze policy's defaults (the reference trains the same set, except that
-#: it trains *all* rows of embed_tokens / lm_head: docs/design.md §2). Keys are
-#: ``component.group``; groups come from each plugin's ``parameter_groups``.
-DEFAULT_TRAINABLE: dict[str, bool] = {
-    "llm.lora": True,
-    "llm.new_token_rows": True,
-    "llm.embeddings": False,
-    "llm.base": False,
-    "perceiver.projection": True,
-    "perceiver.qformer": False,
-    "perceiver.vision": False,
-    "generator.unet": True,
-    "generator.text_encoder": False,
-    "generator.vae": False,
-}
 
 
 class _Strict(BaseModel):
@@ -64,7 +54,8 @@ class ModelConfig(_Strict):
                           "well enough (e.g. library); the generator draws the others")
     trainable: dict[str, bool] = Field(
         default_factory=dict,
-        description="freeze-policy overrides, e.g. {'llm.embeddings': true}; see DEFAULT_TRAINABLE")
+        description="freeze-policy overrides by 'component.group' (e.g. {'llm.embeddings': true}); "
+                    "the defaults are what each plugin marks trainable_by_default")
     image_loss_weight: float = Field(1.0, ge=0, description="λ in loss = L_text + λ·L_img")
     max_length: int = Field(512, gt=8, description="LLM tokens per training sample (right-truncated)")
     seed: int = 0
@@ -125,10 +116,9 @@ class TrainConfig(_Strict):
                              "float32 scale per 256 numbers: 2 bytes per weight instead of 8; the update reads "
                              "them de-quantized, so it carries their rounding error; tensors under 4096 numbers "
                              "keep float32 moments) and float32 moments for every other weight")
-    optimizer_8bit_groups: list[str] = Field(
-        default_factory=lambda: ["generator.unet"],
-        description="with optimizer adamw8bit: the freeze-policy groups (component.group, see DEFAULT_TRAINABLE) "
-                    "whose moments are 8-bit")
+    optimizer_8bit_groups: list[str] | None = Field(
+        None, description="with optimizer adamw8bit: the freeze-policy groups (component.group) whose moments "
+                          "are 8-bit; None: those each plugin names in optimizer_8bit_by_default (the UNet)")
     compile: bool = Field(False, description="regional torch.compile of the repeated blocks (decoder and "
                                              "encoder layers, UNet transformer blocks); the first steps "
                                              "compile")
@@ -162,35 +152,6 @@ class TrainConfig(_Strict):
             raise ValueError("dev evaluation generates replies outside FSDP's sharded forward: with strategy "
                              "fsdp set train.val_every 0 and run `mmdialog eval` on the run afterwards")
         return self
-
-
-#: The authors' training recipe (Guo et al., E2E_PSDG), merged over any config by
-#: ``load_config(..., reference_recipe=True)`` (``--reference-recipe``); flags and
-#: ``--set`` still override it. What remains different from it: README, "The
-#: reference recipe".
-REFERENCE_RECIPE: dict[str, Any] = {
-    "model": {
-        # One sample per dialogue in their Llama-2 format and system prompt, every token trained.
-        # Llama-2's tokenizer as their transformers 4 loaded it: "<s>[INST]" → <s> ▁[ INST ].
-        "llm": {"prompt_format": "reference", "system_prompt": None, "tokenizer_options": {"legacy": True}},
-        # Their DVTM: the bag of predicted tokens times the re-tokenised description.
-        "bridge": {"name": "gumbel", "alignment": "bag", "tau": 1.0, "noise": False, "hard": True},
-        "trainable": {"llm.embeddings": True},  # all rows of embed_tokens and lm_head train
-        "image_loss_weight": 1.0,
-    },
-    # Micro-batches of 4 dialogues, 4 accumulated (16 per step), shortest dialogue first, no shuffling.
-    "data": {"batch_size": 4, "order": "length"},
-    "train": {
-        "accumulate": 4, "lr": 5.0e-5, "weight_decay": 0.01,
-        "warmup_steps": 400, "warmup_start_factor": 0.01,      # LinearLR(0.01 → 1, 400 steps)
-        "gradient_clip": 400.0,                                # clip_grad_norm_(…, 400): effectively off
-        # Dev BLEU-2 on the whole dev split after every epoch, replies with 2 beams and 30 new tokens.
-        "val_every": "epoch", "val_turns": 0, "val_max_new_tokens": 30, "val_num_beams": 2,
-        "plateau_patience": 1,                                 # ReduceLROnPlateau(patience=6 // 3 - 1)
-        # They stop when more than 6 evaluations in a row did not improve: at the 7th.
-        "early_stop_patience": 7,
-    },
-}
 
 
 class Config(_Strict):
@@ -239,10 +200,15 @@ def preset_dict(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset '{name}'; available: {', '.join(PRESETS)} "
                           "(or give a path to a YAML file)")
-    text = resources.files("mmdialog.core.presets").joinpath(f"{name}.yaml").read_text()
-    data = yaml.safe_load(text)
+    data = yaml.safe_load(PRESET_FILES.joinpath(f"{name}.yaml").read_text(encoding="utf-8"))
     # A preset may start from another one, as a YAML file may.
     return _merge(preset_dict(data.pop("preset")), data) if "preset" in data else data
+
+
+def recipe(name: str) -> dict[str, Any]:
+    """The overlay ``core/presets/NAME.recipe.yaml``: config sections, and its
+    ``decoding`` (``GenerationOptions`` fields), which is not one."""
+    return yaml.safe_load(PRESET_FILES.joinpath(f"{name}{RECIPE_SUFFIX}").read_text(encoding="utf-8"))
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -276,7 +242,8 @@ def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
                 **components: Any) -> Config:
     """Load a preset name, YAML path or dict, apply overrides, validate everything.
 
-    ``reference_recipe`` merges ``REFERENCE_RECIPE`` over the source first; the
+    ``reference_recipe`` merges the reference recipe (``presets/reference.recipe.yaml``,
+    less its ``decoding``) over the source first; the
     components and overrides then apply on top of it.
 
     ``components`` switch plugins: ``perceiver="caption"`` (a name; options of
@@ -297,7 +264,10 @@ def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
             raw = _merge(preset_dict(raw.pop("preset")), raw)
     else:
         raw = preset_dict(str(source))
-    raw = _merge(raw, REFERENCE_RECIPE if reference_recipe else {})
+    if reference_recipe:
+        overlay = recipe("reference")
+        overlay.pop("decoding")
+        raw = _merge(raw, overlay)
     model = raw.setdefault("model", {})
     if isinstance(model, dict):
         model.update(ModelConfig._chain_from_fallback(model))
@@ -368,11 +338,10 @@ def validate_plugins(config: Config) -> dict[str, Any]:
     if config.data.format != "auto" and config.data.format not in reg.dataset_formats():
         raise ConfigError(f"config field 'data.format': unknown dataset format '{config.data.format}'; "
                           f"use auto, {', '.join(reg.dataset_formats())}")
-    unknown = set(config.model.trainable) - set(DEFAULT_TRAINABLE)
-    for key in unknown:
+    for key in config.model.trainable:
         if "." not in key:
-            raise ConfigError(f"config field 'model.trainable.{key}': use 'component.group', "
-                              f"e.g. {', '.join(list(DEFAULT_TRAINABLE)[:3])}")
+            raise ConfigError(f"config field 'model.trainable.{key}': use 'component.group' with a component "
+                              f"of {', '.join(SLOTS)}, e.g. llm.{key}")
     return parsed
 
 

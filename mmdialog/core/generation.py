@@ -47,12 +47,6 @@ class GenerationOptions(BaseModel):
                                 else f"generation option {validation_message(e)}") from None
 
 
-# The reference's evaluation decoding: beam search of 2 beams, 30 new tokens; each photo drawn by
-# Stable Diffusion with 20 steps at guidance 7.5 (the `--reference-recipe` of `mmdialog eval`).
-REFERENCE_DECODING: dict[str, Any] = {"num_beams": 2, "max_new_tokens": 30, "num_inference_steps": 20,
-                                      "guidance_scale": 7.5}
-
-
 @dataclass
 class Reply:
     """What the agent says. ``text`` keeps any ``[img] … [/img]`` markup

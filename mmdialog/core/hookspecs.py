@@ -77,7 +77,9 @@ class DatasetFormat:
     * ``record_id(record, raw) -> str``: its id, for problem reports;
     * ``parse(raw, *, file, report, split, **options) -> (Dialogue, n_messages)``:
       raise ``RecordError`` for a bad record (it is reported, skipped and counted);
-      ``options`` are the keyword options named in ``options``.
+      ``options`` are the keyword options named in ``options``;
+    * ``check(**options)``: raise ``ValueError`` for a bad option value, before
+      any file is read (the loader calls it with the options named in ``options``).
     """
 
     name: str
@@ -86,6 +88,7 @@ class DatasetFormat:
     parse: Callable[..., tuple[Dialogue, int]]
     description: str = ""
     options: tuple[str, ...] = ()
+    check: Callable[..., None] | None = None
 
 
 @hookspec

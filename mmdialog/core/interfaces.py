@@ -49,9 +49,12 @@ class Component(nn.Module, ABC):
     """Common base: an options model, a factory and named parameter groups."""
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions
-    #: Groups the freeze policy trains unless the config says otherwise (the
-    #: built-ins' defaults are ``config.DEFAULT_TRAINABLE``).
+    #: Groups the freeze policy trains unless the config's ``model.trainable`` says
+    #: otherwise; every other group is frozen.
     trainable_by_default: ClassVar[tuple[str, ...]] = ()
+    #: Groups whose AdamW moments are 8-bit with ``train.optimizer: adamw8bit`` unless
+    #: ``train.optimizer_8bit_groups`` names others (the large trainable ones).
+    optimizer_8bit_by_default: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_options(cls, options: PluginOptions, ctx: BuildContext) -> Component:

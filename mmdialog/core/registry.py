@@ -36,12 +36,10 @@ class Registry:
         for batch in self.pm.hook.mmdialog_plugins():
             for plugin in batch:
                 self._add(plugin)
-        # Installed formats first (they are the more specific), then the built-ins in their order.
-        impls = sorted(self.pm.hook.mmdialog_dataset_formats.get_hookimpls(),
-                       key=lambda i: (i.plugin_name in BUILTIN_MODULES,
-                                      BUILTIN_MODULES.index(i.plugin_name) if i.plugin_name in BUILTIN_MODULES else 0))
-        for impl in impls:
-            for fmt in impl.function():
+        # Installed formats first (they are the more specific), then the built-ins in their order:
+        # these are ``trylast``, and pluggy calls ``trylast`` implementations in registration order.
+        for batch in self.pm.hook.mmdialog_dataset_formats():
+            for fmt in batch:
                 self.register_format(fmt)
         for batch in self.pm.hook.mmdialog_prompt_formats():
             for cls in batch:

@@ -96,8 +96,7 @@ def _photos(images: Any, description: Any, where: str) -> list[Photo]:
 def parse_record(raw: RawRecord, *, file: str, report: LoadReport, split: str | None = None,
                  speaker_names: str = "keep") -> tuple[Dialogue, int]:
     """One DialogCC record → (Dialogue, number of utterances). Raises RecordError."""
-    if speaker_names not in SPEAKER_MODES:
-        raise ValueError(f"speaker_names must be one of {SPEAKER_MODES}, not {speaker_names!r}")
+    check_options(speaker_names)
     rec = raw.value
     utts = object_list(rec, "dialogue", "utterance")
     idx = [u.get("utterance_idx") for u in utts]
@@ -128,7 +127,14 @@ def parse_record(raw: RawRecord, *, file: str, report: LoadReport, split: str | 
     return Dialogue(id=did, turns=turns, source="dialogcc", split=rsplit or split), len(utts)
 
 
-@hookimpl
+def check_options(speaker_names: str) -> None:
+    """A bad option value is a ``ValueError``, before any record is read."""
+    if speaker_names not in SPEAKER_MODES:
+        raise ValueError(f"speaker_names must be one of {SPEAKER_MODES}, not {speaker_names!r}")
+
+
+@hookimpl(trylast=True)  # after installed formats: ``format: auto`` tries the more specific first
 def mmdialog_dataset_formats() -> list[DatasetFormat]:
     return [DatasetFormat("dialogcc", is_dialogcc_record, record_id, parse_record,
-                          "DialogCC (Hugging Face JSON; several photos per dialogue)", ("speaker_names",))]
+                          "DialogCC (Hugging Face JSON; several photos per dialogue)", ("speaker_names",),
+                          check_options)]

@@ -203,7 +203,7 @@ def write_jsonl(dialogues: Iterable[Dialogue], path: str | Path, *, relative_pat
     return n
 
 
-@hookimpl
+@hookimpl(trylast=True)  # after installed formats: ``format: auto`` tries the more specific first
 def mmdialog_dataset_formats() -> list[DatasetFormat]:
     return [DatasetFormat("jsonl", is_jsonl_record, record_id, parse_record,
                           "mmdialog's own JSONL schema (one dialogue a line)", ())]

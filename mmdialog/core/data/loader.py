@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mmdialog.core.data import dialogcc, photochat
 from mmdialog.core.data.images import image_index, verify_image
 from mmdialog.core.data.records import (
     RawRecord,
@@ -107,13 +106,13 @@ def load_dialogues(
     reg = default_registry()
     if format != "auto" and format not in reg.dataset_formats():
         raise DataError(f"--format must be one of auto, {', '.join(reg.dataset_formats())}, not {format!r}")
-    try:
-        photochat.clean_description("", description_style, person)  # validate options early
-    except ValueError as e:
-        raise DataError(str(e)) from None
-    if speaker_names not in dialogcc.SPEAKER_MODES:
-        raise DataError(f"speaker_names must be one of {dialogcc.SPEAKER_MODES}, not {speaker_names!r}")
     options = {"description_style": description_style, "person": person, "speaker_names": speaker_names}
+    for fmt in map(reg.dataset_format, reg.dataset_formats()):  # each reader checks its own options, early
+        try:
+            if fmt.check is not None:
+                fmt.check(**{k: options[k] for k in fmt.options})
+        except ValueError as e:
+            raise DataError(str(e)) from None
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(f"{root}: no such file or folder", file=str(root))

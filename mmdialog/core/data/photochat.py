@@ -175,7 +175,13 @@ def parse_record(raw: RawRecord, *, file: str, report: LoadReport, split: str | 
     return Dialogue(id=did_full, turns=turns, source="photochat", split=split), len(messages)
 
 
-@hookimpl
+def check_options(description_style: str, person: str) -> None:
+    """A bad option value is a ``ValueError``, before any record is read."""
+    clean_description("", description_style, person)
+
+
+@hookimpl(trylast=True)  # after installed formats: ``format: auto`` tries the more specific first
 def mmdialog_dataset_formats() -> list[DatasetFormat]:
     return [DatasetFormat("photochat", is_photochat_record, record_id, parse_record,
-                          "PhotoChat official JSON (google-research/multimodalchat)", ("description_style", "person"))]
+                          "PhotoChat official JSON (google-research/multimodalchat)", ("description_style", "person"),
+                          check_options)]

@@ -137,11 +137,14 @@ def build_optimizer(model: DialogueModel, t: TrainConfig) -> torch.optim.Optimiz
         fused = t.fused_optimizer and all(p.is_cuda for p in params)
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
     groups = model.parameter_groups()
-    unknown = sorted(set(t.optimizer_8bit_groups) - set(groups))
+    names = t.optimizer_8bit_groups
+    if names is None:  # what each plugin names as its large groups
+        names = [f"{slot}.{g}" for slot, comp in model.components().items() for g in comp.optimizer_8bit_by_default]
+    unknown = sorted(set(names) - set(groups))
     if unknown:
         raise ConfigError(f"config field 'train.optimizer_8bit_groups': no parameter group '{unknown[0]}'; "
                           f"this model has: {', '.join(sorted(groups))}")
-    eight = {id(p) for g in t.optimizer_8bit_groups for p in groups[g]}
+    eight = {id(p) for g in names for p in groups[g]}
     by_bits = {bits: [p for p in params if (id(p) in eight) == (bits == 8)] for bits in (8, 32)}
     return adamw_8bit([{"params": ps, "optim_bits": bits} for bits, ps in by_bits.items() if ps],
                       lr=t.lr, weight_decay=t.weight_decay)

@@ -183,6 +183,10 @@ class LatentDiffusionGenerator(Generator):
     vae: nn.Module
     unet: nn.Module
     text_encoders: nn.ModuleList
+    # The UNet trains fully; the text encoder(s) and the VAE stay frozen (docs/design.md §2).
+    trainable_by_default = ("unet",)
+    # The UNet holds nearly all trainable weights: with train.optimizer adamw8bit its moments are 8-bit.
+    optimizer_8bit_by_default = ("unet",)
     tokenizers: list[Any]
     train_scheduler: Any
     sample_scheduler: Any

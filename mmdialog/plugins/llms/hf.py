@@ -144,6 +144,9 @@ class AddedTokenHead(nn.Module):
 
 class HFLanguageModel(LanguageModel):
     Options = HFOptions
+    # LoRA and the rows of the added tokens train; the base weights stay frozen (the reference
+    # also trains every row of embed_tokens / lm_head: its recipe sets llm.embeddings, docs/design.md §2).
+    trainable_by_default = ("lora", "new_token_rows")
 
     def __init__(self, options: HFOptions) -> None:
         super().__init__()

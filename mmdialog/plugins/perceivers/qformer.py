@@ -47,6 +47,8 @@ class QFormerOptions(PluginOptions):
 
 class QFormerPerceiver(Perceiver):
     Options = QFormerOptions
+    # BLIP-2's ViT and Q-Former stay frozen; the projection into the LLM's width trains.
+    trainable_by_default = ("projection",)
 
     def __init__(self, options: QFormerOptions, llm_width: int) -> None:
         super().__init__()

@@ -132,16 +132,16 @@ def evaluate(
 ) -> None:
     """Per-turn evaluation (gold context, both speakers): BLEU-1/2, ROUGE-L, intent F1, FID/KID/IS."""
     from mmdialog.core.assembler import build, load
+    from mmdialog.core.config import recipe
     from mmdialog.core.evaluation import evaluate as run_eval
     from mmdialog.core.evaluation import write_results
     from mmdialog.core.evaluation.metrics.image import load_inception_weights, require_torch_fidelity
-    from mmdialog.core.generation import REFERENCE_DECODING
     from mmdialog.core.training.data import read_dialogues
 
     if inception_weights and not no_images:  # before minutes of generation, not after
         require_torch_fidelity()
         load_inception_weights(inception_weights)
-    options = {**(REFERENCE_DECODING if reference_recipe else {"max_new_tokens": 48}),
+    options = {**(recipe("reference")["decoding"] if reference_recipe else {"max_new_tokens": 48}),
                **{k: v for k, v in {"max_new_tokens": max_new_tokens, "num_inference_steps": steps}.items()
                   if v is not None}}
 
