@@ -53,7 +53,7 @@ import torch  # noqa: E402
 from mmdialog import build  # noqa: E402
 from mmdialog.core import assets  # noqa: E402
 from mmdialog.core.caching import offload  # noqa: E402
-from mmdialog.core.data.collate import IGNORE, Batch  # noqa: E402
+from mmdialog.core.collator import IGNORE, Batch  # noqa: E402
 from mmdialog.core.training import build_optimizer, compile_repeated_blocks  # noqa: E402
 
 PEAK_FLOPS = 989e12

@@ -23,8 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from mmdialog import build  # noqa: E402
+from mmdialog.core.collator import training_samples  # noqa: E402
 from mmdialog.core.data import demo_dialogues  # noqa: E402
-from mmdialog.core.data.collate import training_samples  # noqa: E402
 from mmdialog.core.vocab import build_static_map, static_map  # noqa: E402
 
 TARGETS = {"step_s": 1.2, "bridge_fraction": 0.10, "peak_rss_gb": 4.0, "map_cached_load_s": 1.0}

@@ -23,8 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from mmdialog import build  # noqa: E402
+from mmdialog.core.collator import training_samples  # noqa: E402
 from mmdialog.core.data import demo_dialogues  # noqa: E402
-from mmdialog.core.data.collate import training_samples  # noqa: E402
 
 TARGET_RATIO = 1.3
 

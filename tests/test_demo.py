@@ -10,7 +10,7 @@ from sharing_model import CAT_PROMPT, HELLO_PROMPT, ROOT, exported_dir, run_cli
 
 from mmdialog.core.config import load_config
 from mmdialog.core.data.demo import demo_library, share_dialogues
-from mmdialog.core.training.data import read_dialogues
+from mmdialog.core.data.source import read_dialogues
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_demo import ASKED, SMALL_TALK  # noqa: E402

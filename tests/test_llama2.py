@@ -6,8 +6,8 @@ import torch
 from llama2 import tiny_llama2_folder
 
 from mmdialog import Turn, build
+from mmdialog.core.collator import IGNORE, training_samples
 from mmdialog.core.data import demo_dialogues, dialogue_samples
-from mmdialog.core.data.collate import IGNORE, training_samples
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 import torch
 
 from mmdialog import Photo, Reply, Turn
-from mmdialog.core.data.collate import IGNORE
+from mmdialog.core.collator import IGNORE
 from mmdialog.core.markup import spans as description_spans
 
 
@@ -72,7 +72,7 @@ def test_scoring_only_labelled_positions_matches_full_logits(tiny, cat_dialogue)
 def test_frozen_parts_stay_in_eval_mode_while_training(cat_photo):
     """The frozen Q-Former's dropout (p=0.1) is off in training; trainable parts train."""
     from mmdialog import build
-    from mmdialog.core.data.collate import default_image_loader
+    from mmdialog.core.collator import default_image_loader
 
     px = default_image_loader(cat_photo, 64)[None]
     frozen = build("tiny").train()
@@ -90,7 +90,7 @@ def test_frozen_parts_stay_in_eval_mode_while_training(cat_photo):
 
 def test_perceiver_features_of_a_frozen_trunk_are_computed_once_per_photo(cat_photo):
     from mmdialog import build
-    from mmdialog.core.data.collate import default_image_loader
+    from mmdialog.core.collator import default_image_loader
 
     px = default_image_loader(cat_photo, 64)[None]
     m = build("tiny").train()

@@ -14,7 +14,7 @@ import skimage
 import torch
 
 from mmdialog import Dialogue, GeneratedImage, Photo, Turn
-from mmdialog.core.data.collate import IGNORE
+from mmdialog.core.collator import IGNORE
 from mmdialog.core.data.images import to_tensor
 from mmdialog.core.generation import TextDeltas
 from mmdialog.core.markup import placed

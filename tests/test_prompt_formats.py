@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from llama2 import tiny_llama2_folder
 
 from mmdialog import ConfigError, Dialogue, PromptFormat, Turn, build, load_config
+from mmdialog.core.collator import IGNORE
 from mmdialog.core.data import demo_dialogues, dialogue_samples
-from mmdialog.core.data.collate import IGNORE
 from mmdialog.core.prompts import REFERENCE_SYSTEM_PROMPT, TemplateFormat
 from mmdialog.core.registry import default_registry
 

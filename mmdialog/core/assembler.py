@@ -68,7 +68,9 @@ def build(config: str | Path | dict[str, Any] | Config = "tiny", /,
     if cfg.model.retriever is not None:
         plugin = reg.get("generator", cfg.model.retriever.name)
         retriever = plugin.factory.from_options(options["retriever"], BuildContext(cache_dir=ctx.cache_dir))
-    model = DialogueModel(built["llm"], built["perceiver"], built["bridge"], built["generator"], cfg,
+    llm = built["llm"]
+    prompt_format = reg.prompt_format(llm.prompt_format)(llm, llm.system_prompt)
+    model = DialogueModel(llm, built["perceiver"], built["bridge"], built["generator"], cfg, prompt_format,
                           retriever=retriever)
     if device is not None:
         model.to(device)  # anything a plugin created on the CPU explicitly

@@ -26,6 +26,7 @@ import torch
 from mmdialog.core import markup
 from mmdialog.core.data.schema import Dialogue, Photo, Turn
 from mmdialog.core.errors import DataError
+from mmdialog.core.interfaces import LanguageModel, Perceiver
 from mmdialog.core.prompts import PromptFormat, TemplateFormat
 
 IGNORE = -100
@@ -60,19 +61,17 @@ class Batch:
 
 
 class Collator:
-    """Builds ``Batch`` objects for a given LLM, perceiver and generator."""
+    """Builds ``Batch`` objects for a given LLM, perceiver and generator resolution,
+    with the prompt format the assembler hands it (``model.llm.prompt_format``)."""
 
-    def __init__(self, llm, perceiver, generator_resolution: int, max_length: int,
-                 image_loader: ImageLoader | None = None) -> None:
-        from mmdialog.core.registry import default_registry
-
+    def __init__(self, llm: LanguageModel, perceiver: Perceiver, prompt_format: PromptFormat,
+                 generator_resolution: int, max_length: int, image_loader: ImageLoader | None = None) -> None:
         self.llm, self.perceiver = llm, perceiver
         self.k = perceiver.num_tokens if perceiver.kind == "pixels" else 0
         self.gen_res = generator_resolution
         self.max_length = max_length
         self.load_image = image_loader or default_image_loader
-        fmt = default_registry().prompt_format(getattr(llm, "prompt_format", "template"))
-        self.format = fmt(llm, getattr(llm, "system_prompt", None))
+        self.format = prompt_format
 
     # -- messages ---------------------------------------------------------------------------
     def written(self, turns: list[Turn], agent: str) -> list[bool]:

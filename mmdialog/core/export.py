@@ -60,9 +60,9 @@ def save_pretrained(model: DialogueModel, out_dir: str | Path, metrics: dict[str
 def _token_additions(model: DialogueModel) -> dict[str, Any]:
     llm = model.llm
     tok = llm.tokenizer
-    added = {t: i for t, i in sorted(tok.get_added_vocab().items(), key=lambda kv: kv[1])
-             if i >= getattr(llm, "base_vocab", len(tok))}
-    return {"base_vocab": getattr(llm, "base_vocab", None), "added_tokens": added,
+    base = len(tok) if llm.base_vocab is None else llm.base_vocab
+    added = {t: i for t, i in sorted(tok.get_added_vocab().items(), key=lambda kv: kv[1]) if i >= base}
+    return {"base_vocab": llm.base_vocab, "added_tokens": added,
             "img_open": tok.convert_ids_to_tokens(llm.img_open_id),
             "img_close": tok.convert_ids_to_tokens(llm.img_close_id),
             "image_token": tok.convert_ids_to_tokens(llm.image_token_id)}

@@ -14,6 +14,7 @@ The description markup is ``core/markup.py``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -103,6 +104,7 @@ class LanguageModel(Component):
     image_token_id: int  # placeholder replaced by a perceiver's K embeddings
     pad_token_id: int
     stop_ids: list[int]  # ids that end the assistant's turn
+    base_vocab: int | None = None  # tokenizer size before the model added its tokens (None: it added none)
     user_first: bool = False
     prompt_format: str = "template"
     system_prompt: str | None = None
@@ -115,8 +117,10 @@ class LanguageModel(Component):
                 positions: torch.Tensor | None = None) -> torch.Tensor: ...
 
     @abstractmethod
-    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                 **options: Any) -> torch.Tensor: ...
+    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int = 64,
+                 temperature: float = 0.0, num_beams: int = 1, stop_ids: list[int] | None = None,
+                 suppress: list[list[int]] | None = None,
+                 on_step: Callable[[list[int]], None] | None = None) -> torch.Tensor: ...
 
     @abstractmethod
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str: ...
@@ -246,7 +250,7 @@ class Match:
 class Retriever(ABC):
     """A generator that can also stand in front of another one (``library,sd``).
 
-    The assembler composes the chain (``core/chain.py``): for each description
+    ``DialogueModel.share`` runs the chain: for each description
     the retriever's best ``match`` is shared when its score reaches
     ``threshold``; the generator behind it draws the others.
     """

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmdialog.core import markup
+from mmdialog.core.collator import IGNORE, Batch, Collator
 from mmdialog.core.config import Config
-from mmdialog.core.data.collate import IGNORE, Batch, Collator
 from mmdialog.core.data.schema import Turn
 from mmdialog.core.generation import GenerationOptions, Reply, StreamCallback, TextDeltas
 from mmdialog.core.interfaces import (
@@ -48,18 +48,20 @@ from mmdialog.core.interfaces import (
 )
 
 if TYPE_CHECKING:
+    from mmdialog.core.prompts import PromptFormat
     from mmdialog.core.session import Session
 
 
 class DialogueModel(nn.Module):
     def __init__(self, llm: LanguageModel, perceiver: Perceiver, bridge: Bridge,
-                 generator: Generator, config: Config, retriever: Retriever | None = None) -> None:
+                 generator: Generator, config: Config, prompt_format: PromptFormat,
+                 retriever: Retriever | None = None) -> None:
         super().__init__()
         self.llm, self.perceiver, self.bridge, self.generator = llm, perceiver, bridge, generator
         self.retriever = retriever  # a module of its own: its weights never mix with the generator's
         self.config = config
         self.image_loss_weight = config.model.image_loss_weight
-        self.collator = Collator(llm, perceiver, generator.resolution, config.model.max_length)
+        self.collator = Collator(llm, perceiver, prompt_format, generator.resolution, config.model.max_length)
 
     def components(self) -> dict[str, nn.Module]:
         """Slot name → component: the four kinds, and the retriever when there is one."""

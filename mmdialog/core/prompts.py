@@ -114,7 +114,7 @@ class TemplateFormat(PromptFormat):
 
     def arrange(self, messages: list[Message]) -> list[Message]:
         out = list(messages)
-        if out and out[0]["role"] == "assistant" and getattr(self.llm, "user_first", False):
+        if out and out[0]["role"] == "assistant" and self.llm.user_first:
             out.insert(0, {"role": "user", "content": ""})  # the template wants the user first
         if self.system_prompt:
             out.insert(0, {"role": "system", "content": self.system_prompt})

@@ -29,12 +29,13 @@ from mmdialog.core.data.photochat import clean_description
 from mmdialog.core.data.report import LoadReport, LoadResult, Problem
 from mmdialog.core.data.samples import TurnSample, dialogue_samples, turn_samples
 from mmdialog.core.data.schema import Dialogue, Photo, Turn
+from mmdialog.core.data.source import read_dialogues
 from mmdialog.core.errors import DataError
 
 __all__ = [
     "DEMO_DIR", "DataError", "Dialogue", "FetchReport", "ImageIndex", "LoadReport",
     "LoadResult", "Photo", "Problem", "Turn", "TurnSample", "center_crop_resize", "check_dataset",
     "clean_description", "demo_dialogues", "detect_format", "dialogue_samples", "fetch_images",
-    "fetch_urls", "formats", "load_dialogues", "load_image", "resolve_image", "to_tensor", "turn_samples",
+    "fetch_urls", "formats", "load_dialogues", "load_image", "read_dialogues", "resolve_image", "to_tensor", "turn_samples",
     "url_filename", "write_jsonl",
 ]

@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from mmdialog.core.checkpoint import BEST, LAST, TRAINABLE, resume_checkpoint, save_trainable, weights_digest
 from mmdialog.core.compiling import compile_repeated_blocks
 from mmdialog.core.data.schema import Dialogue
+from mmdialog.core.data.source import read_dialogues
 from mmdialog.core.errors import ConfigError, MMDialogError, TrainingError
 from mmdialog.core.files import atomic_write
 from mmdialog.core.model import DialogueModel
@@ -39,7 +40,7 @@ from mmdialog.core.training.callbacks import (
     StopOnSignal,
     Throughput,
 )
-from mmdialog.core.training.data import DialogueDataModule, read_dialogues
+from mmdialog.core.training.data import DialogueDataModule
 from mmdialog.core.training.module import DialogueModule, build_optimizer
 from mmdialog.core.training.strategies import full_weights, lightning_strategy
 

@@ -12,34 +12,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmdialog.core import markup
-from mmdialog.core.config import Config, DataConfig
+from mmdialog.core.config import Config
 from mmdialog.core.data.schema import Dialogue
-from mmdialog.core.errors import MMDialogError
-
-DEMO = "embedded:demo"
-DEMO_SHARE = "embedded:demo-share"
-
-
-def read_dialogues(cfg: DataConfig, split: str | None = None) -> tuple[list[Dialogue], str]:
-    """Dialogues for a data config, and a one-line summary of what was read.
-
-    Every photo is decoded once here (cheaply): one that is missing, corrupt or
-    over the pixel limit loses its path, so its sample trains the text only, and
-    is counted in the summary; ``cfg.strict`` makes it a one-line error instead.
-    """
-    from mmdialog.core.data import demo_dialogues, load_dialogues
-    from mmdialog.core.data.demo import share_dialogues
-
-    split = split or cfg.split
-    if cfg.path in (DEMO, DEMO_SHARE):
-        dialogues = demo_dialogues(split or "train") if cfg.path == DEMO else share_dialogues(split or "train")
-        return dialogues, f"{cfg.path} ({split or 'train'}): {len(dialogues)} dialogues"
-    result = load_dialogues(cfg.path, format=cfg.format, split=split, image_dir=cfg.image_dir,
-                            strict=cfg.strict, verify_images=True)
-    if not result.dialogues:
-        raise MMDialogError(f"no usable dialogues in {cfg.path} (split {split}): "
-                            f"run `mmdialog data check {cfg.path}`")
-    return result.dialogues, result.report.headline()
+from mmdialog.core.data.source import read_dialogues
 
 
 class SampleDataset(Dataset):

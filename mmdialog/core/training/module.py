@@ -9,8 +9,8 @@ import torch
 
 from mmdialog.core import checkpoint as ckpt_format
 from mmdialog.core import markup
+from mmdialog.core.collator import Batch
 from mmdialog.core.config import TrainConfig
-from mmdialog.core.data.collate import Batch
 from mmdialog.core.errors import ConfigError, TrainingError
 from mmdialog.core.model import DialogueModel
 from mmdialog.core.quantization import adamw_8bit

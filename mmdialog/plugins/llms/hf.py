@@ -242,8 +242,7 @@ class HFLanguageModel(LanguageModel):
                  max_new_tokens: int = 64, temperature: float = 0.0, num_beams: int = 1,
                  top_p: float = 1.0, stop_ids: list[int] | None = None,
                  suppress: list[list[int]] | None = None,
-                 on_step: Callable[[list[int]], None] | None = None, min_new_tokens: int = 0,
-                 **_: Any) -> torch.Tensor:
+                 on_step: Callable[[list[int]], None] | None = None, min_new_tokens: int = 0) -> torch.Tensor:
         """New token ids (B, T'). ``min_new_tokens``: no stop id before that many
         (fixed reply lengths for timing)."""
         from transformers import LogitsProcessorList

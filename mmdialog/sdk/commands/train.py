@@ -52,9 +52,9 @@ def train(
            if gradient_checkpointing else {})})
     from mmdialog.core.assembler import build
     from mmdialog.core.checkpoint import LAST, resume_checkpoint
+    from mmdialog.core.data.source import read_dialogues
     from mmdialog.core.errors import MMDialogError
     from mmdialog.core.training import train as run
-    from mmdialog.core.training.data import read_dialogues
 
     # Everything a user can get wrong is checked before the model builds (minutes at paper scale).
     out = Path(cfg.train.out_dir)
@@ -133,10 +133,10 @@ def evaluate(
     """Per-turn evaluation (gold context, both speakers): BLEU-1/2, ROUGE-L, intent F1, FID/KID/IS."""
     from mmdialog.core.assembler import build, load
     from mmdialog.core.config import recipe
+    from mmdialog.core.data.source import read_dialogues
     from mmdialog.core.evaluation import evaluate as run_eval
     from mmdialog.core.evaluation import write_results
     from mmdialog.core.evaluation.metrics.image import load_inception_weights, require_torch_fidelity
-    from mmdialog.core.training.data import read_dialogues
 
     if inception_weights and not no_images:  # before minutes of generation, not after
         require_torch_fidelity()
