@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from sharing_model import CAT_PROMPT, exported_dir, exported_sd_dir, run_cli
 
+from mmdialog.core.config import load_config
 from mmdialog.sdk.commands.common import generator_spec
 
 
@@ -89,12 +90,18 @@ def test_a_model_exported_with_sd_chats_with_a_library_in_front(chain, tmp_path)
                                                       else ("drawn", "sd"))
 
 
-def test_generator_spec():
-    assert generator_spec("library,sd") == "library,sd"
-    assert generator_spec(None) is None and generator_spec("sd") == "sd"
-    assert generator_spec(None, ".") == {"name": "library", "folder": str(Path(".").resolve())}
-    assert generator_spec("library,sd", ".") == {"name": "library", "folder": str(Path(".").resolve()),
-                                                 "fallback": {"name": "sd"}}
+def test_generator_spec_writes_the_chain_in_one_shape():
+    folder = str(Path(".").resolve())
+    assert generator_spec("library,sd") == {"generator": "library,sd"}
+    assert generator_spec(None) == {} and generator_spec("sd") == {"generator": "sd"}
+    assert generator_spec(None, ".") == {"generator": {"name": "library", "folder": folder}}
+    # No legacy ``fallback`` form: the retriever slot, as the config holds it.
+    chain = generator_spec("library,sd", ".")
+    assert chain == {"generator": {"name": "sd"}, "retriever": {"name": "library", "folder": folder}}
+    trained = load_config("tiny", {"model.generator.num_inference_steps": 7, "model.retriever.threshold": 0.3})
+    swapped = load_config(trained, **chain)
+    assert swapped.model.generator.options == trained.model.generator.options  # the trained sd's options
+    assert swapped.model.retriever.options == {"threshold": 0.3, "folder": folder}
 
 
 def test_serve_command_binds_loopback_and_answers(tmp_path):

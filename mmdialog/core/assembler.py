@@ -27,8 +27,8 @@ from mmdialog.core.config import (
     Config,
     config_from_yaml,
     load_config,
+    plugin_options,
     read_json,
-    validate_plugins,
 )
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.export import MANIFEST, check_finite, check_tokens, load_weights, read_folder, save_pretrained
@@ -51,7 +51,7 @@ def build(config: str | Path | dict[str, Any] | Config = "tiny", /,
     schedules, caches) stays there.
     """
     cfg = load_config(config, overrides, **components)
-    options = validate_plugins(cfg)
+    options = plugin_options(cfg)
     reg = default_registry()
     torch.manual_seed(cfg.model.seed)  # random-init components are reproducible
     ctx = BuildContext(cache_dir=str(assets.cache_dir()))
@@ -113,7 +113,7 @@ def apply_freeze_policy(model: DialogueModel, overrides: dict[str, bool]) -> lis
 
 # -- saved models -------------------------------------------------------------------------------
 def load(path: str | Path = "tiny", *, generator: str | dict[str, Any] | None = None,
-         device: str | torch.device | None = None) -> DialogueModel:
+         retriever: str | dict[str, Any] | None = None, device: str | torch.device | None = None) -> DialogueModel:
     """Restore a model from a folder written by ``save_pretrained`` / ``export``.
 
     A preset name (``"tiny"``) or a training checkpoint (``trainable.pt``,
@@ -121,8 +121,9 @@ def load(path: str | Path = "tiny", *, generator: str | dict[str, Any] | None = 
     chain (``"library"``, ``"library,sd"``, ``{"name": "sd", ...}``): the
     trained generator weights are kept when the chain's generator is the
     plugin they were trained with, and left out when it is another one.
+    ``retriever`` (a spec) sets the chain's retriever after ``generator``.
     """
-    components = {"generator": generator} if generator is not None else {}
+    components = {k: v for k, v in (("generator", generator), ("retriever", retriever)) if v is not None}
     text = str(path)
     if text in PRESETS or (text.endswith((".yaml", ".yml")) and Path(text).is_file()):
         model = build(text, **components)
@@ -138,7 +139,7 @@ def load(path: str | Path = "tiny", *, generator: str | dict[str, Any] | None = 
         tokens = None
         check_finite(weights, where)  # before anything is built or copied
     trained = config_from_yaml(config_yaml, where)
-    config = config_from_yaml(config_yaml, where, **components)
+    config = load_config(trained, **components)
     swapped = () if config.model.generator.name == trained.model.generator.name else ("generator",)
     model = build(config)
     if tokens is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from mmdialog.core.errors import ConfigError, validation_message
 from mmdialog.core.hookspecs import KIND_NAMES
@@ -158,6 +158,8 @@ class Config(_Strict):
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    # The plugins' parsed options (``plugin_options``), with the specs they were parsed from.
+    _plugin_options: tuple[Any, dict[str, Any]] | None = PrivateAttr(None)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -246,11 +248,16 @@ def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
     less its ``decoding``) over the source first; the
     components and overrides then apply on top of it.
 
+    A ``Config`` with nothing to apply over it is returned as it is: it was
+    validated when it was made (a command validates its config once).
+
     ``components`` switch plugins: ``perceiver="caption"`` (a name; options of
     the old plugin are dropped unless the name is unchanged) or
     ``bridge={"name": "gumbel", "tau": 0.5}``. ``overrides`` are dotted keys:
     ``{"train.lr": 1e-4, "model.bridge.tau": 0.5}``.
     """
+    if isinstance(source, Config) and not (overrides or reference_recipe or any(components.values())):
+        return source
     if isinstance(source, Config):
         raw = source.model_dump()
     elif isinstance(source, dict):
@@ -292,8 +299,17 @@ def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
     except ValidationError as e:
         field, _, msg = validation_message(e).partition(": ")
         raise ConfigError(f"config field '{field}': {msg}") from None
-    validate_plugins(config)
+    plugin_options(config)
     return config
+
+
+def plugin_options(config: Config) -> dict[str, Any]:
+    """Every component's options parsed by its plugin (``validate_plugins``), by slot;
+    parsed once per config (again only if its component specs were changed since)."""
+    specs = tuple(config.model.model_dump(include=set(SLOTS)).items())
+    if config._plugin_options is None or config._plugin_options[0] != specs:
+        config._plugin_options = (specs, validate_plugins(config))
+    return config._plugin_options[1]
 
 
 def _switch(old: dict[str, Any] | None, value: str | dict[str, Any] | None) -> dict[str, Any] | None:

@@ -136,7 +136,8 @@ class DialogueModel(nn.Module):
 
     @torch.no_grad()
     def respond_batch(self, requests: list[tuple[list[Turn], str]], draw: bool = True,
-                      stream: StreamCallback | None = None, **options: Any) -> list[Reply]:
+                      stream: StreamCallback | None = None, options: GenerationOptions | None = None,
+                      **fields: Any) -> list[Reply]:
         """``respond`` for many (history, agent) pairs at once (left-padded batch).
 
         The photo is in the loop, as training lays it out: each row's generation
@@ -160,8 +161,12 @@ class DialogueModel(nn.Module):
         ``replies[i].photos``. Greedy and sampled decoding stream token by token;
         beam search delivers each piece's text when the piece ends. Rows
         interleave; the pieces of one row are in order.
+
+        ``options``: ``GenerationOptions`` parsed already (a session's); or their ``fields`` as keywords.
         """
-        opts = GenerationOptions.parse(options)
+        if options is not None and fields:
+            raise TypeError(f"respond_batch: give options or their fields, not both ({', '.join(fields)})")
+        opts = options if options is not None else GenerationOptions.parse(fields)
         if opts.seed is not None:
             torch.manual_seed(opts.seed)
         device = next(self.parameters()).device

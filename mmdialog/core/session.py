@@ -40,8 +40,11 @@ class Session:
     """History + generation options around a ``DialogueModel`` (see the module docs)."""
 
     def __init__(self, model, *, photos_dir: str | Path | None = None, history: Iterable[Turn] = (),
-                 **options: Any) -> None:
-        self.options = GenerationOptions.parse(options)
+                 options: GenerationOptions | None = None, **fields: Any) -> None:
+        """``options``: generation options parsed already; or their ``fields`` as keywords."""
+        if options is not None and fields:
+            raise TypeError(f"Session: give options or their fields, not both ({', '.join(fields)})")
+        self.options = options if options is not None else GenerationOptions.parse(fields)
         self.model = model.eval()
         self.history: list[Turn] = list(history)
         if photos_dir is None:  # a temporary folder: gone at exit unless a photo was saved in it
@@ -157,7 +160,7 @@ def reply_batch(begun: list[tuple[Session, bool]], options: GenerationOptions,
     model = begun[0][0].model
     if any(s.model is not model for s, _ in begun):
         raise MMDialogError("reply_batch: the sessions must share one model")
-    replies = model.respond_batch([(s.history, AGENT) for s, _ in begun], stream=stream, **options.model_dump())
+    replies = model.respond_batch([(s.history, AGENT) for s, _ in begun], stream=stream, options=options)
     return [s.finish(r, truncated) for (s, truncated), r in zip(begun, replies)]
 
 

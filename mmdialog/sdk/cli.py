@@ -1,17 +1,19 @@
 """The ``mmdialog`` command: one table of commands, each implemented in
 ``sdk/commands/``. User errors (``MMDialogError``: bad config, unknown
-plugin, missing checkpoint, bad data) print one line and exit with status 2;
-bugs keep their traceback."""
+plugin, missing checkpoint, bad data) print one line and exit with status 2,
+caught here and only here (``one_line_errors``, around every command); bugs
+keep their traceback."""
 from __future__ import annotations
 
+import functools
 import os
 import sys
+from typing import Any
 
 import typer
 
 from mmdialog.core.errors import MMDialogError
 from mmdialog.sdk.commands import data, info, train, use
-from mmdialog.sdk.commands.common import one_line_errors
 
 #: name → function (a command) or Typer app (a group of commands).
 COMMANDS = {
@@ -24,6 +26,19 @@ COMMANDS = {
     "config": info.config_app,     # show / check configs
     "data": data.data_app,         # check, fetch photos of, convert datasets
 }
+
+def one_line_errors(command):
+    """A user error inside ``command`` is one line on stderr and exit status 2."""
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except MMDialogError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
 
 app = typer.Typer(help="Photo-sharing multimodal dialogue: train, inspect, run.",
                   pretty_exceptions_enable=False, no_args_is_help=True, add_completion=False)
@@ -54,9 +69,6 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         app()
-    except MMDialogError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

@@ -96,12 +96,15 @@ def remove_stale_temp_files(out: Path) -> int:
     return len(stale)
 
 
-def train(model: DialogueModel, progress: bool = True, resume: str | Path | bool | None = None,
+def train(model: DialogueModel, progress: bool = True,
+          resume: str | Path | bool | tuple[Path, str | None] | None = None,
           data: tuple[list[Dialogue], str] | None = None) -> dict[str, Any]:
     """Train ``model`` per its config. Returns the loss history and output paths.
 
     ``resume``: True → ``out_dir/checkpoints/last.ckpt``; a path → that file
-    (a damaged one falls back to the previous checkpoint kept beside it).
+    (a damaged one falls back to the previous checkpoint kept beside it); what
+    ``resume_checkpoint`` returned → that checkpoint, checked once already (its
+    note is the caller's to show).
     ``data``: the training split and its summary (``read_dialogues``), when the
     caller has read it already.
     """
@@ -109,7 +112,9 @@ def train(model: DialogueModel, progress: bool = True, resume: str | Path | bool
     t = cfg.train
     out = Path(t.out_dir)
     ckpt_path, notes = None, []
-    if resume:
+    if isinstance(resume, tuple):
+        ckpt_path = str(resume[0])
+    elif resume:
         ckpt, note = resume_checkpoint(out / LAST if resume is True else resume)
         ckpt_path = str(ckpt)
         notes += [note] if note else []

@@ -38,11 +38,17 @@ GENERATION_FLAGS = {
 
 @dataclass
 class ModelUse:
-    """What the model flags say: the generator to swap in (or None) and the
-    checked ``GenerationOptions`` fields."""
+    """What the model flags say: the generator chain to swap in (``load``'s
+    ``generator`` and ``retriever``; empty: the model's own) and the generation
+    options, parsed once (``GenerationOptions``)."""
 
-    generator: str | dict[str, Any] | None
-    options: dict[str, Any]
+    chain: dict[str, Any]
+    generation: Any  # GenerationOptions: torch is imported only when a command runs
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The generation options as keywords (``create_app``'s)."""
+        return self.generation.model_dump()
 
 
 def model_flags(command):
@@ -55,32 +61,19 @@ def model_flags(command):
         from mmdialog.core.generation import GenerationOptions  # torch: only when the command runs
 
         given = {name: kwargs.pop(name) for name in flags}
-        spec = generator_spec(given.pop("generator"), given.pop("library"))
+        chain = generator_spec(given.pop("generator"), given.pop("library"))
         try:
-            options = GenerationOptions.parse(given).model_dump()
+            options = GenerationOptions.parse(given)
         except MMDialogError as e:  # name the flag, not the field
             for name, (_, option) in GENERATION_FLAGS.items():
                 e = MMDialogError(str(e).replace(f"generation option {name}", option.param_decls[0]))
             raise e from None
-        return command(**kwargs, use=ModelUse(spec, options))
+        return command(**kwargs, use=ModelUse(chain, options))
 
     params = [p for p in inspect.signature(command).parameters.values() if p.name != "use"]
     params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
                for name, (kind, option) in flags.items()]
     wrapper.__signature__ = inspect.Signature(params)
-    return wrapper
-
-
-def one_line_errors(command):
-    """A user error inside ``command`` is one line on stderr and exit status 2."""
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except MMDialogError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-
     return wrapper
 
 
@@ -114,27 +107,29 @@ def config_from_cli(config: str, llm, perceiver, bridge, generator, sets: list[s
                        llm=llm, perceiver=perceiver, bridge=bridge, generator=generator)
 
 
-def generator_spec(generator: str | None, library: str | None = None) -> str | dict[str, Any] | None:
+def generator_spec(generator: str | None, library: str | None = None) -> dict[str, Any]:
     """``--generator`` (``sd``, ``library``, ``library,sd``) with ``--library FOLDER`` as the
-    library's folder; a chain with a folder is ``{name: library, folder, fallback: {name: sd}}``."""
+    library's folder, as ``load``'s ``generator`` and ``retriever``: a chain with a folder is
+    ``{generator: {name: sd}, retriever: {name: library, folder}}`` (the chain's one shape)."""
     from mmdialog.core.config import generator_chain
     from mmdialog.core.errors import ConfigError
 
     if generator is None and library is None:
-        return None
+        return {}
     try:
         retriever, drawer = generator_chain(generator or "library")
     except ConfigError as e:
         raise MMDialogError(f"--{e}") from None
     if library is None:
-        return generator
+        return {"generator": generator}
     if "library" not in (retriever, drawer):
         raise MMDialogError("--library needs the library generator: --generator library[,sd]")
     folder = Path(library).expanduser()
     if not folder.is_dir():
         raise MMDialogError(f"--library '{library}' is not a folder of photos")
     spec = {"name": "library", "folder": str(folder.resolve())}
-    return {**spec, "fallback": {"name": drawer}} if retriever else spec
+    # A dict generator keeps the retriever slot; the library's options from the config stay under the folder.
+    return {"generator": {"name": drawer}, "retriever": spec} if retriever else {"generator": spec}
 
 
 # torchao and bitsandbytes (the lean extra, imported by peft and diffusers when installed) log at import:

@@ -64,9 +64,9 @@ def train(
         raise MMDialogError(f"{out} holds an earlier run ({earlier[0].name}); continue it with --resume last, "
                             "or choose another --out-dir, or --overwrite")
     if resume:
-        checkpoint, note = resume_checkpoint(out / LAST if resume == "last" else resume)
-        if note:
-            typer.echo(f"note: {note}", err=True)
+        checkpoint = resume_checkpoint(out / LAST if resume == "last" else resume)  # checked once, here
+        if checkpoint[1]:
+            typer.echo(f"note: {checkpoint[1]}", err=True)
     dialogues, summary = read_dialogues(cfg.data, cfg.data.split or "train")
     try:
         out.mkdir(parents=True, exist_ok=True)

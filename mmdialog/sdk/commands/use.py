@@ -25,7 +25,7 @@ def _load(model: str, use: ModelUse):
                             f"a training checkpoint, or a preset ({', '.join(PRESETS)})")
     quiet()
     typer.echo(f"loading {model} …", err=True)
-    return load(model, generator=use.generator)
+    return load(model, **use.chain)
 
 
 def _print_reply(reply, as_json: bool = False) -> None:
@@ -73,7 +73,7 @@ def chat(
     for path in image:  # before the model loads: a typo should not cost a minute
         check_image(Path(path).expanduser())
     m = _load(model, use)
-    session = Session(m, photos_dir=photos_dir, **use.options)
+    session = Session(m, photos_dir=photos_dir, options=use.generation)
     if message:
         for i, text in enumerate(message):  # several: a scripted conversation (`make demo` ends with one)
             if len(message) > 1 and not as_json:
