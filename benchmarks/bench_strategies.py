@@ -60,9 +60,9 @@ def main() -> None:
     run = train(model, progress=False, data=data)
     seconds = time.perf_counter() - start
     result.update({
-        "text_losses": [round(r["text_loss"], 4) for r in run["history"]],
-        "image_losses": [round(r["image_loss"], 4) for r in run["history"]],
-        "seconds_per_step": round(seconds / max(1, run["steps"]), 2), "steps_run": run["steps"],
+        "text_losses": [round(r["text_loss"], 4) for r in run.history],
+        "image_losses": [round(r["image_loss"], 4) for r in run.history],
+        "seconds_per_step": round(seconds / max(1, run.steps), 2), "steps_run": run.steps,
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if args.device == "cuda" else None,
     })
     print(write(result, args.json))

@@ -152,7 +152,7 @@ def test_adamw8bit_resume_reaches_the_same_weights(tmp_path, adamw8bit_run):
     _, full = adamw8bit_run
     train(make_8bit(tmp_path, 1), progress=False)
     resumed = make_8bit(tmp_path, 2)
-    assert train(resumed, progress=False, resume=True)["steps"] == 2
+    assert train(resumed, progress=False, resume=True).steps == 2
     assert weights_digest(resumed) == weights_digest(full)
 
 

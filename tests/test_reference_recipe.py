@@ -124,7 +124,7 @@ def test_reference_recipe_trains_one_sample_per_dialogue_shortest_first_evaluati
                                "train.out_dir": str(tmp_path), "train.checkpoint_every": 100},
                       reference_recipe=True)
     result = train(build(cfg), progress=False)
-    assert result["steps"] == 6
+    assert result.steps == 6
     samples = json.loads((tmp_path / "manifest_rank0.json").read_text())["samples"]
     dialogues = {d.id: d for d in demo_dialogues("train", photochat=False)}
     epoch = samples[:6]
@@ -135,4 +135,4 @@ def test_reference_recipe_trains_one_sample_per_dialogue_shortest_first_evaluati
     assert [int(r["step"]) for r in rows if r.get("val_bleu2")] == [2, 5]  # after each epoch's last step
     lr = [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")][:3]
     assert lr == pytest.approx([1e-6, 0.505e-4, 1e-4])           # LinearLR(0.01 → 1 over 2 steps)
-    assert result["best"]["path"].endswith("best.ckpt")
+    assert result.best.endswith("best.ckpt")

@@ -32,8 +32,8 @@ def uninterrupted(tmp_path_factory):
 
 def test_checkpoint_holds_only_trainable_weights_and_config(uninterrupted):
     out, model, result = uninterrupted
-    assert result["steps"] == 5 and len(result["history"]) == 5
-    assert all(r["image_loss"] > 0 for r in result["history"])  # every sample shares a real photo
+    assert result.steps == 5 and len(result.history) == 5
+    assert all(r["image_loss"] > 0 for r in result.history)  # every sample shares a real photo
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {k.removeprefix("model.") for k in ckpt["state_dict"]} == trainable
@@ -61,7 +61,7 @@ def test_resume_reaches_the_same_weights(tmp_path, uninterrupted, first, every):
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == first
     resumed = make(tmp_path, 5)
     result = train(resumed, progress=False, resume=True)
-    assert result["steps"] == 5
+    assert result.steps == 5
     assert weights_digest(resumed) == weights_digest(full)
 
 
@@ -70,11 +70,11 @@ def test_cached_encoders_leave_after_the_first_whole_epoch_without_changing_a_nu
     Q-Former and VAE are offloaded (on by default); a run without offloading trains
     to the same losses and weights."""
     _, model, result = uninterrupted
-    assert result["offloaded"] == ["perceiver.vision", "perceiver.qformer", "generator.vae"]
+    assert result.offloaded == ["perceiver.vision", "perceiver.qformer", "generator.vae"]
     assert all(p.device.type == "cpu" for p in model.generator.vae.parameters())  # back home: CPU here
     kept = make(tmp_path, 5, **{"train.offload_cached_encoders": False})
     again = train(kept, progress=False)
-    assert again["offloaded"] == [] and again["history"] == result["history"]
+    assert again.offloaded == [] and again.history == result.history
     assert weights_digest(kept) == weights_digest(model)
     # A photo first seen after the offload is encoded by the (returned) encoders.
     with torch.enable_grad():
@@ -161,14 +161,14 @@ def test_dev_bleu2_plateau_halves_the_lr_as_the_reference_and_early_stops(tmp_pa
                                   "train.lr": 1e-12, "train.warmup_steps": warmup, "train.early_stop_patience": 3,
                                   "train.plateau_patience": 1})
     result = train(model, progress=False)
-    assert result["steps"] < 50  # stopped early: BLEU-2 cannot improve with lr ~ 0
+    assert result.steps < 50  # stopped early: BLEU-2 cannot improve with lr ~ 0
     rows = [r for f in (tmp_path / "logs").rglob("metrics.csv") for r in csv.DictReader(open(f))]
     bleu = [float(r["val_bleu2"]) for r in rows if r.get("val_bleu2")]
     scales = [float(r["lr_scale"]) for r in rows if r.get("lr_scale")]
     assert len(bleu) == 4 and len(set(bleu)) == 1           # greedy replies of an unchanged model
     assert scales == expected
     best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
-    assert best["global_step"] == 1 and result["best"]["path"].endswith("best.ckpt")
+    assert best["global_step"] == 1 and result.best.endswith("best.ckpt")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
@@ -212,8 +212,8 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path):
     last.write_bytes(last.read_bytes()[:1000])                      # truncated, as by a full disk
     (tmp_path / "checkpoints" / ".last.ckpt.abc123.tmp").write_bytes(b"half")  # a killed run's temp file
     result = train(make(tmp_path, 3), progress=False, resume=True)
-    assert result["steps"] == 3 and any("resuming from the previous checkpoint" in n for n in result["notes"])
-    assert any("removed 1 temporary file" in n for n in result["notes"])
+    assert result.steps == 3 and any("resuming from the previous checkpoint" in n for n in result.notes)
+    assert any("removed 1 temporary file" in n for n in result.notes)
     assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
     last.write_bytes(b"")
     prev.write_bytes(b"")
@@ -380,8 +380,8 @@ def test_training_compiled_runs_and_writes_the_same_checkpoint_keys(tmp_path, un
     model = make(tmp_path, 2, **{"train.compile": True, "train.activation_memory_budget": 0.5})
     result = train(model, progress=False)
     assert torch._functorch.config.activation_memory_budget == 1.0  # set for the run only
-    assert result["steps"] == 2
-    assert all(torch.isfinite(torch.tensor(r["text_loss"])) and r["image_loss"] > 0 for r in result["history"])
+    assert result.steps == 2
+    assert all(torch.isfinite(torch.tensor(r["text_loss"])) and r["image_loss"] > 0 for r in result.history)
     assert sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()) > 30
     keys = lambda out: set(torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])  # noqa: E731
     assert keys(tmp_path) == keys(eager_out)

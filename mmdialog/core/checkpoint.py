@@ -27,6 +27,11 @@ if TYPE_CHECKING:
     from mmdialog.core.model import DialogueModel
 
 CONFIG_KEY = "mmdialog_config"
+#: What else ``last.ckpt`` carries beside Lightning's state, for an exact resume
+#: (``training/module.py`` writes and reads them): the samples trained so far
+#: ("dialogue@agent" per step), the photos that could not be read, and the lr
+#: plateau's state (lr scale, best dev BLEU-2, evaluations without improvement).
+SAMPLES_KEY, PHOTOS_SKIPPED_KEY, PLATEAU_KEY = "mmdialog_samples", "mmdialog_photos_skipped", "mmdialog_plateau"
 TRAINABLE, LAST, BEST = "trainable.pt", "checkpoints/last.ckpt", "checkpoints/best.ckpt"
 METRICS = "metrics.json"
 

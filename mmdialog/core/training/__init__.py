@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,25 @@ from mmdialog.core.training.data import DialogueDataModule
 from mmdialog.core.training.module import DialogueModule, build_optimizer
 from mmdialog.core.training.strategies import full_weights, lightning_strategy
 
-__all__ = ["TrainingError", "build_optimizer", "compile_repeated_blocks", "read_dialogues", "train"]
+__all__ = ["TrainResult", "TrainingError", "build_optimizer", "compile_repeated_blocks", "read_dialogues", "train"]
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` did. Every rank gets one; the paths are rank 0's."""
+
+    steps: int                       # optimizer steps reached
+    history: list[dict[str, float]]  # one row per logged step: step, text_loss, image_loss, …
+    data: str                        # the training data's one-line summary
+    global_zero: bool                # this process is rank 0
+    signal: int | None = None        # SIGTERM / SIGINT that stopped the run (a checkpoint was written)
+    notes: list[str] = field(default_factory=list)     # what the user should know (resumed from, cleaned up)
+    photos_skipped: int = 0          # photos that could not be read during training (their samples: text only)
+    offloaded: list[str] = field(default_factory=list)  # encoders moved off the device once their caches filled
+    weights: str | None = None       # trainable.pt (rank 0)
+    checkpoint: str | None = None    # last.ckpt (rank 0)
+    best: str | None = None          # best.ckpt: the best dev BLEU-2's weights (rank 0, with dev evaluation)
+    best_bleu2: float | None = None  # its dev BLEU-2
 
 
 def resolve_precision(precision: str) -> str:
@@ -98,7 +117,7 @@ def remove_stale_temp_files(out: Path) -> int:
 
 def train(model: DialogueModel, progress: bool = True,
           resume: str | Path | bool | tuple[Path, str | None] | None = None,
-          data: tuple[list[Dialogue], str] | None = None) -> dict[str, Any]:
+          data: tuple[list[Dialogue], str] | None = None) -> TrainResult:
     """Train ``model`` per its config. Returns the loss history and output paths.
 
     ``resume``: True → ``out_dir/checkpoints/last.ckpt``; a path → that file
@@ -170,20 +189,20 @@ def train(model: DialogueModel, progress: bool = True,
         raise
     finally:
         stop.restore()
-    result: dict[str, Any] = {"data": data.summary, "steps": trainer.global_step, "history": history.rows,
-                              "signal": stop.signal, "global_zero": trainer.is_global_zero, "notes": notes,
-                              "photos_skipped": module.photos_skipped,
-                              "offloaded": [n for n, m in model.named_modules() if m in offloader.offloaded]}
+    result = TrainResult(steps=trainer.global_step, history=history.rows, data=data.summary,
+                         global_zero=trainer.is_global_zero, signal=stop.signal, notes=notes,
+                         photos_skipped=module.photos_skipped,
+                         offloaded=[n for n, m in model.named_modules() if m in offloader.offloaded])
     with full_weights(trainer):
         manifest = {"rank": trainer.global_rank, "steps": trainer.global_step, "data": data.summary,
                     "samples": module.sample_log, "photos_skipped": module.photos_skipped,
                     "weights_sha1": weights_digest(model)}
         if trainer.is_global_zero:
-            result["weights"] = str(save_trainable(model, out / TRAINABLE))
+            result.weights = str(save_trainable(model, out / TRAINABLE))
     with atomic_write(out / f"manifest_rank{trainer.global_rank}.json") as tmp:
         tmp.write_text(json.dumps(manifest))
     if trainer.is_global_zero:
-        result["checkpoint"] = str(out / LAST)
+        result.checkpoint = str(out / LAST)
         if validate and best.best_model_path:
-            result["best"] = {"path": best.best_model_path, "val_bleu2": float(best.best_model_score)}
+            result.best, result.best_bleu2 = best.best_model_path, float(best.best_model_score)
     return result

@@ -96,9 +96,9 @@ class DialogueModule(L.LightningModule):
         self.log("lr_scale", self.lr_scale)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.lr_scale, self.best_bleu2, self.bad_evals = checkpoint.get("mmdialog_plateau", (1.0, -1.0, 0))
-        self.sample_log = list(checkpoint.get("mmdialog_samples", []))
-        self.photos_skipped = int(checkpoint.get("mmdialog_photos_skipped", 0))
+        self.lr_scale, self.best_bleu2, self.bad_evals = checkpoint.get(ckpt_format.PLATEAU_KEY, (1.0, -1.0, 0))
+        self.sample_log = list(checkpoint.get(ckpt_format.SAMPLES_KEY, []))
+        self.photos_skipped = int(checkpoint.get(ckpt_format.PHOTOS_SKIPPED_KEY, 0))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning clips a sharded (FSDP) model by value only; FSDP computes the norm across shards.
@@ -124,9 +124,9 @@ class DialogueModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         ckpt_format.filter_lightning_state(checkpoint, self.model)
-        checkpoint["mmdialog_samples"] = list(self.sample_log)
-        checkpoint["mmdialog_photos_skipped"] = self.photos_skipped
-        checkpoint["mmdialog_plateau"] = (self.lr_scale, self.best_bleu2, self.bad_evals)
+        checkpoint[ckpt_format.SAMPLES_KEY] = list(self.sample_log)
+        checkpoint[ckpt_format.PHOTOS_SKIPPED_KEY] = self.photos_skipped
+        checkpoint[ckpt_format.PLATEAU_KEY] = (self.lr_scale, self.best_bleu2, self.bad_evals)
 
 
 def build_optimizer(model: DialogueModel, t: TrainConfig) -> torch.optim.Optimizer:

@@ -84,28 +84,28 @@ def train(
     model = build(cfg)
     typer.echo(f"trainable groups: {', '.join(model.trainable_groups)}", err=True)
     result = run(model, progress=not quiet, resume=checkpoint, data=(dialogues, summary))
-    for note in result["notes"]:
+    for note in result.notes:
         typer.echo(f"note: {note}", err=True)
-    if not result["global_zero"]:
-        raise typer.Exit(128 + result["signal"] if result["signal"] else 0)
+    if not result.global_zero:
+        raise typer.Exit(128 + result.signal if result.signal else 0)
     typer.echo(f"data: {summary}")
-    for row in result["history"]:
+    for row in result.history:
         typer.echo(f"step {row['step']:>4}  text_loss {row.get('text_loss', float('nan')):.4f}  "
                    f"image_loss {row.get('image_loss', float('nan')):.4f}")
-    if result["photos_skipped"]:
-        typer.echo(f"note: {result['photos_skipped']} photo(s) could not be read during training; their samples "
+    if result.photos_skipped:
+        typer.echo(f"note: {result.photos_skipped} photo(s) could not be read during training; their samples "
                    "trained the text only (manifest_rank*.json)", err=True)
-    if "weights" in result:
-        typer.echo(f"trainable weights: {result['weights']}")
-        typer.echo(f"checkpoint: {result['checkpoint']}")
-    if "best" in result:
-        typer.echo(f"best dev BLEU-2 {result['best']['val_bleu2']:.2f}: {result['best']['path']} "
+    if result.weights is not None:
+        typer.echo(f"trainable weights: {result.weights}")
+        typer.echo(f"checkpoint: {result.checkpoint}")
+    if result.best is not None:
+        typer.echo(f"best dev BLEU-2 {result.best_bleu2:.2f}: {result.best} "
                    "(what `export`, `chat` and `eval` read from the run folder)")
-    if result["signal"]:
-        name = signal.Signals(result["signal"]).name
-        typer.echo(f"stopped by {name} at step {result['steps']}: checkpoint {result['checkpoint']}; "
+    if result.signal:
+        name = signal.Signals(result.signal).name
+        typer.echo(f"stopped by {name} at step {result.steps}: checkpoint {result.checkpoint}; "
                    "continue with --resume last", err=True)
-        raise typer.Exit(128 + result["signal"])
+        raise typer.Exit(128 + result.signal)
 
 
 def evaluate(
