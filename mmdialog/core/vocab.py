@@ -16,6 +16,7 @@ import torch
 
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.files import atomic_write
+from mmdialog.core.interfaces import PromptTokens, TextTower
 
 
 def check_bridgeable(tokenizer, what: str) -> None:
@@ -65,6 +66,15 @@ def tokenize_for_tower(tokenizer, texts: list[str], max_length: int) -> TowerTok
                     return_offsets_mapping=True, return_tensors="pt")
     offsets = [[tuple(map(int, o)) for o in row] for row in enc["offset_mapping"].tolist()]
     return TowerTokens(enc["input_ids"], offsets, texts, enc.get("attention_mask"))
+
+
+def embed_for_tower(tower: TextTower, texts: list[str]) -> tuple[TowerTokens, PromptTokens]:
+    """``texts`` tokenised for ``tower`` (``tokenize_for_tower``) and embedded by its
+    table: the tokens (offsets, mask) and the prompt (ids on the table's device,
+    float embeddings (N, S, d)) that exactly re-tokenised text gives."""
+    tt = tokenize_for_tower(tower.tokenizer, texts, tower.max_length)
+    ids = tt.input_ids.to(tower.embedding.weight.device)
+    return tt, PromptTokens(ids, tower.embedding(ids).float(), texts)          # (N, S, d)
 
 
 def _vocab_fingerprint(tokenizer) -> str:

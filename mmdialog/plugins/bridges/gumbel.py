@@ -33,7 +33,7 @@ import torch
 from pydantic import Field
 
 from mmdialog.core.interfaces import Bridge, BuildContext, PluginOptions, PromptTokens, TextTower
-from mmdialog.core.vocab import check_bridgeable, decode_with_offsets, static_map, tokenize_for_tower
+from mmdialog.core.vocab import check_bridgeable, decode_with_offsets, embed_for_tower, static_map
 
 
 def gumbel_softmax_st(logits: torch.Tensor, tau: float = 1.0, noise: bool = True, hard: bool = True,
@@ -142,11 +142,10 @@ class GumbelBridge(Bridge):
         texts = [text for text, _ in decoded]
         out = []
         for k, tower in enumerate(self.towers):
-            tt = tokenize_for_tower(tower.tokenizer, texts, tower.max_length)
-            c = tt.input_ids.to(tower.embedding.weight.device)
-            base = tower.embedding(c).float()                           # (N, S, d)
+            tt, prompt = embed_for_tower(tower, texts)
+            c, base = prompt.input_ids, prompt.inputs_embeds            # (N, S), (N, S, d)
             if y is None:
-                out.append(PromptTokens(c, base, texts))
+                out.append(prompt)
                 continue
             table = self.vocab_table(k)
             if o.alignment == "bag":

@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 
 from mmdialog.core.interfaces import Bridge, BuildContext, PluginOptions, PromptTokens, TextTower
-from mmdialog.core.vocab import decode_text, tokenize_for_tower
+from mmdialog.core.vocab import decode_text, embed_for_tower
 
 
 class TextOptions(PluginOptions):
@@ -42,10 +42,5 @@ class TextBridge(Bridge):
         if logits is not None and self.options.source == "predicted":
             ids = torch.where(mask, logits.argmax(-1), ids)
         texts = [decode_text(self.llm_tokenizer, ids[n][mask[n]].tolist()) for n in range(ids.shape[0])]
-        out = []
-        for tower in self.towers:
-            tt = tokenize_for_tower(tower.tokenizer, texts, tower.max_length)
-            c = tt.input_ids.to(tower.embedding.weight.device)
-            with torch.no_grad():
-                out.append(PromptTokens(c, tower.embedding(c).float(), texts))
-        return out
+        with torch.no_grad():
+            return [embed_for_tower(tower, texts)[1] for tower in self.towers]

@@ -24,7 +24,7 @@ from mmdialog.core.compiling import compile_repeated_blocks
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.interfaces import GeneratedImage, Generator, PluginOptions, PromptTokens, TextTower
 from mmdialog.core.pretrained import resolve_folder
-from mmdialog.core.vocab import check_bridgeable, tokenize_for_tower
+from mmdialog.core.vocab import check_bridgeable, embed_for_tower
 
 #: Noise schedule of SD 1.x / 2.x (scheduler_config.json of both).
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -249,12 +249,7 @@ class LatentDiffusionGenerator(Generator):
     @torch.no_grad()
     def text_prompts(self, texts: list[str]) -> list[PromptTokens]:
         """Plain-text path (negative prompts, baselines): no gradient."""
-        out = []
-        for tower in self.text_towers:
-            tt = tokenize_for_tower(tower.tokenizer, texts, tower.max_length)
-            ids = tt.input_ids.to(tower.embedding.weight.device)
-            out.append(PromptTokens(ids, tower.embedding(ids).float(), texts))
-        return out
+        return [embed_for_tower(tower, texts)[1] for tower in self.text_towers]
 
     def draw(self, pipe: Any, plugin: str, num_inference_steps: int | None = None,
              guidance_scale: float | None = None, seed: int | None = None, **call: Any) -> list[GeneratedImage]:
