@@ -171,8 +171,9 @@ class TrainConfig(_Strict):
 REFERENCE_RECIPE: dict[str, Any] = {
     "model": {
         # One sample per dialogue in their Llama-2 format and system prompt, every token trained.
-        # Llama-2's tokenizer as their transformers 4 loaded it: "<s>[INST]" → <s> ▁[ INST ].
-        "llm": {"prompt_format": "reference", "system_prompt": None, "tokenizer_options": {"legacy": True}},
+        # Llama-2's tokenizer as their transformers 4 ran it: "<s>[INST]" → <s> ▁[ INST ], " [img]" → [img],
+        # " hi" after </s> → ▁ ▁hi (their ids, tests/fixtures/reference_token_ids.json).
+        "llm": {"prompt_format": "reference", "system_prompt": None, "tokenizer_pipeline": "transformers4"},
         # Their DVTM: the bag of predicted tokens times the re-tokenised description.
         "bridge": {"name": "gumbel", "alignment": "bag", "tau": 1.0, "noise": False, "hard": True},
         "trainable": {"llm.embeddings": True},  # all rows of embed_tokens and lm_head train
