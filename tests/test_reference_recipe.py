@@ -25,7 +25,7 @@ def test_the_recipe_overrides_the_paper_preset_in_one_place_and_flags_override_i
     assert (paper.model.llm.options.get("prompt_format", "template"), paper.model.bridge.options["alignment"],
             paper.data.order, paper.train.gradient_clip) == ("template", "aligned", "shuffle", 1.0)
     assert ref.model.llm.options["prompt_format"] == "reference"
-    assert ref.model.llm.options["tokenizer_options"] == {"legacy": True}
+    assert ref.model.llm.options["tokenizer_pipeline"] == "transformers4"
     assert ref.model.bridge.options["alignment"] == "bag" and ref.model.trainable == {"llm.embeddings": True}
     assert (ref.data.batch_size, ref.train.accumulate, ref.data.order) == (4, 4, "length")
     t = ref.train

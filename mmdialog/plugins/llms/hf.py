@@ -68,9 +68,17 @@ class HFOptions(PluginOptions):
                                                        "sample per dialogue, every token trained), or a "
                                                        "registered one (`mmdialog plugins`)")
     tokenizer_options: dict[str, Any] = Field(
-        default_factory=dict, description="keyword options of AutoTokenizer.from_pretrained, e.g. {legacy: true}: "
-                                          "Llama-2's tokenizer as transformers 4 loaded it (the reference's "
-                                          "'<s>[INST]' is ▁[ INST ], not [ INST ])")
+        default_factory=dict, description="keyword options of AutoTokenizer.from_pretrained, e.g. {legacy: true} "
+                                          "(Llama-2: '<s>[INST]' is ▁[ INST ], not [ INST ]; for all of "
+                                          "transformers 4's ids see tokenizer_pipeline)")
+    tokenizer_pipeline: Literal["as_loaded", "transformers4"] = Field(
+        "as_loaded", description="transformers4: a SentencePiece tokenizer (Llama-2's) runs as transformers 4 ran "
+                                 "it from Llama-2's tokenizer.json, giving the reference's ids: the normalizer "
+                                 "prepends '▁' to each piece between special tokens and writes spaces as '▁', and "
+                                 "there is no pre-tokenizer. transformers 5 pre-tokenizes with Metaspace instead "
+                                 "(with or without legacy), which splits a lone '▁' before [img]/[/img] and gives "
+                                 "the text after </s> no '▁' of its own. Tokenizers without Metaspace (byte-level, "
+                                 "as SmolLM2's) are loaded alike by both and stay as loaded")
     system_prompt: str | None = Field(None, description="system prompt (None: the format's default; template: "
                                                         "none, reference: the authors')")
     kv_cache: Literal["dynamic", "static"] = Field(
@@ -347,6 +355,8 @@ def _load(o: HFOptions) -> tuple[Any, nn.Module]:
         require_folder(path, ["tokenizer_config.json"] if o.config else ["config.json"], "llm")
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw, **o.tokenizer_options)
+        if o.tokenizer_pipeline == "transformers4":
+            _transformers4_pipeline(tok)
         if o.random_weights:
             cfg = AutoConfig.for_model(**o.config) if o.config else AutoConfig.from_pretrained(path, **kw)
             for k, v in o.config_overrides.items():
@@ -361,6 +371,21 @@ def _load(o: HFOptions) -> tuple[Any, nn.Module]:
     if o.gguf_file:  # GGUF weights arrive de-quantised in float32
         model = model.to(dtype)
     return tok, model
+
+
+def _transformers4_pipeline(tokenizer: Any) -> None:
+    """The SentencePiece pipeline of transformers 4 (Llama-2's tokenizer.json, and its
+    LlamaConverter with legacy): normalizer Prepend('▁') + Replace(' ', '▁'), no pre-tokenizer.
+    The normalizer runs on each piece between special tokens, so " hi" after </s> is ▁ ▁hi;
+    a normalized added token is matched normalized, with its '▁' (" [img]" is the one token
+    [img]). The tokenizer's added tokens are re-matched under the new normalizer."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not isinstance(backend.pre_tokenizer, pre_tokenizers.Metaspace):
+        return
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
 
 
 def _with_lora(model: nn.Module, lora: LoraOptions) -> nn.Module:
