@@ -12,6 +12,7 @@ import torch
 from mmdialog.core import markup
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.evaluation import table as T
+from mmdialog.core.evaluation.metrics import clip as CLIP
 from mmdialog.core.evaluation.metrics import image as I
 from mmdialog.core.evaluation.metrics import text as M
 
@@ -426,18 +427,18 @@ def test_clip_score_tiny_model(tiny_clip):
     model, processor = tiny_clip
     images = _noise(3, 8, size=40)
     texts = ["the dog", "a cat on the mat", "the " * 100]  # last one needs truncation
-    per_pair = I.clip_scores(images, texts, model, processor, batch_size=2)
+    per_pair = CLIP.clip_scores(images, texts, model, processor, batch_size=2)
     assert per_pair.shape == (3,)
     assert torch.all(per_pair >= 0) and torch.all(per_pair <= 100)
-    mean = I.clip_score(_smooth(3, 9, size=40), texts, model, processor)
+    mean = CLIP.clip_score(_smooth(3, 9, size=40), texts, model, processor)
     assert 0.0 <= mean <= 100.0
     # PIL input gives the same scores as the equivalent uint8 tensor
     from PIL import Image
 
     pil = [Image.fromarray(a) for a in images.permute(0, 2, 3, 1).numpy()]
-    assert torch.allclose(I.clip_scores(pil, texts, model, processor), per_pair, atol=1e-5)
+    assert torch.allclose(CLIP.clip_scores(pil, texts, model, processor), per_pair, atol=1e-5)
     with pytest.raises(ValueError):
-        I.clip_scores(images, texts[:2], model, processor)
+        CLIP.clip_scores(images, texts[:2], model, processor)
 
 
 # --------------------------------------------------------------------------- #

@@ -21,7 +21,8 @@ from mmdialog.core import markup
 from mmdialog.core.data.samples import TurnSample, dialogue_samples
 from mmdialog.core.data.schema import Dialogue
 from mmdialog.core.evaluation.metrics import text
-from mmdialog.core.evaluation.metrics.image import METRICS_EXTRA, REFERENCE_IMAGE_SIZE, set_scores
+from mmdialog.core.evaluation.metrics.fidelity import METRICS_EXTRA
+from mmdialog.core.evaluation.metrics.image import REFERENCE_IMAGE_SIZE, set_scores
 from mmdialog.core.evaluation.table import results_table
 from mmdialog.core.model import DialogueModel
 
@@ -115,7 +116,7 @@ def score(turns: list[GeneratedTurn], inception_weights: str | None = None, clip
         from PIL import Image
         from transformers import CLIPModel, CLIPProcessor
 
-        from mmdialog.core.evaluation.metrics.image import clip_score
+        from mmdialog.core.evaluation.metrics.clip import clip_score
         from mmdialog.core.pretrained import require_folder
 
         folder = require_folder(clip_model, ["config.json"], "--clip-model")

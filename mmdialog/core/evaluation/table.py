@@ -5,7 +5,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mmdialog.core.evaluation.metrics.image import NOT_COMPARABLE_NOTE
+from mmdialog.core.evaluation.metrics.stand_in import NOT_COMPARABLE_NOTE
 
 # --------------------------------------------------------------------------- #
 # Results table

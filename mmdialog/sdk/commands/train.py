@@ -136,7 +136,7 @@ def evaluate(
     from mmdialog.core.data.source import read_dialogues
     from mmdialog.core.evaluation import evaluate as run_eval
     from mmdialog.core.evaluation import write_results
-    from mmdialog.core.evaluation.metrics.image import load_inception_weights, require_torch_fidelity
+    from mmdialog.core.evaluation.metrics.fidelity import load_inception_weights, require_torch_fidelity
 
     if inception_weights and not no_images:  # before minutes of generation, not after
         require_torch_fidelity()

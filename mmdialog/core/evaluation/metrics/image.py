@@ -1,188 +1,27 @@
 """Image metrics: FID, KID and Inception Score over the reference's two
 unpaired photo sets (:func:`set_scores`), via ``torch-fidelity`` as the
-reference computes them, or via ``torchmetrics`` with a pluggable feature
-network (:class:`ImageMetrics`, :func:`feature_extractor`); and CLIP score
-(:func:`clip_score`).
-
-Comparability: published FID/IS numbers use the TF-ported Inception-v3
-(``pt_inception-2015-12-05``) network. Only that network, loaded from a local
-weights file (:func:`load_inception_weights`; nothing is downloaded), gives
-``comparable = True`` results; the fallback extractor is a seeded random-init
-conv net whose numbers are useful only for relative comparisons inside one
-run, and are flagged "not comparable with published FID/IS" everywhere they
-are reported.
+reference computes them (``fidelity.py``), or via ``torchmetrics`` with a
+pluggable feature network (:class:`ImageMetrics`, :func:`feature_extractor`;
+without Inception weights the stand-in of ``stand_in.py``). The CLIP score is
+``clip.py``.
 """
 from __future__ import annotations
 
-import math
-import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mmdialog.core.errors import ConfigError, DependencyError
-
-NOT_COMPARABLE_NOTE = "not comparable with published FID/IS"
-
-# --------------------------------------------------------------------------- #
-# Image metrics
-# --------------------------------------------------------------------------- #
-
-
-def _to_uint8(images: Tensor) -> Tensor:
-    """Convert (N,3,H,W) uint8 or float in [0, 1] images to uint8."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
-    if images.dtype == torch.uint8:
-        return images
-    if not images.is_floating_point():
-        raise TypeError(f"expected uint8 or float images, got {images.dtype}")
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-class RandomConvFeatureExtractor(nn.Module):
-    """Deterministic fallback feature network (**not comparable with published FID/IS**).
-
-    A small conv net with weights drawn from a private ``torch.Generator``
-    seeded with ``seed`` (global RNG untouched), so the same seed gives the
-    same network everywhere. Input: uint8 (N,3,H,W); images are resized to
-    ``resize`` x ``resize`` and mapped to [-1, 1]. Output:
-    ``(features (N, num_features), logits (N, num_classes))`` - the logits feed
-    the Inception Score; they are multiplied by ``logit_scale`` so that the
-    class posteriors are not near-uniform (which would pin IS at 1).
-    """
-
-    comparable = False
-
-    def __init__(
-        self,
-        num_features: int = 64,
-        num_classes: int = 100,
-        seed: int = 0,
-        resize: int = 64,
-        logit_scale: float = 10.0,
-    ) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.logit_scale = logit_scale
-        self.num_classes = num_classes
-        self.resize = resize
-        self.name = f"random-conv-fallback(seed={seed},d={num_features})"
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 16, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(32, num_features, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )
-        self.head = nn.Linear(num_features, num_classes)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in self.parameters():
-                if p.ndim > 1:
-                    fan_in = p[0].numel()
-                    p.copy_(torch.randn(p.shape, generator=gen) * math.sqrt(2.0 / fan_in))
-                else:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
-        self.eval()
-        self.requires_grad_(False)
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        x = _to_uint8(images).float() / 127.5 - 1.0
-        x = nn.functional.interpolate(
-            x, size=(self.resize, self.resize), mode="bilinear", align_corners=False
-        )
-        feats = self.body(x)
-        return feats, self.logit_scale * self.head(feats)
-
-
-METRICS_EXTRA = "pip install 'mmdialog[metrics]'"
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-
-
-def require_torch_fidelity() -> Any:
-    """The ``torch_fidelity`` module, or a one-line :class:`DependencyError`
-    saying what to install (it imports torchvision, which must be the build
-    made for the installed torch)."""
-    try:
-        import torch_fidelity
-    except Exception as exc:  # ImportError, or a torchvision built for another torch failing at import
-        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DependencyError(f"comparable FID/IS need torch-fidelity and the torchvision built for your torch: "
-                              f"{METRICS_EXTRA} (import failed: {cause})") from None
-    return torch_fidelity
-
-
-def load_inception_weights(path: str | Path) -> dict[str, Tensor]:
-    """The state dict of torch-fidelity's Inception-v3 (``inception-v3-compat``,
-    the TF 2015-12-05 graph that published FID/IS use) from a local file, read
-    without executing code: safetensors, or ``torch.load(weights_only=True)``.
-    A missing file, another format or another network is a one-line ``ConfigError``."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"Inception weights file not found: {p}; pass the local copy of {INCEPTION_FILE} "
-                          "(README, Evaluation)")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(p)
-        else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip or safetensors header errors: all mean "not a weights file"
-        raise ConfigError(f"{p}: not a readable weights file ({type(exc).__name__}); pass {INCEPTION_FILE} "
-                          "or its safetensors conversion") from None
-    fc = state.get("fc.weight") if isinstance(state, dict) else None
-    if not isinstance(fc, Tensor) or tuple(fc.shape) != (1008, 2048) or "Conv2d_1a_3x3.conv.weight" not in state:
-        raise ConfigError(f"{p}: not torch-fidelity's Inception-v3 weights (expected Conv2d_1a_3x3.* … fc.weight "
-                          f"of shape (1008, 2048)); pass {INCEPTION_FILE}")
-    return state
-
-
-@contextmanager
-def _fidelity_weights_file(path: str | Path) -> Iterator[str]:
-    """A private copy of the weights holding only the tensors read safely by
-    :func:`load_inception_weights`: torch-fidelity opens its weights path with
-    ``weights_only=False``, so it never sees the user's file itself."""
-    state = load_inception_weights(path)
-    with tempfile.TemporaryDirectory(prefix="mmdialog-inception-") as tmp:
-        copy = Path(tmp) / INCEPTION_FILE
-        torch.save(state, copy)
-        yield str(copy)
-
-
-class TorchFidelityInceptionExtractor(nn.Module):
-    """The TF-ported Inception-v3 used for published FID/IS (via ``torch-fidelity``).
-
-    Wraps ``torch_fidelity.FeatureExtractorInceptionV3("inception-v3-compat",
-    ["2048", "logits_unbiased"])`` with the weights of
-    :func:`load_inception_weights`. Input uint8 (N,3,H,W) of any size
-    (resized internally to 299). Output ``(pool features (N, 2048), logits (N, 1008))``.
-    """
-
-    comparable = True
-    num_features = 2048
-
-    def __init__(self, weights_path: str) -> None:
-        super().__init__()
-        fidelity = require_torch_fidelity()
-        with _fidelity_weights_file(weights_path) as copy:
-            self.net = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                            feature_extractor_weights_path=copy)
-        self.net.eval()
-        self.name = f"inception-v3-compat({weights_path})"
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        feats, logits = self.net(_to_uint8(images))
-        return feats.flatten(1), logits.flatten(1)
+from mmdialog.core.evaluation.metrics.fidelity import (
+    TorchFidelityInceptionExtractor,
+    fidelity_weights_file,
+    load_inception_weights,
+    require_torch_fidelity,
+)
+from mmdialog.core.evaluation.metrics.stand_in import NOT_COMPARABLE_NOTE, RandomConvFeatureExtractor, to_uint8
 
 
 def feature_extractor(inception_weights: str | None = None, *, seed: int = 0) -> nn.Module:
@@ -203,6 +42,7 @@ def feature_extractor(inception_weights: str | None = None, *, seed: int = 0) ->
         return RandomConvFeatureExtractor(seed=seed)
     load_inception_weights(inception_weights)  # the file's errors before the dependency's
     return TorchFidelityInceptionExtractor(inception_weights)
+
 
 
 class _CachedExtractor(nn.Module):
@@ -306,7 +146,7 @@ class ImageMetrics:
     @torch.no_grad()
     def update_real(self, images: Tensor) -> None:
         """Add a batch of real (reference) images."""
-        x = _to_uint8(images).to(self.device)
+        x = to_uint8(images).to(self.device)
         self.fid.update(x, real=True)
         self.kid.update(x, real=True)
         self._cache.clear()
@@ -315,7 +155,7 @@ class ImageMetrics:
     @torch.no_grad()
     def update_fake(self, images: Tensor) -> None:
         """Add a batch of generated images."""
-        x = _to_uint8(images).to(self.device)
+        x = to_uint8(images).to(self.device)
         self.fid.update(x, real=False)
         self.kid.update(x, real=False)
         self.inception_score.update(x)
@@ -430,7 +270,7 @@ def set_scores(generated: Sequence[str | Path], gold: Sequence[str | Path], ince
         if gen_reason:
             return out
         fidelity = require_torch_fidelity()
-        with _fidelity_weights_file(inception_weights) as weights:
+        with fidelity_weights_file(inception_weights) as weights:
             m = fidelity.calculate_metrics(
                 input1=ImageFiles(generated, size), input2=ImageFiles(gold, size) if pair else None,
                 isc=True, fid=pair, kid=pair, isc_splits=splits, kid_subset_size=min(1000, n_gen, n_gold),
@@ -453,79 +293,3 @@ def set_scores(generated: Sequence[str | Path], gold: Sequence[str | Path], ince
     if pair:
         out.update(fid=m["fid"], kid_mean=m["kid_mean"], kid_std=m["kid_std"])
     return out
-
-
-# --------------------------------------------------------------------------- #
-# CLIP score
-# --------------------------------------------------------------------------- #
-
-
-def _embeds(output: Any) -> Tensor:
-    """Projected embedding from ``get_*_features``: a tensor in transformers 4,
-    a ModelOutput whose ``pooler_output`` is the projection in transformers 5."""
-    if isinstance(output, Tensor):
-        return output
-    pooled = getattr(output, "pooler_output", None)
-    if pooled is None and isinstance(output, Mapping):
-        pooled = output.get("pooler_output")
-    if pooled is None:
-        raise TypeError(f"cannot find embeddings in {type(output).__name__}")
-    return pooled
-
-
-def _as_pil_list(images: Any) -> list[Any]:
-    from PIL import Image
-
-    if isinstance(images, Tensor):
-        arr = _to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a) for a in arr]
-    return list(images)
-
-
-@torch.no_grad()
-def clip_scores(
-    images: Any,
-    texts: Sequence[str],
-    model: Any,
-    processor: Any,
-    *,
-    batch_size: int = 32,
-) -> Tensor:
-    """Per-pair CLIP score (Hessel et al. 2021, without their w=2.5 rescaling).
-
-    ``score_i = 100 * max(cos(E_img(image_i), E_txt(text_i)), 0)``, as
-    torchmetrics' ``CLIPScore``. ``images``: a (N,3,H,W) uint8 / float [0,1]
-    tensor or a list of PIL images; ``processor``: a ``CLIPProcessor`` (or any
-    callable taking ``text=``, ``images=``, ``return_tensors=``, ``padding=``,
-    ``truncation=``). Texts longer than the tokenizer's maximum are truncated.
-    Returns a float tensor of shape (N,) on the CPU.
-    """
-    pil = _as_pil_list(images)
-    if len(pil) != len(texts):
-        raise ValueError(f"got {len(pil)} images but {len(texts)} texts")
-    device = next(model.parameters()).device
-    scores: list[Tensor] = []
-    for i in range(0, len(pil), batch_size):
-        batch = processor(
-            text=list(texts[i : i + batch_size]),
-            images=pil[i : i + batch_size],
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-        )
-        img = _embeds(model.get_image_features(pixel_values=batch["pixel_values"].to(device)))
-        txt_kwargs = {"input_ids": batch["input_ids"].to(device)}
-        if "attention_mask" in batch:
-            txt_kwargs["attention_mask"] = batch["attention_mask"].to(device)
-        txt = _embeds(model.get_text_features(**txt_kwargs))
-        cos = nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
-        scores.append((100.0 * cos.clamp(min=0)).cpu())
-    return torch.cat(scores) if scores else torch.zeros(0)
-
-
-def clip_score(
-    images: Any, texts: Sequence[str], model: Any, processor: Any, *, batch_size: int = 32
-) -> float:
-    """Mean of :func:`clip_scores` over all pairs (0 for no pairs)."""
-    s = clip_scores(images, texts, model, processor, batch_size=batch_size)
-    return float(s.mean()) if s.numel() else 0.0
