@@ -273,7 +273,7 @@ def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
         raw = source
     elif isinstance(source, (str, Path)) and (str(source).endswith((".yaml", ".yml")) or Path(source).is_file()):
         path = Path(source)
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             raise ConfigError(f"config file {path} does not exist")
         raw = _read_yaml(path)
         if "preset" in raw:  # a YAML file may start from a preset and override it

@@ -46,7 +46,7 @@ from mmdialog.core.config import PRESETS, SLOTS, Config, TrainConfig, config_fro
 from mmdialog.core.errors import ConfigError, validation_message
 from mmdialog.core.files import atomic_folder, atomic_write
 from mmdialog.core.pretrained import require_folder
-from mmdialog.core.reading import CONFIG_BYTES, MANIFEST_BYTES, check_file, read_json, read_text
+from mmdialog.core.reading import CONFIG_BYTES, MANIFEST_BYTES, check_file, parse_yaml, read_json, read_text
 
 if TYPE_CHECKING:
     from mmdialog.core.model import DialogueModel
@@ -282,7 +282,7 @@ def upgrade_folder(path: str | Path) -> tuple[Path, int]:
     p = check_folder(path, allow_unverified=True)
     raw = read_json(p / MANIFEST, "manifest", root=p, max_bytes=MANIFEST_BYTES)
     before = raw["format_version"]
-    config_from_yaml(read_text(p / CONFIG, "config", root=p, max_bytes=CONFIG_BYTES), f"model folder '{p}'")
+    config_from_yaml(read_folder_config(p), f"model folder '{p}'")
     read_tokens(p)
     _read_weights(check_file(p / WEIGHTS, "weights", root=p), f"model folder '{p}'")
     with atomic_write(p / MANIFEST) as tmp:
@@ -335,8 +335,16 @@ def read_folder(folder: Path, *, allow_unverified: bool = False
     where = f"model folder '{folder}'"
     weights = _read_weights(check_file(folder / WEIGHTS, "weights", root=folder), where)
     check_finite(weights, where)
-    config = read_text(folder / CONFIG, "config", root=folder, max_bytes=CONFIG_BYTES)
-    return weights, config, read_tokens(folder), where
+    return weights, read_folder_config(folder), read_tokens(folder), where
+
+
+def read_folder_config(folder: Path) -> str:
+    """The YAML text of ``config.yaml``, checked to parse within the bounds (errors name the file)."""
+    path = folder / CONFIG
+    text = read_text(path, "config", root=folder, max_bytes=CONFIG_BYTES)
+    if not isinstance(parse_yaml(text, f"config '{path}'"), dict):
+        raise ConfigError(f"config '{path}' must be a mapping with 'model', 'data', 'train'")
+    return text
 
 
 def _read_weights(path: Path, where: str) -> dict[str, torch.Tensor]:
