@@ -253,3 +253,13 @@ def test_a_truncated_gguf_is_one_line(tmp_path):
         with deadline(120), pytest.raises(MMDialogError, match=message) as err:
             HFLanguageModel(HFOptions(path=str(tmp_path), gguf_file="model.gguf"))
         assert "\n" not in str(err.value) and "model.gguf" in str(err.value)
+
+
+def test_a_photo_that_is_a_fifo_or_a_device_is_refused_not_waited_on(tmp_path):
+    from mmdialog.core.data.images import load_image
+
+    os.mkfifo(tmp_path / "cat.jpg")
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    for name in ("cat.jpg", "zero.jpg"):
+        with deadline(), pytest.raises(MMDialogError, match=rf"{name}: not a regular file"):
+            load_image(tmp_path / name)

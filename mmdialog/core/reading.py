@@ -39,8 +39,9 @@ RECORDS_BYTES = 4 << 30           # one dataset file (JSON / JSON lines, gzip or
 MAX_DEPTH = 64                    # nesting of lists / mappings
 MAX_DIGITS = 100                  # digits of one number
 
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)  # a JSON string, as an unrolled loop (linear)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_STEP = str.maketrans({"[": "\x01", "{": "\x01", "]": "\xff", "}": "\xff"})
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -102,11 +103,11 @@ def read_text(path: str | os.PathLike, what: str, root: str | os.PathLike | None
 # -- JSON -------------------------------------------------------------------------------------
 def json_depth(text: str) -> int:
     """How deeply the lists and objects of JSON ``text`` nest (brackets in strings ignored)."""
-    depth = deepest = 0
-    for ch in _NOT_BRACKET.sub("", _STRING.sub("", text)):
-        depth += 1 if ch in "[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
+    import numpy as np
+
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text)).translate(_STEP).encode("latin-1")
+    steps = np.frombuffer(brackets, dtype=np.int8)            # +1 opens, -1 closes
+    return int(np.cumsum(steps, dtype=np.int64).max(initial=0))
 
 
 def bounded_int(text: str) -> int:
