@@ -9,14 +9,12 @@ import contextlib
 import gzip
 import json
 import os
-import shutil
 import signal
 
 import pytest
-from sharing_model import exported_dir
 
 from mmdialog import MMDialogError
-from mmdialog.core.config import load_config
+from mmdialog.core.config import config_from_yaml, dump_config, load_config
 from mmdialog.core.data.records import iter_records
 from mmdialog.core.data.report import BAD_FILE, LoadReport
 from mmdialog.core.export import CONFIG, MANIFEST, TOKENS, read_folder_config, read_manifest, read_tokens
@@ -58,7 +56,7 @@ def _weight_index(path):
 
 def _folder_config(path):
     """What ``load`` does with an exported folder's config.yaml."""
-    return read_folder_config(path.parent)
+    return config_from_yaml(read_folder_config(path.parent), f"model folder '{path.parent}' {path.name}")
 
 
 def _library(path):
@@ -99,17 +97,19 @@ RECORDS = ("JSON records", "JSONL records")
 READ_AS_RECORDS = ("a list", "a string", "1e999")
 
 
+MANIFEST_OK = {"format": "mmdialog-export", "format_version": 3, "mmdialog_version": "0.1.0", "num_tensors": 1,
+               "sha256": {"model.safetensors": "0" * 64}}
+TOKENS_OK = {"base_vocab": 49152, "added_tokens": {"[img]": 49152, "[/img]": 49153, "<image>": 49154},
+             "img_open": "[img]", "img_close": "[/img]", "image_token": "<image>"}
+
+
 @pytest.fixture(scope="module")
-def valid(tmp_path_factory):
-    """A valid file of each kind (the export's own where it has one)."""
-    folder = exported_dir()
-    out = {}
-    for kind, (name, data, _) in READERS.items():
-        source = folder / name if (folder / name).exists() else None
-        if kind == "--config file":
-            source = folder / CONFIG
-        out[kind] = source.read_bytes() if source is not None else data
-    return out
+def valid():
+    """A valid file of each kind, as an export writes them."""
+    config = dump_config(load_config("tiny")).encode()
+    own = {"manifest": json.dumps(MANIFEST_OK).encode(), "config.yaml": config, "--config file": config,
+           "tokenizer additions": json.dumps(TOKENS_OK).encode()}
+    return {kind: own.get(kind, data) for kind, (_, data, _) in READERS.items()}
 
 
 def _place(tmp_path, kind, data):
@@ -225,9 +225,8 @@ def test_a_gzip_bomb_in_a_dataset_is_cut_at_the_cap(tmp_path, monkeypatch):
 
 
 def test_a_manifest_field_of_the_wrong_type_is_one_line(tmp_path):
-    folder = tmp_path / "m"
-    shutil.copytree(exported_dir(), folder)
-    manifest = json.loads((folder / MANIFEST).read_text())
+    folder = tmp_path
+    manifest = MANIFEST_OK
     for bad in ({"format_version": 2.5}, {"format_version": "3"}, {"sha256": ["x"]}, {"format_version": 0}):
         (folder / MANIFEST).write_text(json.dumps({**manifest, **bad}))
         with pytest.raises(MMDialogError, match=r"mmdialog.json field ") as err:

@@ -1,7 +1,7 @@
 """A received model folder runs no code unless the user says so.
 
-The folder's sender controls everything in it, digests included. Each case is a
-real exported folder whose ``config.yaml`` asks for code — a config option
+The folder's sender controls everything in it, digests included. Each case is
+an exported folder (as its sender wrote it) whose ``config.yaml`` asks for code — a config option
 (``trust_remote_code``), an LLM folder whose tokenizer names a custom class
 (``auto_map`` + a ``.py`` file that writes a marker when imported), a Hub
 attention kernel, a tokenizer file outside the folder, a model-config
@@ -21,12 +21,15 @@ import sys
 import textwrap
 
 import pytest
+import torch
 import yaml
-from sharing_model import exported_dir, run_cli
+from sharing_model import run_cli
 
 import mmdialog
 from mmdialog import ConfigError
 from mmdialog.core import assets
+from mmdialog.core.config import load_config
+from mmdialog.core.export import FORMAT
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 4,
@@ -53,17 +56,22 @@ def _evil_llm(folder, marker):
 
 
 def _received(tmp_path, llm: dict) -> tuple:
-    """(folder, marker): the exported model with ``model.llm`` changed to ``llm`` and every digest re-made."""
+    """(folder, marker): an exported folder — weights, config, tokenizer additions, a manifest with
+    every digest, as its sender made it — whose ``model.llm`` is ``llm``."""
+    from safetensors.torch import save_file
+
     marker = tmp_path / "PWNED"
     evil = _evil_llm(tmp_path / "evil-llm", marker)
     folder = tmp_path / "received"
-    shutil.copytree(exported_dir(), folder)
-    config = yaml.safe_load((folder / "config.yaml").read_text())
+    folder.mkdir()
+    config = load_config("tiny").model_dump(mode="json")
     config["model"]["llm"] = {"name": "hf", **{k: (str(evil) if v == "EVIL" else v) for k, v in llm.items()}}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    manifest = json.loads((folder / "mmdialog.json").read_text())
-    manifest["sha256"] = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in manifest["sha256"]}
-    (folder / "mmdialog.json").write_text(json.dumps(manifest))
+    save_file({"bridge.sent": torch.zeros(2)}, str(folder / "model.safetensors"), metadata={"format": FORMAT})
+    (folder / "tokenizer_additions.json").write_text(json.dumps({"added_tokens": {"[img]": 49152}}))
+    digests = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+               for name in ("model.safetensors", "config.yaml", "tokenizer_additions.json")}
+    (folder / "mmdialog.json").write_text(json.dumps({"format": FORMAT, "format_version": 3, "sha256": digests}))
     return folder, marker
 
 
@@ -117,8 +125,8 @@ def test_the_cli_refuses_in_one_line_and_runs_the_code_only_with_the_flag(tmp_pa
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert lines[-1].startswith("error: llm ") and "--trust-remote-code" in lines[-1], lines[-1]
     assert not marker.exists()
-    # The flag is the one door: the folder's code now runs (its tiny random LLM then does not fit the
-    # exported weights, a one-line error of its own).
+    # The flag is the one door: the folder's code now runs (the sent weights then have no place in
+    # the model, a one-line error of its own).
     proc = run_cli("chat", str(folder), "-m", "hi", "--trust-remote-code", timeout=300)
     assert marker.exists(), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -215,7 +215,10 @@ def config_from_yaml(text: str, where: str, **components: Any) -> Config:
     raw = parse_yaml(text, f"{where}: config")
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: config must be a mapping with 'model', 'data', 'train'")
-    return load_config(raw, **components)
+    try:
+        return load_config(raw, **components)
+    except ConfigError as e:
+        raise type(e)(f"{where}: {e}") from None
 
 
 def preset_dict(name: str) -> dict[str, Any]:
@@ -267,12 +270,14 @@ def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
     ``bridge={"name": "gumbel", "tau": 0.5}``. ``overrides`` are dotted keys:
     ``{"train.lr": 1e-4, "model.bridge.tau": 0.5}``.
     """
+    origin = ""  # a file's errors name it
     if isinstance(source, Config):
         raw = source.model_dump()
     elif isinstance(source, dict):
         raw = source
     elif isinstance(source, (str, Path)) and (str(source).endswith((".yaml", ".yml")) or Path(source).is_file()):
         path = Path(source)
+        origin = f"config {path}: "
         if not path.exists() and not path.is_symlink():
             raise ConfigError(f"config file {path} does not exist")
         raw = _read_yaml(path)
@@ -304,8 +309,11 @@ def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
         config = Config.model_validate(raw)
     except ValidationError as e:
         field, _, msg = validation_message(e).partition(": ")
-        raise ConfigError(f"config field '{field}': {msg}") from None
-    validate_plugins(config)
+        raise ConfigError(f"{origin}config field '{field}': {msg}") from None
+    try:
+        validate_plugins(config)
+    except ConfigError as e:
+        raise type(e)(f"{origin}{e}") from None
     return config
 
 
