@@ -1,5 +1,8 @@
 """Save / load: a trained model exported to a folder comes back identical;
-a folder changed after export, or weights holding NaN / inf, are refused."""
+a folder changed after export (any file that decides what loads), a manifest
+downgraded to skip the digests, or weights holding NaN / inf, are refused; an
+export names no path of the machine it was written on, and an odd destination
+is refused before anything is built."""
 import hashlib
 import json
 import re
@@ -8,7 +11,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from sharing_model import CAT_PROMPT, exported_dir, sharing_model
+from sharing_model import CAT_PROMPT, exported_dir, run_cli, sharing_model
 
 import mmdialog
 from mmdialog import ConfigError
@@ -33,9 +36,13 @@ def _manifest(folder, **changes):
     return manifest
 
 
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _rehash(folder):
-    """Record the weights' current SHA-256, as a careful tamperer would."""
-    _manifest(folder, sha256={WEIGHTS: hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()})
+    """Record every file's current SHA-256, as a careful tamperer would."""
+    _manifest(folder, sha256={name: _sha(folder / name) for name in _manifest(folder)["sha256"]})
 
 
 def test_exported_folder_is_self_contained_and_reloads_identically():
@@ -108,9 +115,10 @@ def test_the_manifest_records_the_weights_sha256_and_one_flipped_byte_is_refused
     folder = _copy_export(tmp_path, "flipped")
     data = (folder / WEIGHTS).read_bytes()
     manifest = _manifest(folder)
-    assert manifest["format_version"] == 2
-    assert manifest["sha256"] == {WEIGHTS: hashlib.sha256(data).hexdigest()}
-    assert manifest["sha256"][WEIGHTS] in (folder / "README.md").read_text()
+    assert manifest["format_version"] == 3
+    covered = ["model.safetensors", "config.yaml", "tokenizer_additions.json", "metrics.json"]
+    assert manifest["sha256"] == {name: _sha(folder / name) for name in covered}
+    assert all(digest in (folder / "README.md").read_text() for digest in manifest["sha256"].values())
     check_folder(folder)
     flipped = bytearray(data)
     flipped[-3] ^= 0x01  # one bit of the last weight: the file still parses, the values differ
@@ -176,21 +184,146 @@ def test_a_model_with_a_nan_weight_is_refused_at_save_and_export_and_nothing_is_
             param[index] = good
 
 
-def test_an_older_export_without_sha256_still_loads(tmp_path):
-    folder = _copy_export(tmp_path, "v1")
+@pytest.mark.parametrize("name, change", [
+    ("config.yaml", lambda text: text.replace("seed: 0", "seed: 1")),
+    ("tokenizer_additions.json", lambda text: text.replace('"[img]": 49152', '"[img]": 49153')),
+])
+def test_config_and_tokenizer_additions_are_covered_by_the_digests(tmp_path, name, change):
+    folder = _copy_export(tmp_path, "changed")
+    before = (folder / name).read_text()
+    (folder / name).write_text(change(before))
+    assert (folder / name).read_text() != before
+    with pytest.raises(ConfigError, match=rf"{name} does not match the SHA-256 recorded in mmdialog.json"):
+        load(folder)
+
+
+def _downgrade(folder, version, digests=None):
     manifest = _manifest(folder)
-    del manifest["sha256"]
-    (folder / MANIFEST).write_text(json.dumps({**manifest, "format_version": 1}))
-    loaded = load(folder)
+    manifest.pop("sha256")
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "format_version": version,
+                                               **({"sha256": digests} if digests else {})}))
+
+
+def test_a_manifest_rewritten_to_format_1_over_flipped_weights_is_refused(tmp_path):
+    folder = _copy_export(tmp_path, "downgraded")
+    flipped = bytearray((folder / WEIGHTS).read_bytes())
+    flipped[-3] ^= 0x01
+    (folder / WEIGHTS).write_bytes(bytes(flipped))
+    _downgrade(folder, 1)
+    for entry in (load, check_folder):
+        with pytest.raises(ConfigError, match=r"its mmdialog.json \(format version 1\) records no SHA-256 of "
+                                              r"model.safetensors, config.yaml, tokenizer_additions.json, so "
+                                              r"nothing shows .* `mmdialog export --upgrade .*downgraded`, or .* "
+                                              r"--allow-unverified") as err:
+            entry(folder)
+        assert "\n" not in str(err.value)
+    # A version-2 manifest (the weights' digest only) cannot vouch for a changed config either.
+    folder = _copy_export(tmp_path, "v2")
+    (folder / "config.yaml").write_text((folder / "config.yaml").read_text().replace("seed: 0", "seed: 1"))
+    _downgrade(folder, 2, {WEIGHTS: _sha(folder / WEIGHTS)})
+    with pytest.raises(ConfigError, match=r"format version 2\) records no SHA-256 of config.yaml, "
+                                          r"tokenizer_additions.json"):
+        load(folder)
+
+
+def test_an_older_export_loads_when_asked_or_once_upgraded(tmp_path):
+    from mmdialog.core.export import upgrade_folder
+
+    trained = {n: p for n, p in sharing_model().named_parameters() if p.requires_grad}
+    folder = _copy_export(tmp_path, "v1")
+    _downgrade(folder, 1)
+    loaded = load(folder, allow_unverified=True)
     params = dict(loaded.named_parameters())
-    assert all(torch.equal(params[n], p) for n, p in sharing_model().named_parameters() if p.requires_grad)
-    # from version 2 on the digest is part of the format: dropping it is a change
-    _manifest(folder, format_version=2)
+    assert all(torch.equal(params[n], p) for n, p in trained.items())
+    assert upgrade_folder(folder) == (folder, 1)
+    manifest = _manifest(folder)
+    assert manifest["format_version"] == 3 and set(manifest["sha256"]) >= {WEIGHTS, "config.yaml",
+                                                                          "tokenizer_additions.json"}
+    check_folder(folder)  # verified now, without being asked
+    # The digests a version-2 manifest has must still hold: an upgrade does not bless changed weights.
+    folder = _copy_export(tmp_path, "v2-flipped")
+    _downgrade(folder, 2, {WEIGHTS: _sha(folder / WEIGHTS)})
+    flipped = bytearray((folder / WEIGHTS).read_bytes())
+    flipped[-3] ^= 0x01
+    (folder / WEIGHTS).write_bytes(bytes(flipped))
+    with pytest.raises(ConfigError, match="model.safetensors does not match the SHA-256"):
+        upgrade_folder(folder)
+    # From version 2 on the weights' digest is part of the format: dropping it is a change.
+    _downgrade(folder, 2)
     with pytest.raises(ConfigError, match="mmdialog.json has no SHA-256 of model.safetensors; the folder is damaged"):
-        check_folder(folder)
-    _manifest(folder, format_version=3)
+        check_folder(folder, allow_unverified=True)
+    _manifest(folder, format_version=4)
     with pytest.raises(ConfigError, match="written by a newer mmdialog"):
         check_folder(folder)
+
+
+def test_the_cli_upgrades_and_loads_unverified_only_when_asked(tmp_path):
+    folder = _copy_export(tmp_path, "v1")
+    _downgrade(folder, 1)
+    proc = run_cli("chat", str(folder), "-m", "hi", "--max-new-tokens", "4")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: model folder") and "--allow-unverified" in \
+        proc.stderr.strip().splitlines()[-1]
+    proc = run_cli("chat", str(folder), "-m", "hi", "--max-new-tokens", "4", "--allow-unverified")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli("export", "--upgrade", str(folder))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "manifest format 1 → 3" in proc.stdout and _manifest(folder)["format_version"] == 3
+    check_folder(folder)
+
+
+def test_an_export_names_no_path_of_the_training_machine(tmp_path):
+    from mmdialog.core.checkpoint import save_trainable
+
+    model = sharing_model()
+    run = tmp_path / "machine-specific" / "run"
+    old = model.config
+    model.config = old.model_copy(update={"train": old.train.model_copy(update={"out_dir": str(run)})})
+    try:
+        pt = save_trainable(model, run / "trainable.pt")
+    finally:
+        model.config = old
+    assert str(run) in torch.load(pt, weights_only=True)["config"]  # the checkpoint has it, the export must not
+    out = export(pt, tmp_path / "out")
+    for name in ("config.yaml", "README.md"):
+        text = (out / name).read_text()
+        assert str(tmp_path) not in text and "machine-specific" not in text, name
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["out_dir"] == "runs/mmdialog"
+
+
+def _odd_places(tmp_path):
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a-folder")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "a-file").write_text("x")
+    return {
+        "a symlink": (tmp_path / "link", "is a symbolic link; give the path of a new folder"),
+        "a dangling symlink": (tmp_path / "dangling", "is a symbolic link that points nowhere"),
+        "an existing file": (tmp_path / "a-file", "exists and is not a folder"),
+        "under a file": (tmp_path / "a-file" / "out", "'.*a-file' is not a folder"),
+    }
+
+
+def test_export_to_an_odd_place_is_refused_before_anything_is_read_or_built(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"\x00junk")  # reading it would be the checkpoint's own error
+    for name, (out, message) in _odd_places(tmp_path).items():
+        with pytest.raises(ConfigError, match=message) as err:
+            export(tmp_path / "junk.pt", out)
+        assert "\n" not in str(err.value), name
+    assert (tmp_path / "a-file").read_text() == "x" and not (tmp_path / "nowhere").exists()
+    assert list((tmp_path / "a-folder").iterdir()) == []
+
+
+def test_the_cli_refuses_an_odd_export_place_in_one_line(tmp_path):
+    from mmdialog.core.checkpoint import save_trainable
+
+    pt = save_trainable(sharing_model(), tmp_path / "run" / "trainable.pt")
+    out, message = _odd_places(tmp_path)["a dangling symlink"]
+    proc = run_cli("export", str(pt), str(out))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and lines[-1].startswith("error: output"), \
+        proc.stderr[-2000:]
+    assert message in lines[-1]
 
 
 def test_a_model_exported_with_sd_chats_with_library_and_library_sd(tmp_path):

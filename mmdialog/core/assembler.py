@@ -28,19 +28,27 @@ from mmdialog.core.config import (
     config_from_yaml,
     load_config,
     plugin_options,
-    read_json,
 )
 from mmdialog.core.errors import ConfigError
-from mmdialog.core.export import MANIFEST, check_finite, check_tokens, load_weights, read_folder, save_pretrained
+from mmdialog.core.export import (
+    MANIFEST,
+    check_destination,
+    check_finite,
+    check_tokens,
+    load_weights,
+    read_folder,
+    save_pretrained,
+)
 from mmdialog.core.interfaces import BUILD_ORDER, BuildContext
 from mmdialog.core.model import DialogueModel
 from mmdialog.core.quantization import is_quantized
+from mmdialog.core.reading import read_json
 from mmdialog.core.registry import default_registry
 
 
 def build(config: str | Path | dict[str, Any] | Config = "tiny", /,
           overrides: dict[str, Any] | None = None, *, device: str | torch.device | None = None,
-          **components: Any) -> DialogueModel:
+          trust_remote_code: bool = False, **components: Any) -> DialogueModel:
     """Build a model from a preset name, YAML path, dict or ``Config``.
 
     ``build("tiny", perceiver="qformer", bridge="gumbel")`` switches plugins;
@@ -49,12 +57,16 @@ def build(config: str | Path | dict[str, Any] | Config = "tiny", /,
     random weights at 7B initialise in seconds on a GPU instead of minutes on
     a CPU. State that plugins keep on the CPU by design (vocabulary maps, noise
     schedules, caches) stays there.
+
+    ``trust_remote_code=True`` lets the LLM's base checkpoint run its own code
+    (a custom class in its ``auto_map``, a Hub attention kernel); a config
+    cannot ask for that, only the caller.
     """
     cfg = load_config(config, overrides, **components)
     options = plugin_options(cfg)
     reg = default_registry()
     torch.manual_seed(cfg.model.seed)  # random-init components are reproducible
-    ctx = BuildContext(cache_dir=str(assets.cache_dir()))
+    ctx = BuildContext(cache_dir=str(assets.cache_dir()), trust_remote_code=trust_remote_code)
     built = {}
     with torch.device(device) if device is not None else contextlib.nullcontext():
         for kind in BUILD_ORDER:
@@ -67,7 +79,8 @@ def build(config: str | Path | dict[str, Any] | Config = "tiny", /,
     retriever = None
     if cfg.model.retriever is not None:
         plugin = reg.get("generator", cfg.model.retriever.name)
-        retriever = plugin.factory.from_options(options["retriever"], BuildContext(cache_dir=ctx.cache_dir))
+        retriever = plugin.factory.from_options(
+            options["retriever"], BuildContext(cache_dir=ctx.cache_dir, trust_remote_code=trust_remote_code))
     llm = built["llm"]
     prompt_format = reg.prompt_format(llm.prompt_format)(llm, llm.system_prompt)
     model = DialogueModel(llm, built["perceiver"], built["bridge"], built["generator"], cfg, prompt_format,
@@ -113,7 +126,8 @@ def apply_freeze_policy(model: DialogueModel, overrides: dict[str, bool]) -> lis
 
 # -- saved models -------------------------------------------------------------------------------
 def load(path: str | Path = "tiny", *, generator: str | dict[str, Any] | None = None,
-         retriever: str | dict[str, Any] | None = None, device: str | torch.device | None = None) -> DialogueModel:
+         retriever: str | dict[str, Any] | None = None, device: str | torch.device | None = None,
+         trust_remote_code: bool = False, allow_unverified: bool = False) -> DialogueModel:
     """Restore a model from a folder written by ``save_pretrained`` / ``export``.
 
     A preset name (``"tiny"``) or a training checkpoint (``trainable.pt``,
@@ -122,17 +136,21 @@ def load(path: str | Path = "tiny", *, generator: str | dict[str, Any] | None = 
     trained generator weights are kept when the chain's generator is the
     plugin they were trained with, and left out when it is another one.
     ``retriever`` (a spec) sets the chain's retriever after ``generator``.
+
+    ``trust_remote_code``: as ``build``. ``allow_unverified`` loads an exported
+    folder whose manifest predates SHA-256 digests of every file (format 1 or
+    2) — only for a folder you trust; ``mmdialog export --upgrade`` re-hashes one.
     """
     components = {k: v for k, v in (("generator", generator), ("retriever", retriever)) if v is not None}
     text = str(path)
     if text in PRESETS or (text.endswith((".yaml", ".yml")) and Path(text).is_file()):
-        model = build(text, **components)
+        model = build(text, trust_remote_code=trust_remote_code, **components)
         model.eval()
         return model.to(device) if device is not None else model
     folder = Path(text).expanduser()
     is_run = folder.is_file() or any((folder / f).is_file() for f in (BEST, TRAINABLE, LAST))
     if not is_run or (folder / MANIFEST).exists():
-        weights, config_yaml, tokens, where = read_folder(folder)
+        weights, config_yaml, tokens, where = read_folder(folder, allow_unverified=allow_unverified)
     else:
         where = f"checkpoint '{find_checkpoint(folder)}'"
         weights, config_yaml, _ = read_checkpoint(folder)
@@ -141,7 +159,7 @@ def load(path: str | Path = "tiny", *, generator: str | dict[str, Any] | None = 
     trained = config_from_yaml(config_yaml, where)
     config = load_config(trained, **components)
     swapped = () if config.model.generator.name == trained.model.generator.name else ("generator",)
-    model = build(config)
+    model = build(config, trust_remote_code=trust_remote_code)
     if tokens is not None:
         check_tokens(model, tokens, where)
     load_weights(model, weights, where, swapped)
@@ -152,20 +170,18 @@ def load(path: str | Path = "tiny", *, generator: str | dict[str, Any] | None = 
 
 
 def export(ckpt: str | Path, out_dir: str | Path, metrics: dict[str, Any] | str | Path | None = None,
-           *, overwrite: bool = False) -> Path:
+           *, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
     """Turn a training checkpoint into a self-contained folder (``core/export.py``).
 
     The model is rebuilt once, to check that every weight has its place and to
     record the tokenizer additions the weights were trained with.
     """
+    out = check_destination(out_dir, overwrite)  # before the build: a typo should not cost a minute
     weights, config_yaml, ckpt_metrics = read_checkpoint(ckpt)
     check_finite(weights, f"refusing to export checkpoint '{ckpt}'")
-    out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"output folder '{out}' is not empty; choose a new folder (or --force)")
     if isinstance(metrics, (str, Path)):
         metrics = read_json(Path(metrics).expanduser(), "metrics")
     config = config_from_yaml(config_yaml, f"checkpoint '{ckpt}'")
-    model = build(config)
+    model = build(config, trust_remote_code=trust_remote_code)
     load_weights(model, weights, f"checkpoint '{ckpt}'")
     return save_pretrained(model, out, {**ckpt_metrics, **(metrics or {})}, overwrite=True)

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from mmdialog.core.errors import ConfigError, validation_message
 from mmdialog.core.hookspecs import KIND_NAMES
+from mmdialog.core.reading import CONFIG_BYTES, parse_yaml, read_yaml
+from mmdialog.core.reading import read_json as read_json  # where core/checkpoint.py imports it from
 
 #: Presets and recipes are YAML files in ``core/presets/``: ``NAME.yaml`` is a preset (a whole
 #: config, or one that starts from another with ``preset: NAME``), ``NAME.recipe.yaml`` a recipe,
@@ -163,39 +165,23 @@ class Config(_Strict):
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config {path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = read_yaml(path, "config", max_bytes=CONFIG_BYTES)
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping with 'model', 'data', 'train'")
     return data
 
 
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from ``path``; one-line ``ConfigError`` otherwise."""
-    import json
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{what} file '{path}' is not valid JSON: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} file '{path}' must hold a JSON object")
-    return data
-
-
 def config_from_yaml(text: str, where: str, **components: Any) -> Config:
     """A ``Config`` from YAML text stored with a model (a checkpoint, an export)."""
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: config is not valid YAML: {str(e).splitlines()[0]}") from None
+    if len(text) > CONFIG_BYTES:
+        raise ConfigError(f"{where}: config is {len(text):,} characters, more than the {CONFIG_BYTES:,} allowed")
+    raw = parse_yaml(text, f"{where}: config")
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: config must be a mapping with 'model', 'data', 'train'")
-    return load_config(raw, **components)
+    try:
+        return load_config(raw, **components)
+    except ConfigError as e:
+        raise type(e)(f"{where}: {e}") from None
 
 
 def preset_dict(name: str) -> dict[str, Any]:
@@ -258,13 +244,15 @@ def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
     """
     if isinstance(source, Config) and not (overrides or reference_recipe or any(components.values())):
         return source
+    origin = ""  # a file's errors name it
     if isinstance(source, Config):
         raw = source.model_dump()
     elif isinstance(source, dict):
         raw = source
     elif isinstance(source, (str, Path)) and (str(source).endswith((".yaml", ".yml")) or Path(source).is_file()):
         path = Path(source)
-        if not path.is_file():
+        origin = f"config {path}: "
+        if not path.exists() and not path.is_symlink():
             raise ConfigError(f"config file {path} does not exist")
         raw = _read_yaml(path)
         if "preset" in raw:  # a YAML file may start from a preset and override it
@@ -298,8 +286,11 @@ def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
         config = Config.model_validate(raw)
     except ValidationError as e:
         field, _, msg = validation_message(e).partition(": ")
-        raise ConfigError(f"config field '{field}': {msg}") from None
-    plugin_options(config)
+        raise ConfigError(f"{origin}config field '{field}': {msg}") from None
+    try:
+        plugin_options(config)
+    except ConfigError as e:
+        raise type(e)(f"{origin}{e}") from None
     return config
 
 
@@ -338,6 +329,7 @@ def validate_plugins(config: Config) -> dict[str, Any]:
         if spec is None:
             continue
         kind = "generator" if slot == "retriever" else slot
+        _refuse_remote_code(spec.options, f"model.{slot}")
         plugin = reg.get(kind, spec.name)
         if slot == "retriever" and not issubclass(plugin.factory, Retriever):
             raise ConfigError(f"config field 'model.retriever': generator plugin '{spec.name}' cannot "
@@ -359,6 +351,21 @@ def validate_plugins(config: Config) -> dict[str, Any]:
             raise ConfigError(f"config field 'model.trainable.{key}': use 'component.group' with a component "
                               f"of {', '.join(SLOTS)}, e.g. llm.{key}")
     return parsed
+
+
+def _refuse_remote_code(options: Any, where: str) -> None:
+    """Code runs only when the caller says so (transformers' convention): the
+    option is never read from a config, which may have come with a model folder."""
+    if isinstance(options, dict):
+        for key, value in options.items():
+            if key == "trust_remote_code":
+                raise ConfigError(f"config field '{where}.{key}': a config cannot let a model run its own code; "
+                                  "pass --trust-remote-code (Python: trust_remote_code=True) if you trust its "
+                                  "source")
+            _refuse_remote_code(value, f"{where}.{key}")
+    elif isinstance(options, list):
+        for i, value in enumerate(options):
+            _refuse_remote_code(value, f"{where}.{i}")
 
 
 def dump_config(config: Config) -> str:

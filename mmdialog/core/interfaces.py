@@ -44,6 +44,9 @@ class BuildContext:
     llm: LanguageModel | None = None
     generator: Generator | None = None
     cache_dir: str | None = None
+    #: Whether a base checkpoint may run its own code (transformers' ``trust_remote_code``): only ever
+    #: what the caller passed (``build(..., trust_remote_code=True)``, ``--trust-remote-code``), never a config.
+    trust_remote_code: bool = False
 
 
 class Component(nn.Module, ABC):

@@ -4,12 +4,30 @@ BLIP-2 checkpoint without its 7B LM). The training-checkpoint format is
 ``core/checkpoint.py``."""
 from __future__ import annotations
 
-import json
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from mmdialog.core.errors import ConfigError
+from mmdialog.core.reading import check_file, read_json
+
+REMOTE_CODE_HELP = ("mmdialog runs no code a model folder names unless you pass --trust-remote-code (Python: "
+                    "trust_remote_code=True), and you should only for a source you trust")
+
+
+@contextlib.contextmanager
+def no_remote_code(what: str) -> Iterator[None]:
+    """Turn transformers' refusal of a folder's own code (``auto_map`` naming a
+    ``.py`` file, with ``trust_remote_code=False``) into one line saying why."""
+    try:
+        yield
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ConfigError(f"{what} asks to run its own Python code (a custom class in its auto_map); "
+                          f"{REMOTE_CODE_HELP}") from None
 
 
 def require_folder(path: str | Path, files: tuple[str, ...] | list[str], what: str,
@@ -48,8 +66,10 @@ def weight_files(folder: Path, stem: str = "model") -> list[Path]:
     """The safetensors (or .bin) files of a folder, sharded or not."""
     for ext, index in ((".safetensors", f"{stem}.safetensors.index.json"), (".bin", "pytorch_model.bin.index.json")):
         if (folder / index).exists():
-            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
-            return [folder / s for s in shards]
+            weight_map = read_json(folder / index, "weight index", root=folder).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConfigError(f"weight index '{folder / index}' has no weight_map of file names")
+            return [check_file(folder / s, "weight shard", root=folder) for s in sorted(set(weight_map.values()))]
         single = folder / (f"{stem}{ext}" if ext == ".safetensors" else "pytorch_model.bin")
         if single.exists():
             return [single]

@@ -17,6 +17,7 @@ import torch
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.files import atomic_write
 from mmdialog.core.interfaces import PromptTokens, TextTower
+from mmdialog.core.reading import cache_file
 
 
 def check_bridgeable(tokenizer, what: str) -> None:
@@ -113,10 +114,13 @@ def static_map(llm_tokenizer, tower_tokenizer, n_llm: int, cache_dir: str | Path
     key = f"{_vocab_fingerprint(llm_tokenizer)}-{_vocab_fingerprint(tower_tokenizer)}-{n_llm}"
     path = Path(cache_dir) / "vocab_maps" / f"{key}.safetensors"
     shape = (n_llm, len(tower_tokenizer))
-    if path.exists():
-        t = load_file(str(path), device="cpu")
-        return torch.sparse_coo_tensor(t["indices"], t["values"], shape, is_coalesced=True,
-                                       check_invariants=True, device="cpu")  # a file may be corrupt
+    if cache_file(path, cache_dir):
+        try:
+            t = load_file(str(path), device="cpu")
+            return torch.sparse_coo_tensor(t["indices"], t["values"], shape, is_coalesced=True,
+                                           check_invariants=True, device="cpu")  # a file may be corrupt
+        except Exception:  # noqa: BLE001 — any damage to a cache file: build it again
+            pass
     m = build_static_map(llm_tokenizer, tower_tokenizer, n_llm)
     with atomic_write(path) as tmp:  # a reader never sees half a file
         save_file({"indices": m.indices().contiguous(), "values": m.values().contiguous()}, str(tmp))

@@ -217,6 +217,8 @@ def load_image(path: PathLike, size: int | None = None, *, max_pixels: int | Non
     truncated or too large file.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block Image.open forever; /dev/zero never ends
+        raise DataError(f"{path}: not a regular file (a FIFO, device or folder)", file=str(path))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -135,7 +135,7 @@ def load_dialogues(
         report.files += 1
         hint = split_hint(f, root if root.is_dir() else None)
         fmt = None if format == "auto" else format
-        for raw in iter_records(f, report):
+        for raw in iter_records(f, report, root if root.is_dir() else None):
             if limit is not None and len(dialogues) >= limit:
                 break
             if fmt is None:

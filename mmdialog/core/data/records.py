@@ -16,15 +16,20 @@ the records before it and reports the file (``bad_file``) with line/column.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmdialog.core import reading
 from mmdialog.core.data.report import BAD_FILE, BAD_RECORD, WARNING, LoadReport
 from mmdialog.core.data.schema import Photo, Turn
+from mmdialog.core.errors import ConfigError
+from mmdialog.core.reading import MAX_DEPTH, RECORDS_BYTES, json_depth
 
 #: Canonical split names. ``valid``/``validation``/``val`` map to ``dev``.
 SPLIT_ALIASES = {
@@ -35,6 +40,8 @@ SPLIT_ALIASES = {
 DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".ndjson.gz")
 _SPLIT_RE = re.compile(r"^(train|training|dev|valid|validation|val|test|testing)(?:[_\-.]|$)", re.I)
 _WS = re.compile(r"[ \t\n\r]*")
+#: json's decoder with numbers bounded (a 5000-digit integer is a bad record, not a traceback).
+_DECODER = json.JSONDecoder(parse_int=reading.bounded_int)
 
 
 def normalize_split(name: object) -> str | None:
@@ -82,10 +89,15 @@ def collect_files(path: Path, split: str | None = None) -> list[Path]:
 
 
 # -- decoding ------------------------------------------------------------------------
-def read_bytes(path: Path) -> bytes:
-    data = path.read_bytes()
+def read_bytes(path: Path, root: Path | None = None) -> bytes:
+    """The bytes of a data file (gunzipped), through the bounded reader: a regular
+    file inside the dataset folder ``root``, at most ``RECORDS_BYTES`` either way."""
+    data = reading.read_bytes(path, "data file", root, RECORDS_BYTES)
     if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+            data = f.read(RECORDS_BYTES + 1)
+        if len(data) > RECORDS_BYTES:
+            raise ConfigError(f"data file '{path}' holds more than {RECORDS_BYTES:,} bytes once decompressed")
     return data
 
 
@@ -183,12 +195,16 @@ class RawRecord:
     value: Any
 
 
-def iter_records(path: Path, report: LoadReport) -> Iterator[RawRecord]:
-    """Yield the raw records of ``path``; problems go to ``report`` (bad_file/bad_record)."""
+def iter_records(path: Path, report: LoadReport, root: Path | None = None) -> Iterator[RawRecord]:
+    """Yield the raw records of ``path`` (a file of the dataset folder ``root``);
+    problems go to ``report`` (bad_file/bad_record)."""
     file = str(path)
     try:
-        data = read_bytes(path)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        data = read_bytes(path, root)
+    except ConfigError as e:  # the bounded reader's refusal: a link out, a FIFO, too large
+        report.add_problem(BAD_FILE, file, None, f"cannot read file: {e}")
+        return
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         report.add_problem(BAD_FILE, file, None, f"cannot read file: {e}")
         return
     try:
@@ -200,13 +216,16 @@ def iter_records(path: Path, report: LoadReport) -> Iterator[RawRecord]:
     if start == len(text):
         report.add_problem(WARNING, file, None, "empty file (no records)")
         return
+    if (depth := json_depth(text)) > MAX_DEPTH:  # before parsing: json recurses once per level
+        report.add_problem(BAD_FILE, file, None, f"nests {depth} levels deep, more than the {MAX_DEPTH} allowed")
+        return
     if text[start] == "[":
         yield from _iter_array(text, start, file, report)
         return
     # A single object, or JSON lines.
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
+        obj = _DECODER.decode(text)
+    except ValueError:  # not one JSON value (or a number too long to hold): JSON lines
         yield from _iter_lines(text, file, report)
         return
     if isinstance(obj, dict) and not _looks_like_record(obj):
@@ -223,7 +242,7 @@ def _looks_like_record(obj: dict) -> bool:
 
 
 def _iter_array(text: str, pos: int, file: str, report: LoadReport) -> Iterator[RawRecord]:
-    decoder = json.JSONDecoder()
+    decoder = _DECODER
     pos += 1  # past "["
     index = 0
     n = len(text)
@@ -234,10 +253,10 @@ def _iter_array(text: str, pos: int, file: str, report: LoadReport) -> Iterator[
             break
         try:
             value, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            line, col = _line_col(text, e.pos)
+        except ValueError as e:
+            line, col = _line_col(text, getattr(e, "pos", pos))
             report.add_problem(BAD_FILE, file, None,
-                               f"invalid JSON at line {line} column {col} ({e.msg}); "
+                               f"invalid JSON at line {line} column {col} ({getattr(e, 'msg', e)}); "
                                f"kept the {index} record(s) before it, skipped the rest of the file")
             return
         yield RawRecord(f"#{index}", value)
@@ -269,9 +288,12 @@ def _iter_lines(text: str, file: str, report: LoadReport) -> Iterator[RawRecord]
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = _DECODER.decode(line)
         except json.JSONDecodeError as e:
             errors.append((lineno, f"invalid JSON ({e.msg} at column {e.colno})"))
+            continue
+        except ValueError as e:
+            errors.append((lineno, f"invalid JSON ({e})"))
             continue
         parsed.append(RawRecord(f"line {lineno}", value))
     if errors and not parsed:

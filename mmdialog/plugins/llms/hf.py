@@ -10,6 +10,7 @@ train (the reference trains all of ``embed_tokens`` and ``lm_head``; set
 from __future__ import annotations
 
 import functools
+import struct
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -20,9 +21,10 @@ from torch import nn
 from mmdialog.core import assets, quantization
 from mmdialog.core.checkpointing import CheckpointPolicy, checkpoint_kwargs
 from mmdialog.core.errors import ConfigError
-from mmdialog.core.interfaces import LanguageModel, PluginOptions
+from mmdialog.core.interfaces import BuildContext, LanguageModel, PluginOptions
 from mmdialog.core.markup import IMAGE_TOKEN, IMG_CLOSE, IMG_OPEN
-from mmdialog.core.pretrained import is_local, require_folder
+from mmdialog.core.pretrained import is_local, no_remote_code, require_folder
+from mmdialog.core.reading import check_gguf
 
 #: Used when a tokenizer has no chat template of its own.
 FALLBACK_CHAT_TEMPLATE = (
@@ -30,6 +32,14 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}Assistant:{% endif %}")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: transformers' own attention implementations; any other name is a Hub kernel repository (code from
+#: outside mmdialog and the model folder), which runs only with trust_remote_code.
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+#: A model-config value (``config`` / ``config_overrides``): plain numbers, text, lists and mappings of them.
+Scalar = bool | int | float | str | None
+ConfigValue = Scalar | list[Scalar] | dict[str, Scalar]
+#: Model-config keys that would load code or files: never from a config file.
+UNSAFE_CONFIG_KEYS = ("auto_map", "trust_remote_code", "attn_implementation", "custom_pipelines")
 
 
 class LoraOptions(PluginOptions):
@@ -43,16 +53,34 @@ class LoraOptions(PluginOptions):
                                "all-bf16 recipe (no casts of the layer input; bf16 rounding in the update)")
 
 
+class TokenizerOptions(PluginOptions):
+    """The keyword options of ``AutoTokenizer.from_pretrained`` a config may set: an
+    allow-list (no file paths, no remote code); unset ones keep the tokenizer's own."""
+
+    legacy: bool | None = Field(None, description="Llama/T5 tokenizers: true is how transformers 4 tokenized "
+                                                  "text after special tokens (the reference's '<s>[INST]' is "
+                                                  "▁[ INST ])")
+    use_fast: bool | None = None
+    add_prefix_space: bool | None = None
+    add_bos_token: bool | None = None
+    add_eos_token: bool | None = None
+    clean_up_tokenization_spaces: bool | None = None
+    padding_side: Literal["left", "right"] | None = None
+    truncation_side: Literal["left", "right"] | None = None
+    model_max_length: int | None = Field(None, gt=0)
+
+
 class HFOptions(PluginOptions):
     path: str = Field(assets.SMOLLM2, description="hub id, local folder, or folder holding `gguf_file`")
-    gguf_file: str | None = Field(None, description="GGUF file name inside `path`")
+    gguf_file: str | None = Field(None, pattern=r"^[^/\\]+$",
+                                  description="GGUF file name inside `path` (a name, not a path)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     lora: LoraOptions = Field(default_factory=LoraOptions)
     random_weights: bool = Field(False, description="random weights from `path`'s config.json, or from "
                                                     "`config` (benchmarks at real shapes, no download)")
-    config: dict[str, Any] | None = Field(None, description="with random_weights: a full model config "
-                                                            "(with model_type) instead of path/config.json")
-    config_overrides: dict[str, Any] = Field(default_factory=dict, description="with random_weights")
+    config: dict[str, ConfigValue] | None = Field(None, description="with random_weights: a full model config "
+                                                                    "(with model_type) instead of path/config.json")
+    config_overrides: dict[str, ConfigValue] = Field(default_factory=dict, description="with random_weights")
     gradient_checkpointing: bool | int = Field(
         False, ge=0, description="recompute decoder-layer activations in the backward pass: true (or 1) "
                                  "every layer; k > 1 every k-th layer only (selective: less recompute, "
@@ -61,16 +89,19 @@ class HFOptions(PluginOptions):
         "full", description="what a checkpointed layer keeps: full (only its input; everything is "
                             "recomputed) or save_matmuls (matmul and attention outputs kept, element-wise ops "
                             "recomputed: less recompute, more memory); same numerics")
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = Field(
+        "sdpa", pattern=r"^[A-Za-z0-9_.:/-]+$",
+        description=f"{', '.join(ATTENTION)}; a Hub kernel repository (org/name) runs code from outside the "
+                    "model folder and needs --trust-remote-code (trust_remote_code=True)")
     prompt_format: str = Field("template", description="how a dialogue becomes text and labels: template "
                                                        "(the tokenizer's chat template, the agent's turns "
                                                        "trained), reference (the authors' Llama-2 format, one "
                                                        "sample per dialogue, every token trained), or a "
                                                        "registered one (`mmdialog plugins`)")
-    tokenizer_options: dict[str, Any] = Field(
-        default_factory=dict, description="keyword options of AutoTokenizer.from_pretrained, e.g. {legacy: true} "
-                                          "(Llama-2: '<s>[INST]' is ▁[ INST ], not [ INST ]; for all of "
-                                          "transformers 4's ids see tokenizer_pipeline)")
+    tokenizer_options: TokenizerOptions = Field(
+        default_factory=TokenizerOptions, description="options of AutoTokenizer.from_pretrained, e.g. {legacy: "
+                                                      "true} (Llama-2: '<s>[INST]' is ▁[ INST ], not [ INST ]; for "
+                                                      "all of transformers 4's ids see tokenizer_pipeline)")
     tokenizer_pipeline: Literal["as_loaded", "transformers4"] = Field(
         "as_loaded", description="transformers4: a SentencePiece tokenizer (Llama-2's) runs as transformers 4 ran "
                                  "it from Llama-2's tokenizer.json, giving the reference's ids: the normalizer "
@@ -102,6 +133,15 @@ class HFOptions(PluginOptions):
                            "weight and output gradient cast to e4m3/e5m2 with dynamic per-tensor scales, forward "
                            "and backward; weights stored in `dtype`). Needs a CUDA GPU of compute capability "
                            "8.9+ (Ada, Hopper); the LoRA adapters, embeddings and LM head keep `dtype`")
+
+    @model_validator(mode="after")
+    def _no_code_doors(self) -> HFOptions:
+        for field in ("config", "config_overrides"):
+            bad = [k for k in getattr(self, field) or {} if k in UNSAFE_CONFIG_KEYS or k.startswith("_")]
+            if bad:
+                raise ValueError(f"{field}.{bad[0]} cannot be set from a config: it would load code or files "
+                                 "the model folder does not hold")
+        return self
 
     @model_validator(mode="after")
     def _one_base_numerics(self) -> HFOptions:
@@ -156,12 +196,12 @@ class HFLanguageModel(LanguageModel):
     # also trains every row of embed_tokens / lm_head: its recipe sets llm.embeddings, docs/design.md §2).
     trainable_by_default = ("lora", "new_token_rows")
 
-    def __init__(self, options: HFOptions) -> None:
+    def __init__(self, options: HFOptions, trust_remote_code: bool = False) -> None:
         super().__init__()
         self.options = options
         if options.float8_matmul:  # before the weights are read
             quantization.require_float8_device()
-        self.tokenizer, base = _load(options)
+        self.tokenizer, base = _load(options, trust_remote_code)
         n_before = len(self.tokenizer)
         self.tokenizer.add_tokens([IMG_OPEN, IMG_CLOSE])
         self.tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
@@ -199,6 +239,10 @@ class HFLanguageModel(LanguageModel):
             raise ConfigError("llm.compile_decode needs llm.kv_cache: static (a dynamic cache changes shape "
                               "every step)")
         self._static_cache: Any = None
+
+    @classmethod
+    def from_options(cls, options: HFOptions, ctx: BuildContext) -> HFLanguageModel:
+        return cls(options, trust_remote_code=ctx.trust_remote_code)
 
     @property
     def base_model(self) -> nn.Module:
@@ -342,32 +386,48 @@ def _renders(tokenizer: Any, messages: list[dict[str, str]]) -> bool:
         return False
 
 
-def _load(o: HFOptions) -> tuple[Any, nn.Module]:
+def _load(o: HFOptions, trust_remote_code: bool = False) -> tuple[Any, nn.Module]:
+    """(tokenizer, model). Code from the folder or the Hub (a custom class in
+    ``auto_map``, a kernel repository) runs only with ``trust_remote_code``,
+    which is never an option of the config: the caller passes it (``--trust-remote-code``)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = assets.resolve(o.path)
     dtype = DTYPES[o.dtype]
-    kw: dict[str, Any] = {}
+    if o.attn_implementation not in ATTENTION and not trust_remote_code:
+        raise ConfigError(f"llm.attn_implementation '{o.attn_implementation}' is not one of transformers' own "
+                          f"({', '.join(ATTENTION)}): a Hub kernel runs code from outside the model folder; pass "
+                          "--trust-remote-code (Python: trust_remote_code=True) if you trust its source")
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if o.gguf_file:
-        require_folder(path, [o.gguf_file], "llm (GGUF)")
+        folder = require_folder(path, [o.gguf_file], "llm (GGUF)")
+        check_gguf(folder / o.gguf_file, "llm GGUF file", root=folder)
         kw["gguf_file"] = o.gguf_file
     elif is_local(path):
         require_folder(path, ["tokenizer_config.json"] if o.config else ["config.json"], "llm")
+    attn = {"attn_implementation": o.attn_implementation}
     try:
-        tok = AutoTokenizer.from_pretrained(path, **kw, **o.tokenizer_options)
-        if o.tokenizer_pipeline == "transformers4":
-            _transformers4_pipeline(tok)
-        if o.random_weights:
-            cfg = AutoConfig.for_model(**o.config) if o.config else AutoConfig.from_pretrained(path, **kw)
-            for k, v in o.config_overrides.items():
-                setattr(cfg, k, v)
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=o.attn_implementation)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, attn_implementation=o.attn_implementation, **kw)
+        with no_remote_code(f"llm '{o.path}'"):
+            tok = AutoTokenizer.from_pretrained(path, **kw, **o.tokenizer_options.model_dump(exclude_none=True))
+            if o.tokenizer_pipeline == "transformers4":
+                _transformers4_pipeline(tok)
+            if o.random_weights:
+                cfg = AutoConfig.for_model(**o.config) if o.config else AutoConfig.from_pretrained(path, **kw)
+                for k, v in o.config_overrides.items():
+                    setattr(cfg, k, v)
+                model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                         **attn)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attn, **kw)
     except OSError as e:
         raise ConfigError(f"llm '{o.path}' could not be loaded ({str(e).splitlines()[0]}); "
                           "give a local folder, or a hub id with network access") from None
+    except (ValueError, EOFError, IndexError, struct.error) as e:
+        if not o.gguf_file:
+            raise
+        # The GGUF header passed check_gguf; a tensor the file is too short for fails in the parser.
+        raise ConfigError(f"llm GGUF file '{path}/{o.gguf_file}' cannot be read ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:160]}); is it complete?") from None
     if o.gguf_file:  # GGUF weights arrive de-quantised in float32
         model = model.to(dtype)
     return tok, model

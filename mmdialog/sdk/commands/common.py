@@ -23,6 +23,14 @@ GENERATOR = typer.Option(None, "--generator", "-g",
                               "draw), sd, …")
 LIBRARY = typer.Option(None, "--library", help="photo folder for the library generator (captions.json or "
                                                "file names); default: the embedded photos")
+TRUST_REMOTE_CODE = typer.Option(
+    False, "--trust-remote-code", help="let the LLM's base checkpoint run its own Python code (a custom class in "
+                                       "its auto_map, a Hub attention kernel); only for a source you trust. A "
+                                       "config or model folder can never turn this on")
+ALLOW_UNVERIFIED = typer.Option(
+    False, "--allow-unverified", help="load an exported folder whose manifest predates SHA-256 digests of every "
+                                      "file (format 1 or 2); only one you trust (`mmdialog export --upgrade "
+                                      "FOLDER` re-hashes it once)")
 #: Flags of the commands that load a model and generate: GenerationOptions field → (type, option).
 GENERATION_FLAGS = {
     "max_new_tokens": (int, typer.Option(64, "--max-new-tokens", help="reply length limit (tokens)")),
@@ -44,6 +52,8 @@ class ModelUse:
 
     chain: dict[str, Any]
     generation: Any  # GenerationOptions: torch is imported only when a command runs
+    trust_remote_code: bool = False
+    allow_unverified: bool = False
 
     @property
     def options(self) -> dict[str, Any]:
@@ -52,9 +62,11 @@ class ModelUse:
 
 
 def model_flags(command):
-    """Add ``--generator``, ``--library`` and the generation flags to ``command``,
-    which receives them checked, as ``use: ModelUse`` (a bad value is one line)."""
-    flags = {"generator": (Optional[str], GENERATOR), "library": (Optional[str], LIBRARY), **GENERATION_FLAGS}
+    """Add ``--generator``, ``--library``, the trust flags and the generation flags to
+    ``command``, which receives them checked, as ``use: ModelUse`` (a bad value is one line)."""
+    flags = {"generator": (Optional[str], GENERATOR), "library": (Optional[str], LIBRARY),
+             "trust_remote_code": (bool, TRUST_REMOTE_CODE), "allow_unverified": (bool, ALLOW_UNVERIFIED),
+             **GENERATION_FLAGS}
 
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> Any:
@@ -62,13 +74,14 @@ def model_flags(command):
 
         given = {name: kwargs.pop(name) for name in flags}
         chain = generator_spec(given.pop("generator"), given.pop("library"))
+        trust = {"trust_remote_code": given.pop("trust_remote_code"), "allow_unverified": given.pop("allow_unverified")}
         try:
             options = GenerationOptions.parse(given)
         except MMDialogError as e:  # name the flag, not the field
             for name, (_, option) in GENERATION_FLAGS.items():
                 e = MMDialogError(str(e).replace(f"generation option {name}", option.param_decls[0]))
             raise e from None
-        return command(**kwargs, use=ModelUse(chain, options))
+        return command(**kwargs, use=ModelUse(chain, options, **trust))
 
     params = [p for p in inspect.signature(command).parameters.values() if p.name != "use"]
     params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)

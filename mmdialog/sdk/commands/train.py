@@ -8,7 +8,15 @@ from typing import Optional
 
 import typer
 
-from mmdialog.sdk.commands.common import CONFIG, REFERENCE_RECIPE, SET, config_from_cli, progress_line
+from mmdialog.sdk.commands.common import (
+    ALLOW_UNVERIFIED,
+    CONFIG,
+    REFERENCE_RECIPE,
+    SET,
+    TRUST_REMOTE_CODE,
+    config_from_cli,
+    progress_line,
+)
 from mmdialog.sdk.commands.common import quiet as quiet_libraries
 
 
@@ -38,6 +46,7 @@ def train(
     quiet: bool = typer.Option(False, help="no progress bar"),
     verbose: bool = typer.Option(False, "--verbose", help="show library warnings and notices (otherwise in "
                                                          "OUT_DIR/log.txt)"),
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
     """Train a model (the end-to-end one by default) and print its losses.
 
@@ -81,7 +90,7 @@ def train(
     chain = f"{m.retriever.name},{m.generator.name}" if m.retriever else m.generator.name
     typer.echo(f"building llm={m.llm.name} perceiver={m.perceiver.name} bridge={m.bridge.name} "
                f"generator={chain}", err=True)
-    model = build(cfg)
+    model = build(cfg, trust_remote_code=trust_remote_code)
     typer.echo(f"trainable groups: {', '.join(model.trainable_groups)}", err=True)
     result = run(model, progress=not quiet, resume=checkpoint, data=(dialogues, summary))
     for note in result.notes:
@@ -129,6 +138,8 @@ def evaluate(
     inception_weights: Optional[str] = typer.Option(None, help="local Inception-v3 weights for comparable FID/IS"),
     clip_model: Optional[str] = typer.Option(None, help="local CLIP folder: adds the CLIP score of shared photos"),
     sets: list[str] = SET,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    allow_unverified: bool = ALLOW_UNVERIFIED,
 ) -> None:
     """Per-turn evaluation (gold context, both speakers): BLEU-1/2, ROUGE-L, intent F1, FID/KID/IS."""
     from mmdialog.core.assembler import build, load
@@ -148,10 +159,11 @@ def evaluate(
     rows = []
     for i, ckpt in enumerate(checkpoints or [None]):
         if ckpt is None:
-            model = build(config_from_cli(config, None, perceiver, bridge, None, sets))
+            model = build(config_from_cli(config, None, perceiver, bridge, None, sets),
+                          trust_remote_code=trust_remote_code)
             label = f"{model.config.model.perceiver.name}+{model.config.model.bridge.name} (untrained)"
         else:
-            model = load(ckpt)
+            model = load(ckpt, trust_remote_code=trust_remote_code, allow_unverified=allow_unverified)
             label = os.path.basename(os.path.dirname(os.path.abspath(ckpt))) or ckpt
         label = name[i] if i < len(name) else label
         cfg = model.config

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from mmdialog.core.errors import MMDialogError
-from mmdialog.sdk.commands.common import MODEL_ARG, ModelUse, model_flags, quiet
+from mmdialog.sdk.commands.common import MODEL_ARG, TRUST_REMOTE_CODE, ModelUse, model_flags, quiet
 
 HELP = """commands: /image PATH  attach a photo to your next message
           /reset       start a new conversation
@@ -25,7 +25,7 @@ def _load(model: str, use: ModelUse):
                             f"a training checkpoint, or a preset ({', '.join(PRESETS)})")
     quiet()
     typer.echo(f"loading {model} …", err=True)
-    return load(model, **use.chain)
+    return load(model, **use.chain, trust_remote_code=use.trust_remote_code, allow_unverified=use.allow_unverified)
 
 
 def _print_reply(reply, as_json: bool = False) -> None:
@@ -175,22 +175,38 @@ def serve(
 
 
 def export(
-    ckpt: str = typer.Argument(..., help="trainable.pt, a Lightning .ckpt, or a run folder"),
-    out_dir: str = typer.Argument(..., help="new folder to write"),
+    ckpt: str | None = typer.Argument(None, help="trainable.pt, a Lightning .ckpt, or a run folder"),
+    out_dir: str | None = typer.Argument(None, help="new folder to write"),
     metrics: str | None = typer.Option(None, help="JSON file of evaluation metrics for the model card"),
     force: bool = typer.Option(False, "--force", help="replace OUT_DIR if it is not empty"),
+    upgrade: str | None = typer.Option(None, "--upgrade", metavar="FOLDER",
+                                       help="instead: re-hash an exported folder written by an older mmdialog "
+                                            "(manifest format 1 or 2) in place, so it loads verified; only one "
+                                            "you trust"),
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
     """Write a self-contained model folder: config, trainable weights, tokenizer additions, model card."""
-    from mmdialog.core.assembler import export as run
-    from mmdialog.core.export import check_folder
+    from mmdialog.core.export import check_destination, check_folder, read_manifest, upgrade_folder
 
+    if upgrade is not None:
+        if ckpt is not None or out_dir is not None:
+            raise MMDialogError("--upgrade FOLDER re-hashes that folder in place; give no CKPT or OUT_DIR with it")
+        folder, before = upgrade_folder(Path(upgrade).expanduser())
+        typer.echo(f"{folder}: manifest format {before} → {read_manifest(folder).format_version}; every file "
+                   "that decides what loads has its SHA-256 recorded")
+        return
+    if ckpt is None or out_dir is None:
+        raise MMDialogError("give CKPT and OUT_DIR (mmdialog export RUN/trainable.pt OUT), or --upgrade FOLDER")
     if not Path(ckpt).expanduser().exists():
         raise MMDialogError(f"checkpoint '{ckpt}' does not exist; give the trainable.pt or .ckpt written by "
                             "`mmdialog train`")
+    check_destination(out_dir, force)  # before the model builds: a typo should not cost a minute
     quiet()
-    out = run(ckpt, out_dir, metrics, overwrite=force)
+    from mmdialog.core.assembler import export as run
+
+    out = run(ckpt, out_dir, metrics, overwrite=force, trust_remote_code=trust_remote_code)
     check_folder(out)
-    manifest = json.loads((out / "mmdialog.json").read_text())
-    typer.echo(f"exported {manifest['num_tensors']} trainable tensors ({manifest['num_parameters']:,} parameters) "
-               f"to {out}")
+    manifest = read_manifest(out)
+    typer.echo(f"exported {manifest.model_extra['num_tensors']} trainable tensors "
+               f"({manifest.model_extra['num_parameters']:,} parameters) to {out}")
     typer.echo(f"use it: mmdialog chat {out}   |   mmdialog.load({str(out)!r}).session()")
