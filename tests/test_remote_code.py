@@ -132,8 +132,8 @@ def test_the_cli_refuses_in_one_line_and_runs_the_code_only_with_the_flag(tmp_pa
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
-def test_the_reference_recipe_tokenizer_option_still_validates():
+def test_typed_tokenizer_options_still_validate():
     from mmdialog.core.config import load_config, validate_plugins
 
-    options = validate_plugins(load_config("tiny", reference_recipe=True))["llm"]
+    options = validate_plugins(load_config("tiny", {"model.llm.tokenizer_options": {"legacy": True}}))["llm"]
     assert options.tokenizer_options.model_dump(exclude_none=True) == {"legacy": True}
