@@ -7,6 +7,7 @@ from typing import Any
 
 from mmdialog.core.data import dialogcc, photochat
 from mmdialog.core.data.images import image_index, verify_image
+from mmdialog.core.data.limits import MAX_RECORD_CHARS, MAX_TURN_CHARS, oversize
 from mmdialog.core.data.records import (
     RawRecord,
     RecordError,
@@ -73,6 +74,8 @@ def load_dialogues(
     person: str = "drop",
     speaker_names: str = "keep",
     limit: int | None = None,
+    max_turn_chars: int = MAX_TURN_CHARS,
+    max_record_chars: int = MAX_RECORD_CHARS,
 ) -> LoadResult:
     """Load dialogues from a PhotoChat / DialogCC / mmdialog-JSONL file or folder.
 
@@ -97,6 +100,8 @@ def load_dialogues(
             (see :mod:`mmdialog.core.data.photochat`).
         speaker_names: DialogCC speakers, ``"keep"`` names or ``"index"`` → "0", "1", …
         limit: stop after this many dialogues (for quick looks at big files).
+        max_turn_chars, max_record_chars: a record with a turn, or a total, over
+            this many characters is skipped and counted (:mod:`mmdialog.core.data.limits`).
 
     Returns:
         :class:`LoadResult` with ``dialogues`` and ``report`` (counts and one
@@ -113,7 +118,8 @@ def load_dialogues(
         raise DataError(str(e)) from None
     if speaker_names not in dialogcc.SPEAKER_MODES:
         raise DataError(f"speaker_names must be one of {dialogcc.SPEAKER_MODES}, not {speaker_names!r}")
-    options = {"description_style": description_style, "person": person, "speaker_names": speaker_names}
+    options = {"description_style": description_style, "person": person, "speaker_names": speaker_names,
+               "caps": (max_turn_chars, max_record_chars)}
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(f"{root}: no such file or folder", file=str(root))
@@ -180,6 +186,10 @@ def _parse(fmt: DatasetFormat, raw: RawRecord, file: str, report: LoadReport, sp
                                   **{k: options[k] for k in fmt.options})
     except RecordError as e:
         report.add_problem(BAD_RECORD, file, rid, f"{fmt.name}: {e}")
+        return None
+    too_big = oversize(d, *options["caps"])
+    if too_big:
+        report.add_problem(BAD_RECORD, file, rid, too_big)
         return None
     report.messages += n_messages
     return d
