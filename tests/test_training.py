@@ -205,6 +205,31 @@ def test_a_signal_saves_a_checkpoint_exits_non_zero_and_resume_continues(tmp_pat
     assert manifest["steps"] == done + 1 and len(manifest["samples"]) == 2 * (done + 1)  # both processes
 
 
+def test_sigterm_at_a_random_moment_resumes_to_the_uninterrupted_weights(tmp_path, uninterrupted):
+    """A real SIGTERM to this process while it trains, at whatever point of a step it
+    lands (sent as soon as the first checkpoint exists): the run finishes that step,
+    checkpoints and stops; resumed, it ends on the uninterrupted run's weights, bit for bit."""
+    import os
+    import threading
+    import time
+
+    _, full, _ = uninterrupted
+    last = tmp_path / "checkpoints" / "last.ckpt"
+
+    def send() -> None:
+        while not last.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send, daemon=True).start()
+    stopped = train(make(tmp_path, 5), progress=False)
+    assert stopped["signal"] == signal.SIGTERM and 1 <= stopped["steps"] < 5
+    assert torch.load(last, weights_only=True)["global_step"] == stopped["steps"]
+    resumed = make(tmp_path, 5)
+    assert train(resumed, progress=False, resume=True)["steps"] == 5
+    assert weights_digest(resumed) == weights_digest(full)
+
+
 def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path):
     train(make(tmp_path, 2, **{"train.checkpoint_every": 1}), progress=False)
     last, prev = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "checkpoints" / "last.prev.ckpt"

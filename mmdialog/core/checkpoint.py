@@ -9,7 +9,10 @@ weights and the full config (the base models stay where the config points):
   (``model.<name>``) and which carries the config under ``CONFIG_KEY``.
 
 Both are written atomically and read with ``torch.load(weights_only=True)``:
-opening a checkpoint someone sent you never runs code from it.
+opening a checkpoint someone sent you never runs code from it. Both carry a
+SHA-256 over every tensor's bytes and every plain value (``DIGEST_KEY``),
+checked when they are read: a file whose zip directory is intact but whose
+bytes changed (a bad disk, a bit flip in a copy) is refused, not trained on.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from mmdialog.core.errors import ConfigError
 from mmdialog.core.files import atomic_write
 
 if TYPE_CHECKING:
+    from mmdialog.core.config import Config
     from mmdialog.core.model import DialogueModel
 
 CONFIG_KEY = "mmdialog_config"
@@ -32,6 +36,7 @@ CONFIG_KEY = "mmdialog_config"
 #: ("dialogue@agent" per step), the photos that could not be read, and the lr
 #: plateau's state (lr scale, best dev BLEU-2, evaluations without improvement).
 SAMPLES_KEY, PHOTOS_SKIPPED_KEY, PLATEAU_KEY = "mmdialog_samples", "mmdialog_photos_skipped", "mmdialog_plateau"
+DIGEST_KEY = "mmdialog_sha256"
 TRAINABLE, LAST, BEST = "trainable.pt", "checkpoints/last.ckpt", "checkpoints/best.ckpt"
 METRICS = "metrics.json"
 
@@ -48,8 +53,48 @@ def save_trainable(model: DialogueModel, path: str | Path) -> Path:
 
     state = {n: p.detach().cpu() for n, p in trainable_state(model).items()}
     with atomic_write(path) as tmp:
-        torch.save({"trainable": state, "config": dump_config(model.config)}, tmp)
+        torch.save(with_digest({"trainable": state, "config": dump_config(model.config)}), tmp)
     return Path(path)
+
+
+def content_digest(checkpoint: dict[str, Any]) -> str:
+    """SHA-256 of a checkpoint's contents except ``DIGEST_KEY``: each tensor's
+    dtype, shape and bytes and each plain value, under its key path, in key order
+    (the order ``torch.load`` gives back)."""
+    h = hashlib.sha256()
+
+    def walk(obj: Any, key: str) -> None:
+        h.update(key.encode() + b"\0")
+        if torch.is_tensor(obj):
+            t = obj.detach().to("cpu").contiguous().reshape(-1)
+            h.update(f"{t.dtype}{tuple(obj.shape)}".encode())
+            h.update(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                if k != DIGEST_KEY:
+                    walk(v, f"{key}/{k!r}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{key}/{i}")
+        else:
+            h.update(repr(obj).encode())
+
+    walk(checkpoint, "")
+    return h.hexdigest()
+
+
+def with_digest(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """``checkpoint`` with its ``content_digest`` added (in place), just before it is written."""
+    checkpoint[DIGEST_KEY] = content_digest(checkpoint)
+    return checkpoint
+
+
+def verify(path: Path, data: Any) -> None:
+    """``ConfigError`` when a loaded checkpoint's contents do not match the digest
+    written with it. Files written before digests existed pass unchecked."""
+    if isinstance(data, dict) and isinstance(data.get(DIGEST_KEY), str) and data[DIGEST_KEY] != content_digest(data):
+        raise ConfigError(f"checkpoint '{path}' is damaged: its contents do not match the SHA-256 written with "
+                          "it (a disk or copy changed its bytes); use the previous checkpoint or copy it again")
 
 
 def filter_lightning_state(checkpoint: dict[str, Any], model: DialogueModel) -> None:
@@ -79,23 +124,79 @@ def is_complete(path: Path) -> bool:
         return False
 
 
+_verified: dict[tuple[str, int, int], None] = {}  # (path, size, mtime): checked once per process
+
+
+def is_intact(path: Path) -> bool:
+    """A checkpoint that reads safely and whose contents match its digest (every
+    byte is read: tensors are mapped, not loaded)."""
+    path = Path(path)
+    if not path.is_file() or not is_complete(path):
+        return False
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _verified:
+        try:
+            verify(path, safe_load(path, mmap=True))
+        except ConfigError:
+            return False
+        _verified[key] = None
+    return True
+
+
 def resume_checkpoint(path: str | Path) -> tuple[Path, str | None]:
     """The checkpoint to resume from, checked before anything is built: ``path``,
-    or the previous one kept beside it when ``path`` is damaged. Returns it and
-    a one-line note when it fell back; ``ConfigError`` when neither is usable.
-    The file is read safely here (tensors mapped, not loaded), because some
-    Lightning strategies load it later with their own unrestricted unpickler."""
+    or the previous one kept beside it when ``path`` is damaged (truncated, or
+    bytes that do not match its digest). Returns it and a one-line note when it
+    fell back; ``ConfigError`` when neither is usable. The file is read safely
+    here (tensors mapped, not loaded), because some Lightning strategies load it
+    later with their own unrestricted unpickler."""
     path = Path(path).expanduser()
     prev = previous_checkpoint(path)
-    if path.is_file() and is_complete(path):
-        safe_load(path, mmap=True)
+    if is_intact(path):
         return path, None
-    what = "is damaged (truncated or not a checkpoint)" if path.is_file() else "does not exist"
-    if prev.is_file() and is_complete(prev):
-        safe_load(prev, mmap=True)
+    what = "is damaged (truncated, unreadable or its bytes changed)" if path.is_file() else "does not exist"
+    if is_intact(prev):
         return prev, f"{path} {what}; resuming from the previous checkpoint {prev}"
     raise ConfigError(f"cannot resume: {path} {what}" + (" and so is the previous one" if prev.exists() else "")
                       + "; start without --resume, or give another .ckpt")
+
+
+#: Model fields that change memory or speed, never a number: a resumed run may change them.
+RUNTIME_ONLY = ("gradient_checkpointing", "checkpoint_policy")
+
+
+def _flat(tree: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}.{key}").items()}
+    return {prefix: tree}
+
+
+def check_resume_config(path: str | Path, config: Config) -> None:
+    """``ConfigError`` naming the first model field (``field: old → new``) whose
+    value differs between the config a checkpoint was trained with and ``config``:
+    other plugins or shapes cannot take its weights and optimizer state. Read
+    before anything is built (tensors mapped, not loaded)."""
+    from mmdialog.core.config import config_from_yaml
+
+    data = safe_load(path, mmap=True)
+    text = data.get(CONFIG_KEY) if isinstance(data, dict) else None
+    if text is None:
+        return
+    if not isinstance(text, str):
+        text = yaml.safe_dump(text, sort_keys=False)
+    saved = config_from_yaml(text, f"checkpoint '{path}'")
+    old = _flat(saved.model.model_dump(mode="json"), "model")
+    new = _flat(config.model.model_dump(mode="json"), "model")
+    unset = "(unset)"
+    changed = [k for k in [*old, *(k for k in new if k not in old)]
+               if old.get(k, unset) != new.get(k, unset) and k.rsplit(".", 1)[-1] not in RUNTIME_ONLY]
+    if changed:
+        k = changed[0]
+        more = f" (and {len(changed) - 1} more field(s))" if len(changed) > 1 else ""
+        raise ConfigError(f"cannot resume from {path} with another model config: {k}: {old.get(k, unset)} → "
+                          f"{new.get(k, unset)}{more}; resume with the run's own settings, or start a new run "
+                          "in another --out-dir")
 
 
 def safe_load(path: str | Path, *, mmap: bool = False) -> Any:
@@ -149,6 +250,7 @@ def read_checkpoint(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], str, dic
 
     path = find_checkpoint(ckpt)
     data = safe_load(path)
+    verify(path, data)
     if not isinstance(data, dict):
         raise ConfigError(f"'{path}' is not an mmdialog checkpoint (no trainable weights + config)")
     if "trainable" in data and "config" in data:

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from mmdialog.core.data.limits import MAX_RECORD_CHARS, MAX_TURN_CHARS
 from mmdialog.core.errors import ConfigError, validation_message
 from mmdialog.core.hookspecs import KIND_NAMES
 from mmdialog.core.reading import CONFIG_BYTES, parse_yaml, read_yaml
@@ -90,6 +91,11 @@ class DataConfig(_Strict):
     order: Literal["shuffle", "length"] = Field(
         "shuffle", description="training order: shuffle (a new permutation each epoch, from the seed) or "
                                "length (shortest dialogue first, the same every epoch, as the reference)")
+    # Size caps (core/data/limits.py), as `mmdialog data check` applies them.
+    max_turn_chars: int = Field(MAX_TURN_CHARS, gt=0, description="a record with a turn (text + photo descriptions) "
+                                                          "over this many characters is skipped and counted")
+    max_record_chars: int = Field(MAX_RECORD_CHARS, gt=0, description="a record over this many characters in all is "
+                                                             "skipped and counted")
 
 
 class TrainConfig(_Strict):

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from mmdialog.core.data.images import image_index, verify_image
+from mmdialog.core.data.limits import MAX_RECORD_CHARS, MAX_TURN_CHARS, oversize
 from mmdialog.core.data.records import (
     RawRecord,
     RecordError,
@@ -72,6 +73,8 @@ def load_dialogues(
     person: str = "drop",
     speaker_names: str = "keep",
     limit: int | None = None,
+    max_turn_chars: int = MAX_TURN_CHARS,
+    max_record_chars: int = MAX_RECORD_CHARS,
 ) -> LoadResult:
     """Load dialogues from a PhotoChat / DialogCC / mmdialog-JSONL file or folder.
 
@@ -96,6 +99,8 @@ def load_dialogues(
             (see :mod:`mmdialog.core.data.photochat`).
         speaker_names: DialogCC speakers, ``"keep"`` names or ``"index"`` → "0", "1", …
         limit: stop after this many dialogues (for quick looks at big files).
+        max_turn_chars, max_record_chars: a record with a turn, or a total, over
+            this many characters is skipped and counted (:mod:`mmdialog.core.data.limits`).
 
     Returns:
         :class:`LoadResult` with ``dialogues`` and ``report`` (counts and one
@@ -106,7 +111,8 @@ def load_dialogues(
     reg = default_registry()
     if format != "auto" and format not in reg.dataset_formats():
         raise DataError(f"--format must be one of auto, {', '.join(reg.dataset_formats())}, not {format!r}")
-    options = {"description_style": description_style, "person": person, "speaker_names": speaker_names}
+    options = {"description_style": description_style, "person": person, "speaker_names": speaker_names,
+               "caps": (max_turn_chars, max_record_chars)}
     for fmt in map(reg.dataset_format, reg.dataset_formats()):  # each reader checks its own options, early
         try:
             if fmt.check is not None:
@@ -179,6 +185,10 @@ def _parse(fmt: DatasetFormat, raw: RawRecord, file: str, report: LoadReport, sp
                                   **{k: options[k] for k in fmt.options})
     except RecordError as e:
         report.add_problem(BAD_RECORD, file, rid, f"{fmt.name}: {e}")
+        return None
+    too_big = oversize(d, *options["caps"])
+    if too_big:
+        report.add_problem(BAD_RECORD, file, rid, too_big)
         return None
     report.messages += n_messages
     return d

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,20 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-from mmdialog.core.checkpoint import BEST, LAST, TRAINABLE, resume_checkpoint, save_trainable, weights_digest
+from mmdialog.core.checkpoint import (
+    BEST,
+    LAST,
+    TRAINABLE,
+    check_resume_config,
+    resume_checkpoint,
+    save_trainable,
+    weights_digest,
+)
 from mmdialog.core.compiling import compile_repeated_blocks
 from mmdialog.core.data.schema import Dialogue
 from mmdialog.core.data.source import read_dialogues
 from mmdialog.core.errors import ConfigError, MMDialogError, TrainingError
-from mmdialog.core.files import atomic_write
+from mmdialog.core.files import atomic_write, folder_lock
 from mmdialog.core.model import DialogueModel
 from mmdialog.core.training.callbacks import (
     AtomicCheckpointIO,
@@ -115,6 +124,21 @@ def remove_stale_temp_files(out: Path) -> int:
     return len(stale)
 
 
+def is_launching_process() -> bool:
+    """The process the user started, not a rank that Lightning's launcher,
+    torchrun or SLURM started beside it (they set these to the rank)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
+
+
+def out_dir_lock(out: str | Path):
+    """One training per out-dir: ``out/.lock`` held by the launching process
+    (``core/files.py``: released by the OS however the process ends). A second
+    training into the same folder is a one-line error, before it writes anything."""
+    import contextlib
+
+    return folder_lock(out, "training") if is_launching_process() else contextlib.nullcontext()
+
+
 def train(model: DialogueModel, progress: bool = True,
           resume: str | Path | bool | tuple[Path, str | None] | None = None,
           data: tuple[list[Dialogue], str] | None = None) -> TrainResult:
@@ -123,10 +147,17 @@ def train(model: DialogueModel, progress: bool = True,
     ``resume``: True → ``out_dir/checkpoints/last.ckpt``; a path → that file
     (a damaged one falls back to the previous checkpoint kept beside it); what
     ``resume_checkpoint`` returned → that checkpoint, checked once already (its
-    note is the caller's to show).
+    note is the caller's to show). A checkpoint's model config must equal ``model``'s
+    (one line naming the difference).
     ``data``: the training split and its summary (``read_dialogues``), when the
     caller has read it already.
     """
+    with out_dir_lock(model.config.train.out_dir):
+        return _train(model, progress, resume, data)
+
+
+def _train(model: DialogueModel, progress: bool, resume: str | Path | bool | tuple[Path, str | None] | None,
+           data: tuple[list[Dialogue], str] | None) -> TrainResult:
     cfg = model.config
     t = cfg.train
     out = Path(t.out_dir)
@@ -135,6 +166,7 @@ def train(model: DialogueModel, progress: bool = True,
         ckpt_path = str(resume[0])
     elif resume:
         ckpt, note = resume_checkpoint(out / LAST if resume is True else resume)
+        check_resume_config(ckpt, cfg)
         ckpt_path = str(ckpt)
         notes += [note] if note else []
     if removed := remove_stale_temp_files(out):

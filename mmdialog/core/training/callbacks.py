@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from mmdialog.core.caching import offload
-from mmdialog.core.checkpoint import previous_checkpoint, safe_load
+from mmdialog.core.checkpoint import previous_checkpoint, safe_load, with_digest
 from mmdialog.core.errors import TrainingError
 from mmdialog.core.files import atomic_write
 
@@ -26,15 +26,16 @@ from mmdialog.core.files import atomic_write
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save to a temporary file in the same folder, then rename: a crash
     mid-write never leaves a half-written checkpoint under the real name. The
-    checkpoint it replaces is kept as ``<name>.prev`` (a hard link), so a
-    checkpoint damaged later still has a good one beside it. Loading is
-    ``weights_only``, as every checkpoint mmdialog reads."""
+    file carries a digest of its contents, checked on resume. The checkpoint it
+    replaces is kept as ``<name>.prev`` (a hard link), so a checkpoint damaged
+    later still has a good one beside it. Loading is ``weights_only``, as every
+    checkpoint mmdialog reads."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path = Path(path)
         try:
             with atomic_write(path) as tmp:
-                torch.save(checkpoint, tmp)
+                torch.save(with_digest(checkpoint), tmp)
                 if path.exists():
                     prev = previous_checkpoint(path)
                     prev.unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from mmdialog.core.data.limits import MAX_RECORD_CHARS, MAX_TURN_CHARS
 from mmdialog.core.errors import MMDialogError
 
 data_app = typer.Typer(
@@ -54,10 +55,15 @@ def check_cmd(
     description_style: str = typer.Option("objects", help="PhotoChat descriptions: objects, raw or sentence."),
     max_problems: int = typer.Option(20, help="Problems to list (all are counted)."),
     as_json: bool = typer.Option(False, "--json", help="Print the counts and problems as JSON."),
+    max_turn_chars: int = typer.Option(MAX_TURN_CHARS, min=1, help="Skip (and count) a record with a longer "
+                                       "turn, as training does (data.max_turn_chars)."),
+    max_record_chars: int = typer.Option(MAX_RECORD_CHARS, min=1, help="Skip (and count) a longer record, as "
+                                         "training does (data.max_record_chars)."),
 ) -> None:
     """Count dialogues, turns, photos, share turns, missing images and bad records."""
     result = _load(path, format, split, strict, image_dir, verify_images=verify_images,
-                   description_style=description_style)
+                   description_style=description_style, max_turn_chars=max_turn_chars,
+                   max_record_chars=max_record_chars)
     rep = result.report
     splits = split_counts(result.dialogues)
     if as_json:

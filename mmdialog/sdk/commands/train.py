@@ -60,13 +60,17 @@ def train(
         **({"model.llm.gradient_checkpointing": True, "model.generator.gradient_checkpointing": True}
            if gradient_checkpointing else {})})
     from mmdialog.core.assembler import build
-    from mmdialog.core.checkpoint import LAST, resume_checkpoint
+    from mmdialog.core.checkpoint import LAST, check_resume_config, resume_checkpoint
     from mmdialog.core.data.source import read_dialogues
     from mmdialog.core.errors import MMDialogError
+    from mmdialog.core.files import lock_folder
+    from mmdialog.core.training import is_launching_process
     from mmdialog.core.training import train as run
 
     # Everything a user can get wrong is checked before the model builds (minutes at paper scale).
     out = Path(cfg.train.out_dir)
+    if is_launching_process():  # one training per out-dir, until this process ends
+        lock_folder(out, "training")
     checkpoint = None
     earlier = [p for p in (out / "trainable.pt", out / LAST) if p.exists()]
     if earlier and not resume and not overwrite:
@@ -76,6 +80,7 @@ def train(
         checkpoint = resume_checkpoint(out / LAST if resume == "last" else resume)  # checked once, here
         if checkpoint[1]:
             typer.echo(f"note: {checkpoint[1]}", err=True)
+        check_resume_config(checkpoint[0], cfg)
     dialogues, summary = read_dialogues(cfg.data, cfg.data.split or "train")
     try:
         out.mkdir(parents=True, exist_ok=True)
