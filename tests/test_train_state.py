@@ -83,9 +83,9 @@ def test_training_resumes_from_the_previous_checkpoint_when_the_last_is_damaged(
     flip_tensor_bytes(tmp_path / "checkpoints" / "last.ckpt")
     result = train(make(tmp_path, 2), progress=False, resume=True)
     # From step 1 (the previous checkpoint), not from the damaged step 2: one step trained.
-    assert [r["step"] for r in result["history"]] == [2]
-    assert any("resuming from the previous checkpoint" in n for n in result["notes"])
-    assert all(torch.isfinite(torch.tensor(r["text_loss"])) for r in result["history"])
+    assert [r["step"] for r in result.history] == [2]
+    assert any("resuming from the previous checkpoint" in n for n in result.notes)
+    assert all(torch.isfinite(torch.tensor(r["text_loss"])) for r in result.history)
 
 
 @pytest.mark.parametrize("override, change", [
