@@ -158,61 +158,83 @@ class DialogueModel(nn.Module):
         ``replies[i].photos``. Greedy and sampled decoding stream token by token;
         beam search delivers each piece's text when the piece ends. Rows
         interleave; the pieces of one row are in order.
+
+        The steps, as diffusers' ``__call__`` lays out a pipeline: 1. prompt,
+        then per piece 2. write (``_write``), 3. produce (``_describe``: bridge,
+        then ``share``), 4. perceive (``_perceive_into``).
         """
         opts = GenerationOptions.parse(options)
         if opts.seed is not None:
             torch.manual_seed(opts.seed)
-        device = next(self.parameters()).device
-        llm = self.llm
-
-        def decode(ids: list[int]) -> str:
-            # The prompt format reads the reply back (the reference's strips [INST] / [/INST]).
-            return self.collator.format.clean(llm.tokenizer.decode(ids, skip_special_tokens=True))
-
-        rows = [_Row(n, self.input_embeddings(self.collator.prompt(h, a).to(device))[0], TextDeltas(decode))
-                for n, (h, a) in enumerate(requests)]
         emit = stream or (lambda i, piece: None)
-        pieces = 0
+        # 1. Prompt: each request's context as embeddings, one row each.
+        device = next(self.parameters()).device
+        rows = [_Row(n, self.input_embeddings(self.collator.prompt(h, a).to(device))[0], TextDeltas(self._decode))
+                for n, (h, a) in enumerate(requests)]
+        piece = 0
         while active := [r for r in rows if not r.done]:
-            emb, mask = _left_pad([r.context for r in active])               # (B', T, D), (B', T)
-            budgets = [opts.max_new_tokens - len(r.ids) for r in active]
-            seen: list[list[int]] = [[] for _ in active]
-
-            def on_step(tokens: list[int], active=active, budgets=budgets, seen=seen) -> None:
-                for r, got, budget, token in zip(active, seen, budgets, tokens):
-                    got.append(token)
-                    keep, _ = self._piece_end(got, budget)
-                    if delta := r.text.update(r.ids + got[:keep]):
-                        emit(r.index, delta)
-
-            out = llm.generate(emb, mask, max_new_tokens=max(budgets), temperature=opts.temperature,
-                               num_beams=opts.num_beams, stop_ids=[*llm.stop_ids, llm.img_close_id],
-                               suppress=[[llm.img_open_id, llm.img_close_id] if len(r.spans) >= opts.max_photos
-                                         else [] for r in active],
-                               on_step=on_step if stream else None)             # (B', T')
-            added = []
-            for r, new, budget in zip(active, out.tolist(), budgets):
-                keep, end = self._piece_end(new, budget)
-                added.append(new[:keep])
-                r.ids += new[:keep]
-                r.capped = end == "limit" or (end == "photo" and len(r.ids) >= opts.max_new_tokens)
-                r.done = end != "photo" or r.capped
+            # 2. Write: the active rows decode together up to [/img], the end of their turn or their budget.
+            added = self._write(active, opts, emit if stream else None)
+            for r in active:
                 if delta := r.text.update(r.ids, final=r.done):
                     emit(r.index, delta)
-            photos = self._describe(active, opts, draw, pieces)
-            pieces += 1
+            # 3. Produce: each description a row completed goes through the bridge; its photo is shared.
+            photos = self._describe(active, opts, draw, piece)
+            piece += 1
             for r in active:
                 for photo in photos.get(r.index, []):
                     emit(r.index, photo)
-            going = [(r, new) for r, new in zip(active, added) if not r.done]
-            seen_photo = [r for r, _ in going if r.index in photos and self.perceiver.kind == "pixels"]
-            vis = self._perceive([photos[r.index][0] for r in seen_photo], device)  # (N, K, D)
-            for r, new in going:
-                parts = [r.context, llm.embed(torch.tensor([new], device=device))[0]]
-                if r in seen_photo:
-                    parts.append(vis[seen_photo.index(r)].to(r.context.dtype))
-                r.context = torch.cat(parts)                                     # (T + n (+ K), D)
-        return [r.reply(decode) for r in rows]
+            # 4. Perceive: a row going on appends its new tokens and its photo's K embeddings to its context.
+            self._perceive_into(active, added, photos)
+        return [r.reply(self._decode) for r in rows]
+
+    def _decode(self, ids: list[int]) -> str:
+        # The prompt format reads the reply back (the reference's strips [INST] / [/INST]).
+        return self.collator.format.clean(self.llm.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _write(self, active: list[_Row], opts: GenerationOptions,
+               emit: StreamCallback | None) -> list[list[int]]:
+        """Step 2: one ``generate`` over the active rows (left-padded); each row keeps
+        its piece (``_piece_end``) and learns whether it is done. The new tokens per row."""
+        llm = self.llm
+        emb, mask = _left_pad([r.context for r in active])                   # (B', T, D), (B', T)
+        budgets = [opts.max_new_tokens - len(r.ids) for r in active]
+        seen: list[list[int]] = [[] for _ in active]
+
+        def on_step(tokens: list[int]) -> None:
+            for r, got, budget, token in zip(active, seen, budgets, tokens):
+                got.append(token)
+                keep, _ = self._piece_end(got, budget)
+                if delta := r.text.update(r.ids + got[:keep]):
+                    emit(r.index, delta)
+
+        out = llm.generate(emb, mask, max_new_tokens=max(budgets), temperature=opts.temperature,
+                           num_beams=opts.num_beams, stop_ids=[*llm.stop_ids, llm.img_close_id],
+                           suppress=[[llm.img_open_id, llm.img_close_id] if len(r.spans) >= opts.max_photos
+                                     else [] for r in active],
+                           on_step=on_step if emit is not None else None)     # (B', T')
+        added = []
+        for r, new, budget in zip(active, out.tolist(), budgets):
+            keep, end = self._piece_end(new, budget)
+            added.append(new[:keep])
+            r.ids += new[:keep]
+            r.capped = end == "limit" or (end == "photo" and len(r.ids) >= opts.max_new_tokens)
+            r.done = end != "photo" or r.capped
+        return added
+
+    def _perceive_into(self, active: list[_Row], added: list[list[int]],
+                       photos: dict[int, list[GeneratedImage]]) -> None:
+        """Step 4: each row going on gets its new tokens' embeddings and, with a pixel
+        perceiver, its photo's K embeddings (where training puts the ``<image>`` slots)."""
+        device = next(self.parameters()).device
+        going = [(r, new) for r, new in zip(active, added) if not r.done]
+        seen_photo = [r for r, _ in going if r.index in photos and self.perceiver.kind == "pixels"]
+        vis = self._perceive([photos[r.index][0] for r in seen_photo], device)  # (N, K, D)
+        for r, new in going:
+            parts = [r.context, self.llm.embed(torch.tensor([new], device=device))[0]]
+            if r in seen_photo:
+                parts.append(vis[seen_photo.index(r)].to(r.context.dtype))
+            r.context = torch.cat(parts)                                     # (T + n (+ K), D)
 
     def _piece_end(self, tokens: list[int], budget: int) -> tuple[int, str]:
         """How many of a piece's new ``tokens`` the reply keeps, and why it stops there:
