@@ -213,7 +213,8 @@ class Generator(Component):
       the training loss (diffusion ε-MSE for Stable Diffusion); ``keys`` name
       each photo (its file) so per-photo work may be cached.
     * ``generate(conditioning, **options) -> list[GeneratedImage]`` for
-      inference; options: num_inference_steps, guidance_scale, seed.
+      inference; options: num_inference_steps, guidance_scale, seed (an int for
+      the batch, or a list: one per photo, each photo's noise from its own seed).
     * ``resolution``: side of the square training photos.
     """
 

@@ -22,6 +22,8 @@ photos as they are produced).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +136,8 @@ class DialogueModel(nn.Module):
 
     @torch.no_grad()
     def respond_batch(self, requests: list[tuple[list[Turn], str]], draw: bool = True,
-                      stream: StreamCallback | None = None, **options: Any) -> list[Reply]:
+                      stream: StreamCallback | None = None, keys: list[str] | None = None,
+                      **options: Any) -> list[Reply]:
         """``respond`` for many (history, agent) pairs at once (left-padded batch).
 
         The photo is in the loop, as training lays it out: each row's generation
@@ -162,6 +165,13 @@ class DialogueModel(nn.Module):
         The steps, as diffusers' ``__call__`` lays out a pipeline: 1. prompt,
         then per piece 2. write (``_write``), 3. produce (``_describe``: bridge,
         then ``share``), 4. perceive (``_perceive_into``).
+
+        Photo noise: with a ``seed``, each request's k-th photo starts from noise
+        seeded by (seed, the request's key, k) (``noise_seed``): the same photo
+        whatever the batch it is in and its place there, and a new noise for
+        every turn. ``keys`` name the requests (an evaluation passes each turn's
+        key); by default a request's key is a digest of its history and agent,
+        so a session's next reply, whose history has grown, draws new noise.
         """
         opts = GenerationOptions.parse(options)
         if opts.seed is not None:
@@ -169,9 +179,9 @@ class DialogueModel(nn.Module):
         emit = stream or (lambda i, piece: None)
         # 1. Prompt: each request's context as embeddings, one row each.
         device = next(self.parameters()).device
-        rows = [_Row(n, self.input_embeddings(self.collator.prompt(h, a).to(device))[0], TextDeltas(self._decode))
-                for n, (h, a) in enumerate(requests)]
-        piece = 0
+        keys = keys or [request_key(h, a) for h, a in requests]
+        rows = [_Row(n, self.input_embeddings(self.collator.prompt(h, a).to(device))[0], TextDeltas(self._decode),
+                     key) for n, ((h, a), key) in enumerate(zip(requests, keys))]
         while active := [r for r in rows if not r.done]:
             # 2. Write: the active rows decode together up to [/img], the end of their turn or their budget.
             added = self._write(active, opts, emit if stream else None)
@@ -179,8 +189,7 @@ class DialogueModel(nn.Module):
                 if delta := r.text.update(r.ids, final=r.done):
                     emit(r.index, delta)
             # 3. Produce: each description a row completed goes through the bridge; its photo is shared.
-            photos = self._describe(active, opts, draw, piece)
-            piece += 1
+            photos = self._describe(active, opts, draw)
             for r in active:
                 for photo in photos.get(r.index, []):
                     emit(r.index, photo)
@@ -246,8 +255,7 @@ class DialogueModel(nn.Module):
                 return n + 1, "photo"
         return min(len(tokens), budget), "limit"
 
-    def _describe(self, rows: list[_Row], opts: GenerationOptions, draw: bool,
-                  piece: int) -> dict[int, list[GeneratedImage]]:
+    def _describe(self, rows: list[_Row], opts: GenerationOptions, draw: bool) -> dict[int, list[GeneratedImage]]:
         """Each description the rows completed in this piece (or left open at their end):
         its text through the bridge, and its photo when ``draw``. Row index → photos."""
         flat = [(r, s) for r in rows
@@ -259,14 +267,17 @@ class DialogueModel(nn.Module):
         ids = torch.tensor([s + [self.llm.pad_token_id] * (width - len(s)) for _, s in flat], device=device)
         valid = torch.tensor([[True] * len(s) + [False] * (width - len(s)) for _, s in flat], device=device)
         prompts = self.bridge(ids, valid)
+        places = []  # each description's place in its reply
         for (r, _), text in zip(flat, prompts[0].texts):
+            places.append(len(r.spans))
             r.spans.append(text.strip())
         if not draw:
             return {}
-        # Each piece draws with its own seed: two photos of one reply do not share their noise.
-        seed = None if opts.seed is None else (opts.seed + piece) % 2**63
+        # Each photo its own noise, from its row's key and its place in the reply (not the batch's).
+        seeds = None if opts.seed is None else \
+            [noise_seed(opts.seed, r.key, k) for (r, _), k in zip(flat, places)]
         out: dict[int, list[GeneratedImage]] = {}
-        for (r, _), photo in zip(flat, self.share(prompts, opts.model_copy(update={"seed": seed}))):
+        for (r, _), photo in zip(flat, self.share(prompts, opts, seeds)):
             r.photos.append(photo)
             out.setdefault(r.index, []).append(photo)
         return out
@@ -282,9 +293,11 @@ class DialogueModel(nn.Module):
         pixels = torch.stack([to_tensor(p.image, size) for p in photos]).to(device)   # (N, 3, H, W)
         return self.perceiver(pixels, [str(p.file) if p.file else "" for p in photos])
 
-    def share(self, prompts: list[PromptTokens], options: GenerationOptions) -> list[GeneratedImage]:
+    def share(self, prompts: list[PromptTokens], options: GenerationOptions,
+              seeds: list[int] | None = None) -> list[GeneratedImage]:
         """One photo per description: the retriever's match where it reaches its
-        threshold (GILL's retrieve-or-generate decision), drawn by the generator otherwise."""
+        threshold (GILL's retrieve-or-generate decision), drawn by the generator otherwise.
+        ``seeds``: one noise seed per description (default: ``options.seed`` for the batch)."""
         texts = [t.strip() for t in prompts[0].texts]
         photos: list[GeneratedImage | None] = [None] * len(texts)
         scores: list[float | None] = [None] * len(texts)
@@ -301,7 +314,8 @@ class DialogueModel(nn.Module):
                       for p in prompts]
             drawn = self.generator.generate(self.generator.encode(subset),
                                             num_inference_steps=options.num_inference_steps,
-                                            guidance_scale=options.guidance_scale, seed=options.seed)
+                                            guidance_scale=options.guidance_scale,
+                                            seed=[seeds[n] for n in todo] if seeds else options.seed)
             for n, photo in zip(todo, drawn):
                 if scores[n] is not None:  # the retriever's best match was not good enough
                     photo.score = scores[n]
@@ -340,6 +354,7 @@ class _Row:
     index: int
     context: torch.Tensor                                   # (T, D)
     text: TextDeltas
+    key: str = ""                                           # names the request: its photos' noise
     ids: list[int] = field(default_factory=list)
     spans: list[str] = field(default_factory=list)         # description texts, in order
     photos: list[GeneratedImage] = field(default_factory=list)
@@ -349,6 +364,19 @@ class _Row:
     def reply(self, decode: Callable[[list[int]], str]) -> Reply:
         return Reply(decode(self.ids).strip(), photos=self.photos, shared=bool(self.spans),
                      descriptions=self.spans, length_capped=self.capped)
+
+
+def request_key(history: list[Turn], agent: str) -> str:
+    """A request's default key: a digest of its history and agent."""
+    text = json.dumps([agent, *[[t.speaker, t.text_with_photos()] for t in history]], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def noise_seed(seed: int, key: str, photo: int) -> int:
+    """The diffusion seed of a request's ``photo``-th photo: a hash of (seed, key,
+    photo), so it depends on neither the batch nor the request's place in it."""
+    digest = hashlib.sha256(f"{seed}/{key}/{photo}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 2**63
 
 
 def _left_pad(embs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,8 +51,9 @@ def generate_turns(model: DialogueModel, samples: list[TurnSample], image_dir: P
         if progress is not None:
             progress(i, len(samples))
         chunk = samples[i:i + batch_size]
+        # Each turn draws from noise seeded by its own key: photos do not depend on the batch size.
         replies = model.respond_batch([(list(s.context), s.speaker) for s in chunk],
-                                      draw=image_dir is not None, **options)
+                                      draw=image_dir is not None, keys=[s.key for s in chunk], **options)
         for s, r in zip(chunk, replies):
             gold_photo = s.target.photos[0] if s.target.photos else None
             image = None

@@ -253,14 +253,19 @@ class LatentDiffusionGenerator(Generator):
         return out
 
     def draw(self, pipe: Any, plugin: str, num_inference_steps: int | None = None,
-             guidance_scale: float | None = None, seed: int | None = None, **call: Any) -> list[GeneratedImage]:
+             guidance_scale: float | None = None, seed: int | list[int] | None = None,
+             **call: Any) -> list[GeneratedImage]:
         """Run a diffusers pipeline built around this generator's parts, with the
-        options' defaults, at the training resolution."""
+        options' defaults, at the training resolution. ``seed``: one for the batch,
+        or one per photo (each photo's noise then depends on its own seed only)."""
         pipe.set_progress_bar_config(disable=True)
         if self.options.compile_unet and not getattr(self, "_unet_compiled", False):
             compile_repeated_blocks(self.unet)
             self._unet_compiled = True
-        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        if isinstance(seed, list):  # diffusers draws photo i's latents from generator i
+            gen: Any = [torch.Generator(device="cpu").manual_seed(s) for s in seed]
+        else:
+            gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         with resident(self.unet.device, self.vae):
             images = pipe(num_inference_steps=num_inference_steps or self.options.num_inference_steps,
                           guidance_scale=self.options.guidance_scale if guidance_scale is None else guidance_scale,
