@@ -73,3 +73,33 @@ def test_two_turns_start_from_different_latents_and_a_session_reply_from_new_noi
     second = [*first, Turn("assistant", "here [img] my cat [/img]"), Turn("user", "another one!")]
     assert request_key(first, "assistant") != request_key(second, "assistant")
     assert request_key(first, "assistant") == request_key(list(first), "assistant")
+
+
+def test_description_text_is_a_data_option_and_the_recipe_sets_the_references(tmp_path):
+    import json
+
+    from mmdialog import load_config
+    from mmdialog.core.training.data import read_dialogues
+
+    def descriptions(cfg):
+        return [p.description for d in read_dialogues(cfg.data, "dev")[0] if d.source == "photochat"
+                for t in d.turns for p in t.photos]
+
+    demo = {"data.path": "embedded:demo"}
+    ours = descriptions(load_config("tiny", demo))
+    ref_cfg = load_config("tiny", demo, reference_recipe=True)
+    assert ref_cfg.data.description == "reference" and load_config("tiny").data.description == "objects"
+    ref = descriptions(ref_cfg)
+    assert ours and len(ours) == len(ref)
+    assert all(r.startswith("Objects in the photo: ") for r in ref)
+    assert "Objects in the photo: Dress, Man" in ref and "Dress, Man" in ours   # "The photo has your brother …" cut
+    assert not any(o.startswith("Objects") for o in ours)
+    # A named field of the record, verbatim.
+    record = {"dialogue_id": 3, "photo_id": "dev/x", "photo_description": "Objects in the photo: Cake",
+              "photo_caption": "a chocolate cake on a plate",
+              "dialogue": [{"message": "look", "share_photo": False, "user_id": 0},
+                           {"message": "", "share_photo": True, "user_id": 0},
+                           {"message": "yum", "share_photo": False, "user_id": 1}]}
+    (tmp_path / "dev.json").write_text(json.dumps([record]))
+    named = load_config("tiny", {"data.path": str(tmp_path), "data.description": "photo_caption"})
+    assert descriptions(named) == ["a chocolate cake on a plate"]

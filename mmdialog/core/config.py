@@ -88,6 +88,11 @@ class DataConfig(_Strict):
                                             "photochat, dialogcc, jsonl, or one a plugin registers")
     split: str | None = Field(None, description="split folder/file to read (train, dev, test)")
     image_dir: str | None = Field(None, description="folder with photos named by id or URL hash")
+    description: str = Field(
+        "objects", description="the text of a PhotoChat photo's description, what the LLM writes and the "
+                               "generator draws: objects ('Drink, Head, Face'), reference (the authors' "
+                               "'Objects in the photo: Drink, Head, Face'), raw, sentence, or the name of "
+                               "another field of the record (e.g. photo_caption), verbatim")
     both_speakers: bool = Field(True, description="one sample per speaker as the agent; else sharer only "
                                                   "(prompt format template; reference: one per dialogue)")
     strict: bool = Field(False, description="stop with a one-line error at the first bad record or photo, before "
@@ -179,7 +184,8 @@ REFERENCE_RECIPE: dict[str, Any] = {
         "image_loss_weight": 1.0,
     },
     # Micro-batches of 4 dialogues, 4 accumulated (16 per step), shortest dialogue first, no shuffling.
-    "data": {"batch_size": 4, "order": "length"},
+    # Their description text: "Objects in the photo: …" as their preprocessing leaves it.
+    "data": {"batch_size": 4, "order": "length", "description": "reference"},
     "train": {
         "accumulate": 4, "lr": 5.0e-5, "weight_decay": 0.01,
         "warmup_steps": 400, "warmup_start_factor": 0.01,      # LinearLR(0.01 → 1, 400 steps)

@@ -108,7 +108,9 @@ def load_dialogues(
     if format != "auto" and format not in reg.dataset_formats():
         raise DataError(f"--format must be one of auto, {', '.join(reg.dataset_formats())}, not {format!r}")
     try:
-        photochat.clean_description("", description_style, person)  # validate options early
+        # A style that is not one of the cleanings names a field of the record.
+        style = description_style if description_style in photochat.DESCRIPTION_STYLES else "raw"
+        photochat.clean_description("", style, person)  # validate options early
     except ValueError as e:
         raise DataError(str(e)) from None
     if speaker_names not in dialogcc.SPEAKER_MODES:

@@ -32,10 +32,11 @@ def read_dialogues(cfg: DataConfig, split: str | None = None) -> tuple[list[Dial
 
     split = split or cfg.split
     if cfg.path in (DEMO, DEMO_SHARE):
-        dialogues = demo_dialogues(split or "train") if cfg.path == DEMO else share_dialogues(split or "train")
+        dialogues = demo_dialogues(split or "train", description_style=cfg.description) if cfg.path == DEMO \
+            else share_dialogues(split or "train")
         return dialogues, f"{cfg.path} ({split or 'train'}): {len(dialogues)} dialogues"
     result = load_dialogues(cfg.path, format=cfg.format, split=split, image_dir=cfg.image_dir,
-                            strict=cfg.strict, verify_images=True)
+                            strict=cfg.strict, verify_images=True, description_style=cfg.description)
     if not result.dialogues:
         raise MMDialogError(f"no usable dialogues in {cfg.path} (split {split}): "
                             f"run `mmdialog data check {cfg.path}`")
