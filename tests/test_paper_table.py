@@ -103,3 +103,20 @@ def test_description_text_is_a_data_option_and_the_recipe_sets_the_references(tm
     (tmp_path / "dev.json").write_text(json.dumps([record]))
     named = load_config("tiny", {"data.path": str(tmp_path), "data.description": "photo_caption"})
     assert descriptions(named) == ["a chocolate cake on a plate"]
+
+
+def test_eval_scores_the_best_or_the_last_weights_of_a_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmdialog.core.checkpoint import BEST, LAST, TRAINABLE, find_checkpoint
+    from mmdialog.sdk.cli import app
+
+    for name in (BEST, TRAINABLE, LAST):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert find_checkpoint(tmp_path) == tmp_path / BEST == find_checkpoint(tmp_path, "best")
+    assert find_checkpoint(tmp_path, "last") == tmp_path / TRAINABLE          # the weights training ended with
+    (tmp_path / TRAINABLE).unlink()
+    assert find_checkpoint(tmp_path, "last") == tmp_path / LAST
+    out = CliRunner().invoke(app, ["eval", str(tmp_path), "--weights", "worst"])
+    assert out.exit_code == 2 and "--weights must be best or last" in out.output

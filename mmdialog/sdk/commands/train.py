@@ -119,6 +119,8 @@ def evaluate(
     name: list[str] = typer.Option([], help="row name per checkpoint (default: file name)"),
     limit: Optional[int] = typer.Option(None, help="evaluate the first N turns only"),
     batch_size: int = typer.Option(8),
+    weights: str = typer.Option("best", help="from a run folder: best (best dev BLEU-2, else the final weights) "
+                                             "or last (the weights training ended with, as the reference scores)"),
     max_new_tokens: Optional[int] = typer.Option(None, help="reply length limit (default 48; 30 with "
                                                             "--reference-recipe)"),
     steps: Optional[int] = typer.Option(None, help="diffusion steps per photo (default: the generator's; 20 with "
@@ -132,12 +134,17 @@ def evaluate(
 ) -> None:
     """Per-turn evaluation (gold context, both speakers): BLEU-1/2, ROUGE-L, intent F1, FID/KID/IS."""
     from mmdialog.core.assembler import build, load
+    from mmdialog.core.checkpoint import find_checkpoint
+    from mmdialog.core.errors import MMDialogError
     from mmdialog.core.evaluation import evaluate as run_eval
     from mmdialog.core.evaluation import write_results
     from mmdialog.core.evaluation.metrics.image import load_inception_weights, require_torch_fidelity
+    from mmdialog.core.export import MANIFEST
     from mmdialog.core.generation import REFERENCE_DECODING
     from mmdialog.core.training.data import read_dialogues
 
+    if weights not in ("best", "last"):
+        raise MMDialogError(f"--weights must be best or last, not {weights!r}")
     if inception_weights and not no_images:  # before minutes of generation, not after
         require_torch_fidelity()
         load_inception_weights(inception_weights)
@@ -151,6 +158,8 @@ def evaluate(
             model = build(config_from_cli(config, None, perceiver, bridge, None, sets))
             label = f"{model.config.model.perceiver.name}+{model.config.model.bridge.name} (untrained)"
         else:
+            if Path(ckpt).is_dir() and not (Path(ckpt) / MANIFEST).exists():  # a run folder
+                ckpt = str(find_checkpoint(ckpt, weights))  # type: ignore[arg-type]
             model = load(ckpt)
             label = os.path.basename(os.path.dirname(os.path.abspath(ckpt))) or ckpt
         label = name[i] if i < len(name) else label
