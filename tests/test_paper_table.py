@@ -120,3 +120,56 @@ def test_eval_scores_the_best_or_the_last_weights_of_a_run(tmp_path):
     assert find_checkpoint(tmp_path, "last") == tmp_path / LAST
     out = CliRunner().invoke(app, ["eval", str(tmp_path), "--weights", "worst"])
     assert out.exit_code == 2 and "--weights must be best or last" in out.output
+
+
+def test_the_recipe_conditions_the_unet_on_the_batchs_longest_description_as_the_reference():
+    """Restated: each description BOS … EOS, padded to the longest with CLIP's pad id,
+    the padding masked in the text tower (besides the causal mask); the UNet sees M_max states."""
+    from mmdialog import load_config
+    from mmdialog.plugins.generators.sd import SDGenerator
+
+    spec = load_config("tiny", reference_recipe=True).model.generator
+    assert spec.options["training_conditioning"] == "padded"
+    gen = SDGenerator(SDGenerator.Options(**{**spec.options, "path": None}))
+    texts = ["a red bus", "a small brown dog running on a sandy beach at sunset", "coffee"]
+    prompts = gen.text_prompts(texts)
+    tok, clip = gen.tokenizers[0], gen.text_encoders[0]
+    alone = [tok(t, truncation=True)["input_ids"] for t in texts]                 # each alone, as they tokenise
+    m_max = max(len(a) for a in alone)
+    ids = torch.tensor([a + [tok.pad_token_id] * (m_max - len(a)) for a in alone])
+    mask = torch.tensor([[1] * len(a) + [0] * (m_max - len(a)) for a in alone])
+    theirs = clip(input_ids=ids, attention_mask=mask).last_hidden_state          # (N, M_max, d)
+    with torch.enable_grad():
+        ours = gen.encode(prompts)
+    assert ours.shape == theirs.shape == (3, m_max, theirs.shape[-1])
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert gen.unet_conditioning(ours, 3)["encoder_hidden_states"].shape[1] == m_max
+    with torch.no_grad():
+        full = gen.encode(prompts)                                                # inference: 77 positions
+    assert full.shape[1] == 77 and torch.allclose(full[0, :len(alone[0])], ours[0, :len(alone[0])], atol=1e-5)
+    assert not torch.allclose(full[0, len(alone[0]):m_max], ours[0, len(alone[0]):], atol=1e-3)  # pads masked
+    # The pipeline baseline's UNet gets the padding mask too.
+    gen.options = gen.options.model_copy(update={"unet_padding_mask": True})
+    with torch.enable_grad():
+        cond = gen.unet_conditioning(gen.encode(prompts), 3)
+    assert torch.equal(cond["encoder_attention_mask"], mask)
+    assert torch.isfinite(gen.loss((theirs.detach(), mask), torch.rand(3, 3, 64, 64)))
+
+
+def test_generator_reads_the_fp16_variant_files_the_reference_downloads(tmp_path, tiny):
+    from diffusers import StableDiffusionPipeline
+
+    from mmdialog.core.errors import ConfigError
+    from mmdialog.plugins.generators.sd import SDGenerator, SDOptions
+
+    g = tiny.generator
+    StableDiffusionPipeline(vae=g.vae, text_encoder=g.text_encoders[0], tokenizer=g.tokenizers[0], unet=g.unet,
+                            scheduler=g.sample_scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path, variant="fp16")
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert not (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    loaded = SDGenerator(SDOptions(path=str(tmp_path), variant="fp16"))
+    for a, b in [(loaded.unet, g.unet), (loaded.vae, g.vae), (loaded.text_encoders, g.text_encoders)]:
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises((OSError, ConfigError)):
+        SDGenerator(SDOptions(path=str(tmp_path)))          # the plain files are not there

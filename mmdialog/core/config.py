@@ -180,6 +180,8 @@ REFERENCE_RECIPE: dict[str, Any] = {
         "llm": {"prompt_format": "reference", "system_prompt": None, "tokenizer_options": {"legacy": True}},
         # Their DVTM: the bag of predicted tokens times the re-tokenised description.
         "bridge": {"name": "gumbel", "alignment": "bag", "tau": 1.0, "noise": False, "hard": True},
+        # Their UNet conditioning in training: descriptions padded to the batch's longest, padding masked in CLIP.
+        "generator": {"training_conditioning": "padded"},
         "trainable": {"llm.embeddings": True},  # all rows of embed_tokens and lm_head train
         "image_loss_weight": 1.0,
     },

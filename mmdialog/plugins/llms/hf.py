@@ -45,6 +45,8 @@ class LoraOptions(PluginOptions):
 
 class HFOptions(PluginOptions):
     path: str = Field(assets.SMOLLM2, description="hub id, local folder, or folder holding `gguf_file`")
+    variant: str | None = Field(None, description="weights file variant to read, e.g. fp16 "
+                                                  "(model.fp16.safetensors); None: the plain files")
     gguf_file: str | None = Field(None, description="GGUF file name inside `path`")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     lora: LoraOptions = Field(default_factory=LoraOptions)
@@ -352,7 +354,7 @@ def _load(o: HFOptions) -> tuple[Any, nn.Module]:
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=o.attn_implementation)
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, attn_implementation=o.attn_implementation, **kw)
+                path, dtype=dtype, attn_implementation=o.attn_implementation, variant=o.variant, **kw)
     except OSError as e:
         raise ConfigError(f"llm '{o.path}' could not be loaded ({str(e).splitlines()[0]}); "
                           "give a local folder, or a hub id with network access") from None
