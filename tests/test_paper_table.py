@@ -173,3 +173,51 @@ def test_generator_reads_the_fp16_variant_files_the_reference_downloads(tmp_path
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     with pytest.raises((OSError, ConfigError)):
         SDGenerator(SDOptions(path=str(tmp_path)))          # the plain files are not there
+
+
+def test_the_references_decoding_one_search_across_img_close_and_photos_for_closed_descriptions(drawing):
+    llm = drawing.llm
+    calls = []
+    real = llm.generate
+
+    def spy(*args, **kw):
+        calls.append(kw["stop_ids"])
+        return real(*args, **kw)
+
+    llm.generate = spy
+    try:
+        history = [Turn("0", "hi, show me your cat"), Turn("1", "sure"), Turn("0", "go on")]
+        drawing.respond_batch([(history, "1")], draw=False, max_new_tokens=6, num_beams=2, photo_in_loop=False)
+        drawing.respond_batch([(history, "1")], draw=False, max_new_tokens=6, num_beams=2)
+    finally:
+        del llm.generate
+    assert llm.img_close_id not in calls[0] and llm.img_close_id in calls[-1]  # [/img] an ordinary token
+    assert len(calls) >= 2 and calls[0] == list(llm.stop_ids)
+    # Photos: only for closed, non-empty descriptions, as the reference draws.
+    opts = GenerationOptions(seed=0, num_inference_steps=1, photo_in_loop=False)
+    rows = _rows(drawing, ["a red bus", "a dog", ""], ["a", "b", "c"])
+    rows[1].ids = rows[1].ids[:-1]                                   # cut by the token limit: still open
+    photos = drawing._describe(rows, opts, True)
+    assert list(photos) == [0] and [r.spans for r in rows] == [["a red bus"], [], []]
+    rows = _rows(drawing, ["a red bus", "a dog"], ["a", "b"])
+    rows[1].ids = rows[1].ids[:-1]
+    ours = drawing._describe(rows, GenerationOptions(seed=0, num_inference_steps=1), True)
+    assert sorted(ours) == [0, 1]                                    # ours draws what was written of it
+
+
+def test_scoring_under_the_recipe_is_the_references_clean_up():
+    from mmdialog.core import markup
+    from mmdialog.core.evaluation.evaluate import GeneratedTurn, score
+    from mmdialog.core.prompts import ReferenceFormat
+
+    fmt = ReferenceFormat(llm=None)
+    assert fmt.clean("how was it ? I do n't know , [INST] ok .") == "how was it? I don't know, ok."
+    cut = "look at this [img] Objects in the photo: Cake, Pla"          # 30 tokens reached inside the description
+    assert markup.strip_reference(cut) == cut and markup.strip(cut) == "look at this"
+    assert markup.strip_reference("a [img] b [/img] c [img] d [/img] e") == "a e"      # greedy, as theirs
+    assert markup.strip_reference("yes [/img] so [img] a [/img] nice") == "yes [/img] so nice"
+    assert markup.strip_reference("ok [/img] fine") == "ok [/img] fine"               # a stray one stays
+    turns = [GeneratedTurn("t/1#1", "1", cut, "look at this [img] Objects in the photo: Cake [/img]", True, True,
+                           None, "Objects in the photo: Cake")]
+    ours, theirs = score(turns), score(turns, scoring="reference")
+    assert ours["bleu1"] == 100.0 and theirs["bleu1"] < 100.0

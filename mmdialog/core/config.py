@@ -154,6 +154,9 @@ class TrainConfig(_Strict):
                                                   "0: the whole dev split)")
     val_max_new_tokens: int = Field(32, gt=0)
     val_num_beams: int = Field(1, gt=0, description="beam width of the dev replies (1: greedy)")
+    val_decoding: Literal["ours", "reference"] = Field(
+        "ours", description="dev replies: ours (stop at [/img], go on after it) or reference (one decode per "
+                            "turn across [/img], scored with the reference's text clean-up)")
     plateau_patience: int = Field(1, ge=0, description="after warm-up, the lr halves when more than this many dev "
                                                        "evaluations in a row did not improve BLEU-2 "
                                                        "(ReduceLROnPlateau's patience, as the reference)")
@@ -194,6 +197,7 @@ REFERENCE_RECIPE: dict[str, Any] = {
         "gradient_clip": 400.0,                                # clip_grad_norm_(…, 400): effectively off
         # Dev BLEU-2 on the whole dev split after every epoch, replies with 2 beams and 30 new tokens.
         "val_every": "epoch", "val_turns": 0, "val_max_new_tokens": 30, "val_num_beams": 2,
+        "val_decoding": "reference",
         "plateau_patience": 1,                                 # ReduceLROnPlateau(patience=6 // 3 - 1)
         # They stop when more than 6 evaluations in a row did not improve: at the 7th.
         "early_stop_patience": 7,

@@ -31,6 +31,10 @@ class GenerationOptions(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="fix sampling and diffusion noise")
     max_photos: int = Field(4, ge=0, le=16, description="photos per reply; after the last one the reply "
                                                         "goes on in text ([img] is no longer written)")
+    photo_in_loop: bool = Field(True, description="stop at [/img], produce and perceive the photo, go on after "
+                                                  "it; false: the reference's decoding, one decode (one beam "
+                                                  "search) per turn with [/img] an ordinary token, and a photo "
+                                                  "for each closed, non-empty description afterwards")
 
     @classmethod
     def parse(cls, options: dict[str, Any], field: str = "") -> GenerationOptions:
@@ -50,7 +54,7 @@ class GenerationOptions(BaseModel):
 # The reference's evaluation decoding: beam search of 2 beams, 30 new tokens; each photo drawn by
 # Stable Diffusion with 20 steps at guidance 7.5 (the `--reference-recipe` of `mmdialog eval`).
 REFERENCE_DECODING: dict[str, Any] = {"num_beams": 2, "max_new_tokens": 30, "num_inference_steps": 20,
-                                      "guidance_scale": 7.5}
+                                      "guidance_scale": 7.5, "photo_in_loop": False}
 
 
 @dataclass

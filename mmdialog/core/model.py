@@ -213,18 +213,20 @@ class DialogueModel(nn.Module):
         def on_step(tokens: list[int]) -> None:
             for r, got, budget, token in zip(active, seen, budgets, tokens):
                 got.append(token)
-                keep, _ = self._piece_end(got, budget)
+                keep, _ = self._piece_end(got, budget, opts.photo_in_loop)
                 if delta := r.text.update(r.ids + got[:keep]):
                     emit(r.index, delta)
 
+        # The reference decodes a whole turn, [/img] an ordinary token (photo_in_loop false).
+        stop_ids = [*llm.stop_ids, llm.img_close_id] if opts.photo_in_loop else list(llm.stop_ids)
         out = llm.generate(emb, mask, max_new_tokens=max(budgets), temperature=opts.temperature,
-                           num_beams=opts.num_beams, stop_ids=[*llm.stop_ids, llm.img_close_id],
+                           num_beams=opts.num_beams, stop_ids=stop_ids,
                            suppress=[[llm.img_open_id, llm.img_close_id] if len(r.spans) >= opts.max_photos
                                      else [] for r in active],
                            on_step=on_step if emit is not None else None)     # (B', T')
         added = []
         for r, new, budget in zip(active, out.tolist(), budgets):
-            keep, end = self._piece_end(new, budget)
+            keep, end = self._piece_end(new, budget, opts.photo_in_loop)
             added.append(new[:keep])
             r.ids += new[:keep]
             r.capped = end == "limit" or (end == "photo" and len(r.ids) >= opts.max_new_tokens)
@@ -245,21 +247,22 @@ class DialogueModel(nn.Module):
                 parts.append(vis[seen_photo.index(r)].to(r.context.dtype))
             r.context = torch.cat(parts)                                     # (T + n (+ K), D)
 
-    def _piece_end(self, tokens: list[int], budget: int) -> tuple[int, str]:
+    def _piece_end(self, tokens: list[int], budget: int, photo_stop: bool = True) -> tuple[int, str]:
         """How many of a piece's new ``tokens`` the reply keeps, and why it stops there:
-        ``turn`` (end of turn, not kept), ``photo`` (``[/img]``, kept) or ``limit``."""
+        ``turn`` (end of turn, not kept), ``photo`` (``[/img]``, kept, when ``photo_stop``) or ``limit``."""
         for n, token in enumerate(tokens[:budget]):
             if token in self.llm.stop_ids:
                 return n, "turn"
-            if token == self.llm.img_close_id:
+            if photo_stop and token == self.llm.img_close_id:
                 return n + 1, "photo"
         return min(len(tokens), budget), "limit"
 
     def _describe(self, rows: list[_Row], opts: GenerationOptions, draw: bool) -> dict[int, list[GeneratedImage]]:
         """Each description the rows completed in this piece (or left open at their end):
         its text through the bridge, and its photo when ``draw``. Row index → photos."""
+        closed = not opts.photo_in_loop  # the reference draws only closed, non-empty descriptions
         flat = [(r, s) for r in rows
-                for s in markup.spans(r.ids, self.llm.img_open_id, self.llm.img_close_id)[len(r.spans):]]
+                for s in markup.spans(r.ids, self.llm.img_open_id, self.llm.img_close_id, closed)[len(r.spans):]]
         if not flat:
             return {}
         device = next(self.parameters()).device

@@ -125,8 +125,9 @@ def evaluate(
                                                             "--reference-recipe)"),
     steps: Optional[int] = typer.Option(None, help="diffusion steps per photo (default: the generator's; 20 with "
                                                    "--reference-recipe)"),
-    reference_recipe: bool = typer.Option(False, "--reference-recipe", help="the reference's decoding: 2 beams, "
-                                          "30 new tokens, 20 diffusion steps at guidance 7.5"),
+    reference_recipe: bool = typer.Option(False, "--reference-recipe", help="the reference's decoding and scoring: one "
+                                          "2-beam search per turn across [/img], 30 new tokens, 20 diffusion steps "
+                                          "at guidance 7.5, its text clean-up"),
     no_images: bool = typer.Option(False, help="decide and describe, but draw no photos"),
     inception_weights: Optional[str] = typer.Option(None, help="local Inception-v3 weights for comparable FID/IS"),
     clip_model: Optional[str] = typer.Option(None, help="local CLIP folder: adds the CLIP score of shared photos"),
@@ -171,7 +172,8 @@ def evaluate(
         rows.append(run_eval(model, dialogues, out, name=label, dataset=f"{cfg.data.path}:{split}",
                              limit=limit, batch_size=batch_size, draw=not no_images,
                              inception_weights=inception_weights, clip_model=clip_model,
-                             progress=progress_line(f"eval {label}"), **options, seed=cfg.model.seed))
+                             progress=progress_line(f"eval {label}"), **options, seed=cfg.model.seed,
+                             scoring="reference" if reference_recipe else "ours"))
     _, md = write_results(rows, out)
     typer.echo(md.read_text())
     typer.echo(f"results: {os.path.join(out, 'results.json')}")
