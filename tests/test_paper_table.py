@@ -2,6 +2,8 @@
 or listed): evaluation noise per turn, description text, the weights scored,
 the reference's diffusion conditioning, decoding and scoring clean-up, fp16
 variant folders, the pipeline row and the reproduce command."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -221,3 +223,50 @@ def test_scoring_under_the_recipe_is_the_references_clean_up():
                            None, "Objects in the photo: Cake")]
     ours, theirs = score(turns), score(turns, scoring="reference")
     assert ours["bleu1"] == 100.0 and theirs["bleu1"] < 100.0
+
+
+def test_the_pipeline_row_is_the_references_baseline():
+    from mmdialog import load_config
+    from mmdialog.core.generation import REFERENCE_PIPELINE_DECODING
+
+    cfg = load_config("paper", reference_recipe="pipeline")
+    assert cfg.model.bridge.name == "text" and cfg.model.bridge.options == {}
+    assert cfg.model.llm.options["lora"] | {} == {**cfg.model.llm.options["lora"], "r": 256, "alpha": 512.0,
+                                                   "dropout": 0.0}
+    assert cfg.model.generator.options["training_conditioning"] == "padded"
+    assert cfg.model.generator.options["unet_padding_mask"] is True
+    assert cfg.data.order == "length" and cfg.train.accumulate == 4              # the recipe underneath
+    opts = GenerationOptions.parse(REFERENCE_PIPELINE_DECODING)
+    assert (opts.num_beams, opts.temperature, opts.top_p, opts.photo_in_loop) == (2, 0.6, 0.9, False)
+
+
+@pytest.mark.slow  # two tiny trainings (2 steps each) and two evaluations of 3 turns
+def test_reproduce_trains_and_evaluates_both_rows_and_resumes(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "reproduce", Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    argv = ["--config", "tiny", "--data", "embedded:demo", "--out", str(tmp_path), "--limit", "3",
+            "--batch-size", "2", "--set", "train.max_steps=2", "--set", "train.val_every=0",
+            "--set", "train.accumulate=1", "--set", "data.batch_size=2", "--set", "train.warmup_steps=1",
+            "--set", "train.checkpoint_every=1", "--set", "train.precision=32-true",
+            "--set", "train.accelerator=cpu"]
+    md = reproduce.main(argv).read_text()
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in lines[1:]] == \
+        ["| end-to-end", "| end-to-end (published)", "| pipeline", "| pipeline (published)"]
+    assert "arXiv 2408.08650" in md and "Table 1" in md
+    for row in ("end-to-end", "pipeline"):
+        assert (tmp_path / row / "trainable.pt").is_file()
+        result = json.loads((tmp_path / "eval" / f"{row}.json").read_text())
+        assert result["n_turns"] == 3 and result["weights"].endswith("trainable.pt")
+        assert result["decoding"]["photo_in_loop"] is False
+    assert json.loads((tmp_path / "eval" / "pipeline.json").read_text())["decoding"]["top_p"] == 0.9
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("trainable.pt")}
+    (tmp_path / "eval" / "pipeline.json").unlink()                  # as if stopped before this row's evaluation
+    again = reproduce.main(argv).read_text()
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("trainable.pt")} == stamps   # nothing retrained
+    assert again.splitlines()[2] == md.splitlines()[2]              # the end-to-end row read back

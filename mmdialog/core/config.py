@@ -205,6 +205,18 @@ REFERENCE_RECIPE: dict[str, Any] = {
 }
 
 
+#: The reference's pipeline baseline (its pipeline_text_generater and pipeline_image_generater) over
+#: ``REFERENCE_RECIPE`` (``reference_recipe="pipeline"``): a text model with a LoRA of rank 256, α 512, no
+#: dropout; the gold description through the generator's own tokenizer (bridge ``text``: no gradient from
+#: the image loss into the LLM, so the two parts train as separately as the reference's two runs); Stable
+#: Diffusion trained on descriptions padded to the batch's longest, the padding masked in CLIP and the UNet.
+REFERENCE_PIPELINE: dict[str, Any] = {
+    "model": {"llm": {"lora": {"r": 256, "alpha": 512.0, "dropout": 0.0}},
+              "bridge": {"name": "text"},
+              "generator": {"training_conditioning": "padded", "unet_padding_mask": True}},
+}
+
+
 class Config(_Strict):
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
@@ -284,12 +296,13 @@ def generator_chain(names: str) -> tuple[str | None, str]:
 
 
 def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
-                overrides: dict[str, Any] | None = None, reference_recipe: bool = False,
+                overrides: dict[str, Any] | None = None, reference_recipe: bool | Literal["pipeline"] = False,
                 **components: Any) -> Config:
     """Load a preset name, YAML path or dict, apply overrides, validate everything.
 
-    ``reference_recipe`` merges ``REFERENCE_RECIPE`` over the source first; the
-    components and overrides then apply on top of it.
+    ``reference_recipe`` merges ``REFERENCE_RECIPE`` over the source first
+    (``"pipeline"``: and ``REFERENCE_PIPELINE`` over that, the bridge replaced);
+    the components and overrides then apply on top of it.
 
     ``components`` switch plugins: ``perceiver="caption"`` (a name; options of
     the old plugin are dropped unless the name is unchanged) or
@@ -311,6 +324,10 @@ def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
         raw = preset_dict(str(source))
     raw = _merge(raw, REFERENCE_RECIPE if reference_recipe else {})
     model = raw.setdefault("model", {})
+    if reference_recipe == "pipeline":
+        raw = _merge(raw, REFERENCE_PIPELINE)
+        model = raw["model"]
+        model["bridge"] = dict(REFERENCE_PIPELINE["model"]["bridge"])  # a new plugin: no gumbel options
     if isinstance(model, dict):
         model.update(ModelConfig._chain_from_fallback(model))
     for kind, value in components.items():

@@ -23,6 +23,7 @@ class GenerationOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     max_new_tokens: int = Field(64, ge=1, le=4096, description="reply length limit (tokens)")
     temperature: float = Field(0.0, ge=0, le=10, allow_inf_nan=False, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="nucleus sampling (with a temperature)")
     num_beams: int = Field(1, ge=1, le=16, description="beam search width")
     num_inference_steps: int | None = Field(None, ge=1, le=1000, description="diffusion steps "
                                                                             "(default: the generator's)")
@@ -55,6 +56,8 @@ class GenerationOptions(BaseModel):
 # Stable Diffusion with 20 steps at guidance 7.5 (the `--reference-recipe` of `mmdialog eval`).
 REFERENCE_DECODING: dict[str, Any] = {"num_beams": 2, "max_new_tokens": 30, "num_inference_steps": 20,
                                       "guidance_scale": 7.5, "photo_in_loop": False}
+# The reference's pipeline baseline decodes its text model with beam sampling: 2 beams, top-p 0.9, T 0.6.
+REFERENCE_PIPELINE_DECODING: dict[str, Any] = {**REFERENCE_DECODING, "temperature": 0.6, "top_p": 0.9}
 
 
 @dataclass

@@ -220,7 +220,7 @@ class DialogueModel(nn.Module):
         # The reference decodes a whole turn, [/img] an ordinary token (photo_in_loop false).
         stop_ids = [*llm.stop_ids, llm.img_close_id] if opts.photo_in_loop else list(llm.stop_ids)
         out = llm.generate(emb, mask, max_new_tokens=max(budgets), temperature=opts.temperature,
-                           num_beams=opts.num_beams, stop_ids=stop_ids,
+                           top_p=opts.top_p, num_beams=opts.num_beams, stop_ids=stop_ids,
                            suppress=[[llm.img_open_id, llm.img_close_id] if len(r.spans) >= opts.max_photos
                                      else [] for r in active],
                            on_step=on_step if emit is not None else None)     # (B', T')
