@@ -160,7 +160,9 @@ class DialogueModel(nn.Module):
         and each ``GeneratedImage`` as soon as it is produced, in the order of
         ``replies[i].photos``. Greedy and sampled decoding stream token by token;
         beam search delivers each piece's text when the piece ends. Rows
-        interleave; the pieces of one row are in order.
+        interleave; the pieces of one row are in order. ``photo_in_loop=False``
+        is the reference's decoding: one piece per turn, ``[/img]`` an ordinary
+        token, a photo afterwards for each closed, non-empty description.
 
         The steps, as diffusers' ``__call__`` lays out a pipeline: 1. prompt,
         then per piece 2. write (``_write``), 3. produce (``_describe``: bridge,
