@@ -186,7 +186,7 @@ def oversized(tmp_path):
 
 def test_turn_and_record_caps_are_the_same_in_data_check_and_training(oversized):
     from mmdialog.core.config import DataConfig
-    from mmdialog.core.training.data import read_dialogues
+    from mmdialog.core.data.source import read_dialogues
 
     check = subprocess.run([sys.executable, "-m", "mmdialog", "data", "check", str(oversized), "--json"],
                            capture_output=True, text=True, env=ENV, timeout=120)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import yaml
@@ -225,13 +225,16 @@ def safe_load(path: str | Path, *, mmap: bool = False) -> Any:
                           ) from None
 
 
-def find_checkpoint(ckpt: str | Path) -> Path:
-    """A checkpoint file, or the one inside a run folder: the best dev BLEU-2
-    (checkpoints/best.ckpt, when the run evaluated on dev), else trainable.pt,
-    else checkpoints/last.ckpt."""
+def find_checkpoint(ckpt: str | Path, weights: Literal["best", "last"] = "best") -> Path:
+    """A checkpoint file, or the one inside a run folder. ``weights="best"``: the
+    best dev BLEU-2 (checkpoints/best.ckpt, when the run evaluated on dev), else
+    trainable.pt, else checkpoints/last.ckpt. ``"last"``: the weights training
+    ended with (trainable.pt), else checkpoints/last.ckpt — what the reference
+    scores (its test path evaluates the model still in memory after training)."""
     path = Path(ckpt).expanduser()
     if path.is_dir():
-        found = [p for p in (path / BEST, path / TRAINABLE, path / LAST) if p.is_file()]
+        order = (BEST, TRAINABLE, LAST) if weights == "best" else (TRAINABLE, LAST)
+        found = [path / name for name in order if (path / name).is_file()]
         if not found:
             raise ConfigError(f"checkpoint folder '{path}' has no {BEST}, {TRAINABLE} or {LAST}; "
                               "give the file written by `mmdialog train`")

@@ -82,6 +82,11 @@ class DataConfig(_Strict):
                                             "photochat, dialogcc, jsonl, or one a plugin registers")
     split: str | None = Field(None, description="split folder/file to read (train, dev, test)")
     image_dir: str | None = Field(None, description="folder with photos named by id or URL hash")
+    description: str = Field(
+        "objects", description="the text of a PhotoChat photo's description, what the LLM writes and the "
+                               "generator draws: objects ('Drink, Head, Face'), reference (the authors' "
+                               "'Objects in the photo: Drink, Head, Face'), raw, sentence, or the name of "
+                               "another field of the record (e.g. photo_caption), verbatim")
     both_speakers: bool = Field(True, description="one sample per speaker as the agent; else sharer only "
                                                   "(prompt format template; reference: one per dialogue)")
     strict: bool = Field(False, description="stop with a one-line error at the first bad record or photo, before "
@@ -147,6 +152,9 @@ class TrainConfig(_Strict):
                                                   "0: the whole dev split)")
     val_max_new_tokens: int = Field(32, gt=0)
     val_num_beams: int = Field(1, gt=0, description="beam width of the dev replies (1: greedy)")
+    val_decoding: Literal["ours", "reference"] = Field(
+        "ours", description="dev replies: ours (stop at [/img], go on after it) or reference (one decode per "
+                            "turn across [/img], scored with the reference's text clean-up)")
     plateau_patience: int = Field(1, ge=0, description="after warm-up, the lr halves when more than this many dev "
                                                        "evaluations in a row did not improve BLEU-2 "
                                                        "(ReduceLROnPlateau's patience, as the reference)")
@@ -232,13 +240,14 @@ def generator_chain(names: str) -> tuple[str | None, str]:
 
 
 def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
-                overrides: dict[str, Any] | None = None, reference_recipe: bool = False,
+                overrides: dict[str, Any] | None = None, reference_recipe: bool | Literal["pipeline"] = False,
                 **components: Any) -> Config:
     """Load a preset name, YAML path or dict, apply overrides, validate everything.
 
     ``reference_recipe`` merges the reference recipe (``presets/reference.recipe.yaml``,
-    less its ``decoding``) over the source first; the
-    components and overrides then apply on top of it.
+    less its ``decoding``) over the source first (``"pipeline"``: and the pipeline
+    baseline's, ``presets/reference-pipeline.recipe.yaml``, over that, the bridge
+    replaced); the components and overrides then apply on top of it.
 
     A ``Config`` with nothing to apply over it is returned as it is: it was
     validated when it was made (a command validates its config once).
@@ -270,6 +279,12 @@ def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
         overlay.pop("decoding")
         raw = _merge(raw, overlay)
     model = raw.setdefault("model", {})
+    if reference_recipe == "pipeline":
+        overlay = recipe("reference-pipeline")
+        overlay.pop("decoding")
+        raw = _merge(raw, overlay)
+        model = raw["model"]
+        model["bridge"] = dict(overlay["model"]["bridge"])  # another plugin: none of the recipe's bridge options
     if isinstance(model, dict):
         model.update(ModelConfig._chain_from_fallback(model))
     for kind, value in components.items():

@@ -23,6 +23,7 @@ class GenerationOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     max_new_tokens: int = Field(64, ge=1, le=4096, description="reply length limit (tokens)")
     temperature: float = Field(0.0, ge=0, le=10, allow_inf_nan=False, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="nucleus sampling (with a temperature)")
     num_beams: int = Field(1, ge=1, le=16, description="beam search width")
     num_inference_steps: int | None = Field(None, ge=1, le=1000, description="diffusion steps "
                                                                             "(default: the generator's)")
@@ -31,6 +32,10 @@ class GenerationOptions(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="fix sampling and diffusion noise")
     max_photos: int = Field(4, ge=0, le=16, description="photos per reply; after the last one the reply "
                                                         "goes on in text ([img] is no longer written)")
+    photo_in_loop: bool = Field(True, description="stop at [/img], produce and perceive the photo, go on after "
+                                                  "it; false: the reference's decoding, one decode (one beam "
+                                                  "search) per turn with [/img] an ordinary token, and a photo "
+                                                  "for each closed, non-empty description afterwards")
 
     @classmethod
     def parse(cls, options: dict[str, Any], field: str = "") -> GenerationOptions:

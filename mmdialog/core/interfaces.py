@@ -121,8 +121,8 @@ class LanguageModel(Component):
 
     @abstractmethod
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int = 64,
-                 temperature: float = 0.0, num_beams: int = 1, stop_ids: list[int] | None = None,
-                 suppress: list[list[int]] | None = None,
+                 temperature: float = 0.0, top_p: float = 1.0, num_beams: int = 1,
+                 stop_ids: list[int] | None = None, suppress: list[list[int]] | None = None,
                  on_step: Callable[[list[int]], None] | None = None) -> torch.Tensor: ...
 
     @abstractmethod
@@ -223,7 +223,8 @@ class Generator(Component):
       the training loss (diffusion ε-MSE for Stable Diffusion); ``keys`` name
       each photo (its file) so per-photo work may be cached.
     * ``generate(conditioning, **options) -> list[GeneratedImage]`` for
-      inference; options: num_inference_steps, guidance_scale, seed.
+      inference; options: num_inference_steps, guidance_scale, seed (an int for
+      the batch, or a list: one per photo, each photo's noise from its own seed).
     * ``resolution``: side of the square training photos.
     """
 

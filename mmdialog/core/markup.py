@@ -15,6 +15,8 @@ IMAGE_TOKEN = "<image>"
 
 _SPAN = re.compile(r"\s*\[img\](.*?)(?:\[/img\]|$)\s*", re.IGNORECASE | re.DOTALL)
 _STRAY_CLOSE = re.compile(r"\[/img\]", re.IGNORECASE)
+#: The reference's IMG_DESC_REGEXP: greedy, one line, case kept; an open span or a stray [/img] stays.
+_REFERENCE_SPAN = re.compile(r"\[img\].*\[/img\]")
 
 
 def render(description: str) -> str:
@@ -29,6 +31,13 @@ def strip(text: str) -> str:
     the end; a stray ``[/img]`` is dropped.
     """
     return " ".join(_STRAY_CLOSE.sub(" ", _SPAN.sub(" ", text)).split())
+
+
+def strip_reference(text: str) -> str:
+    """``text`` as the reference scores it (its ``sanitize_image_description``):
+    the span from the first ``[img]`` to the last ``[/img]`` removed, white space
+    collapsed; a description cut by the token limit and a stray ``[/img]`` stay."""
+    return " ".join(_REFERENCE_SPAN.sub(" ", text).split())
 
 
 def visible(partial: str) -> str:
@@ -57,17 +66,19 @@ def descriptions(text: str) -> list[str]:
     return [m.group(1).strip() for m in _SPAN.finditer(text)]
 
 
-def spans(ids: list[int], open_id: int, close_id: int) -> list[list[int]]:
-    """Token ids between each ``[img]`` and the next ``[/img]`` (or the end)."""
+def spans(ids: list[int], open_id: int, close_id: int, closed: bool = False) -> list[list[int]]:
+    """Token ids between each ``[img]`` and the next ``[/img]`` (or the end; with
+    ``closed``, as the reference draws, only spans that ``[/img]`` closes and that are not empty)."""
     out, cur = [], None
     for i in ids:
         if i == open_id:
             cur = []
         elif i == close_id and cur is not None:
-            out.append(cur)
+            if cur or not closed:
+                out.append(cur)
             cur = None
         elif cur is not None:
             cur.append(i)
-    if cur:  # generation stopped inside a description: use what was written
+    if cur and not closed:  # generation stopped inside a description: use what was written
         out.append(cur)
     return out

@@ -22,6 +22,8 @@ photos as they are produced).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,7 +139,7 @@ class DialogueModel(nn.Module):
     @torch.no_grad()
     def respond_batch(self, requests: list[tuple[list[Turn], str]], draw: bool = True,
                       stream: StreamCallback | None = None, options: GenerationOptions | None = None,
-                      **fields: Any) -> list[Reply]:
+                      keys: list[str] | None = None, **fields: Any) -> list[Reply]:
         """``respond`` for many (history, agent) pairs at once (left-padded batch).
 
         The photo is in the loop, as training lays it out: each row's generation
@@ -160,83 +162,115 @@ class DialogueModel(nn.Module):
         and each ``GeneratedImage`` as soon as it is produced, in the order of
         ``replies[i].photos``. Greedy and sampled decoding stream token by token;
         beam search delivers each piece's text when the piece ends. Rows
-        interleave; the pieces of one row are in order.
+        interleave; the pieces of one row are in order. ``photo_in_loop=False``
+        is the reference's decoding: one piece per turn, ``[/img]`` an ordinary
+        token, a photo afterwards for each closed, non-empty description.
 
         ``options``: ``GenerationOptions`` parsed already (a session's); or their ``fields`` as keywords.
+
+        The steps, as diffusers' ``__call__`` lays out a pipeline: 1. prompt,
+        then per piece 2. write (``_write``), 3. produce (``_describe``: bridge,
+        then ``share``), 4. perceive (``_perceive_into``).
+
+        Photo noise: with a ``seed``, each request's k-th photo starts from noise
+        seeded by (seed, the request's key, k) (``noise_seed``): the same photo
+        whatever the batch it is in and its place there, and a new noise for
+        every turn. ``keys`` name the requests (an evaluation passes each turn's
+        key); by default a request's key is a digest of its history and agent,
+        so a session's next reply, whose history has grown, draws new noise.
         """
         if options is not None and fields:
             raise TypeError(f"respond_batch: give options or their fields, not both ({', '.join(fields)})")
         opts = options if options is not None else GenerationOptions.parse(fields)
         if opts.seed is not None:
             torch.manual_seed(opts.seed)
-        device = next(self.parameters()).device
-        llm = self.llm
-
-        def decode(ids: list[int]) -> str:
-            # The prompt format reads the reply back (the reference's strips [INST] / [/INST]).
-            return self.collator.format.clean(llm.tokenizer.decode(ids, skip_special_tokens=True))
-
-        rows = [_Row(n, self.input_embeddings(self.collator.prompt(h, a).to(device))[0], TextDeltas(decode))
-                for n, (h, a) in enumerate(requests)]
         emit = stream or (lambda i, piece: None)
-        pieces = 0
+        # 1. Prompt: each request's context as embeddings, one row each.
+        device = next(self.parameters()).device
+        keys = keys or [request_key(h, a) for h, a in requests]
+        rows = [_Row(n, self.input_embeddings(self.collator.prompt(h, a).to(device))[0], TextDeltas(self._decode),
+                     key) for n, ((h, a), key) in enumerate(zip(requests, keys))]
         while active := [r for r in rows if not r.done]:
-            emb, mask = _left_pad([r.context for r in active])               # (B', T, D), (B', T)
-            budgets = [opts.max_new_tokens - len(r.ids) for r in active]
-            seen: list[list[int]] = [[] for _ in active]
-
-            def on_step(tokens: list[int], active=active, budgets=budgets, seen=seen) -> None:
-                for r, got, budget, token in zip(active, seen, budgets, tokens):
-                    got.append(token)
-                    keep, _ = self._piece_end(got, budget)
-                    if delta := r.text.update(r.ids + got[:keep]):
-                        emit(r.index, delta)
-
-            out = llm.generate(emb, mask, max_new_tokens=max(budgets), temperature=opts.temperature,
-                               num_beams=opts.num_beams, stop_ids=[*llm.stop_ids, llm.img_close_id],
-                               suppress=[[llm.img_open_id, llm.img_close_id] if len(r.spans) >= opts.max_photos
-                                         else [] for r in active],
-                               on_step=on_step if stream else None)             # (B', T')
-            added = []
-            for r, new, budget in zip(active, out.tolist(), budgets):
-                keep, end = self._piece_end(new, budget)
-                added.append(new[:keep])
-                r.ids += new[:keep]
-                r.capped = end == "limit" or (end == "photo" and len(r.ids) >= opts.max_new_tokens)
-                r.done = end != "photo" or r.capped
+            # 2. Write: the active rows decode together up to [/img], the end of their turn or their budget.
+            added = self._write(active, opts, emit if stream else None)
+            for r in active:
                 if delta := r.text.update(r.ids, final=r.done):
                     emit(r.index, delta)
-            photos = self._describe(active, opts, draw, pieces)
-            pieces += 1
+            # 3. Produce: each description a row completed goes through the bridge; its photo is shared.
+            photos = self._describe(active, opts, draw)
             for r in active:
                 for photo in photos.get(r.index, []):
                     emit(r.index, photo)
-            going = [(r, new) for r, new in zip(active, added) if not r.done]
-            seen_photo = [r for r, _ in going if r.index in photos and self.perceiver.kind == "pixels"]
-            vis = self._perceive([photos[r.index][0] for r in seen_photo], device)  # (N, K, D)
-            for r, new in going:
-                parts = [r.context, llm.embed(torch.tensor([new], device=device))[0]]
-                if r in seen_photo:
-                    parts.append(vis[seen_photo.index(r)].to(r.context.dtype))
-                r.context = torch.cat(parts)                                     # (T + n (+ K), D)
-        return [r.reply(decode) for r in rows]
+            # 4. Perceive: a row going on appends its new tokens and its photo's K embeddings to its context.
+            self._perceive_into(active, added, photos)
+        return [r.reply(self._decode) for r in rows]
 
-    def _piece_end(self, tokens: list[int], budget: int) -> tuple[int, str]:
+    def _decode(self, ids: list[int]) -> str:
+        # The prompt format reads the reply back (the reference's strips [INST] / [/INST]).
+        return self.collator.format.clean(self.llm.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _write(self, active: list[_Row], opts: GenerationOptions,
+               emit: StreamCallback | None) -> list[list[int]]:
+        """Step 2: one ``generate`` over the active rows (left-padded); each row keeps
+        its piece (``_piece_end``) and learns whether it is done. The new tokens per row."""
+        llm = self.llm
+        emb, mask = _left_pad([r.context for r in active])                   # (B', T, D), (B', T)
+        budgets = [opts.max_new_tokens - len(r.ids) for r in active]
+        seen: list[list[int]] = [[] for _ in active]
+
+        def on_step(tokens: list[int]) -> None:
+            for r, got, budget, token in zip(active, seen, budgets, tokens):
+                got.append(token)
+                keep, _ = self._piece_end(got, budget, opts.photo_in_loop)
+                if delta := r.text.update(r.ids + got[:keep]):
+                    emit(r.index, delta)
+
+        # The reference decodes a whole turn, [/img] an ordinary token (photo_in_loop false).
+        stop_ids = [*llm.stop_ids, llm.img_close_id] if opts.photo_in_loop else list(llm.stop_ids)
+        out = llm.generate(emb, mask, max_new_tokens=max(budgets), temperature=opts.temperature,
+                           top_p=opts.top_p, num_beams=opts.num_beams, stop_ids=stop_ids,
+                           suppress=[[llm.img_open_id, llm.img_close_id] if len(r.spans) >= opts.max_photos
+                                     else [] for r in active],
+                           on_step=on_step if emit is not None else None)     # (B', T')
+        added = []
+        for r, new, budget in zip(active, out.tolist(), budgets):
+            keep, end = self._piece_end(new, budget, opts.photo_in_loop)
+            added.append(new[:keep])
+            r.ids += new[:keep]
+            r.capped = end == "limit" or (end == "photo" and len(r.ids) >= opts.max_new_tokens)
+            r.done = end != "photo" or r.capped
+        return added
+
+    def _perceive_into(self, active: list[_Row], added: list[list[int]],
+                       photos: dict[int, list[GeneratedImage]]) -> None:
+        """Step 4: each row going on gets its new tokens' embeddings and, with a pixel
+        perceiver, its photo's K embeddings (where training puts the ``<image>`` slots)."""
+        device = next(self.parameters()).device
+        going = [(r, new) for r, new in zip(active, added) if not r.done]
+        seen_photo = [r for r, _ in going if r.index in photos and self.perceiver.kind == "pixels"]
+        vis = self._perceive([photos[r.index][0] for r in seen_photo], device)  # (N, K, D)
+        for r, new in going:
+            parts = [r.context, self.llm.embed(torch.tensor([new], device=device))[0]]
+            if r in seen_photo:
+                parts.append(vis[seen_photo.index(r)].to(r.context.dtype))
+            r.context = torch.cat(parts)                                     # (T + n (+ K), D)
+
+    def _piece_end(self, tokens: list[int], budget: int, photo_stop: bool = True) -> tuple[int, str]:
         """How many of a piece's new ``tokens`` the reply keeps, and why it stops there:
-        ``turn`` (end of turn, not kept), ``photo`` (``[/img]``, kept) or ``limit``."""
+        ``turn`` (end of turn, not kept), ``photo`` (``[/img]``, kept, when ``photo_stop``) or ``limit``."""
         for n, token in enumerate(tokens[:budget]):
             if token in self.llm.stop_ids:
                 return n, "turn"
-            if token == self.llm.img_close_id:
+            if photo_stop and token == self.llm.img_close_id:
                 return n + 1, "photo"
         return min(len(tokens), budget), "limit"
 
-    def _describe(self, rows: list[_Row], opts: GenerationOptions, draw: bool,
-                  piece: int) -> dict[int, list[GeneratedImage]]:
+    def _describe(self, rows: list[_Row], opts: GenerationOptions, draw: bool) -> dict[int, list[GeneratedImage]]:
         """Each description the rows completed in this piece (or left open at their end):
         its text through the bridge, and its photo when ``draw``. Row index → photos."""
+        closed = not opts.photo_in_loop  # the reference draws only closed, non-empty descriptions
         flat = [(r, s) for r in rows
-                for s in markup.spans(r.ids, self.llm.img_open_id, self.llm.img_close_id)[len(r.spans):]]
+                for s in markup.spans(r.ids, self.llm.img_open_id, self.llm.img_close_id, closed)[len(r.spans):]]
         if not flat:
             return {}
         device = next(self.parameters()).device
@@ -244,14 +278,17 @@ class DialogueModel(nn.Module):
         ids = torch.tensor([s + [self.llm.pad_token_id] * (width - len(s)) for _, s in flat], device=device)
         valid = torch.tensor([[True] * len(s) + [False] * (width - len(s)) for _, s in flat], device=device)
         prompts = self.bridge(ids, valid)
+        places = []  # each description's place in its reply
         for (r, _), text in zip(flat, prompts[0].texts):
+            places.append(len(r.spans))
             r.spans.append(text.strip())
         if not draw:
             return {}
-        # Each piece draws with its own seed: two photos of one reply do not share their noise.
-        seed = None if opts.seed is None else (opts.seed + piece) % 2**63
+        # Each photo its own noise, from its row's key and its place in the reply (not the batch's).
+        seeds = None if opts.seed is None else \
+            [noise_seed(opts.seed, r.key, k) for (r, _), k in zip(flat, places)]
         out: dict[int, list[GeneratedImage]] = {}
-        for (r, _), photo in zip(flat, self.share(prompts, opts.model_copy(update={"seed": seed}))):
+        for (r, _), photo in zip(flat, self.share(prompts, opts, seeds)):
             r.photos.append(photo)
             out.setdefault(r.index, []).append(photo)
         return out
@@ -267,9 +304,11 @@ class DialogueModel(nn.Module):
         pixels = torch.stack([to_tensor(p.image, size) for p in photos]).to(device)   # (N, 3, H, W)
         return self.perceiver(pixels, [str(p.file) if p.file else "" for p in photos])
 
-    def share(self, prompts: list[PromptTokens], options: GenerationOptions) -> list[GeneratedImage]:
+    def share(self, prompts: list[PromptTokens], options: GenerationOptions,
+              seeds: list[int] | None = None) -> list[GeneratedImage]:
         """One photo per description: the retriever's match where it reaches its
-        threshold (GILL's retrieve-or-generate decision), drawn by the generator otherwise."""
+        threshold (GILL's retrieve-or-generate decision), drawn by the generator otherwise.
+        ``seeds``: one noise seed per description (default: ``options.seed`` for the batch)."""
         texts = [t.strip() for t in prompts[0].texts]
         photos: list[GeneratedImage | None] = [None] * len(texts)
         scores: list[float | None] = [None] * len(texts)
@@ -286,7 +325,8 @@ class DialogueModel(nn.Module):
                       for p in prompts]
             drawn = self.generator.generate(self.generator.encode(subset),
                                             num_inference_steps=options.num_inference_steps,
-                                            guidance_scale=options.guidance_scale, seed=options.seed)
+                                            guidance_scale=options.guidance_scale,
+                                            seed=[seeds[n] for n in todo] if seeds else options.seed)
             for n, photo in zip(todo, drawn):
                 if scores[n] is not None:  # the retriever's best match was not good enough
                     photo.score = scores[n]
@@ -325,6 +365,7 @@ class _Row:
     index: int
     context: torch.Tensor                                   # (T, D)
     text: TextDeltas
+    key: str = ""                                           # names the request: its photos' noise
     ids: list[int] = field(default_factory=list)
     spans: list[str] = field(default_factory=list)         # description texts, in order
     photos: list[GeneratedImage] = field(default_factory=list)
@@ -334,6 +375,19 @@ class _Row:
     def reply(self, decode: Callable[[list[int]], str]) -> Reply:
         return Reply(decode(self.ids).strip(), photos=self.photos, shared=bool(self.spans),
                      descriptions=self.spans, length_capped=self.capped)
+
+
+def request_key(history: list[Turn], agent: str) -> str:
+    """A request's default key: a digest of its history and agent."""
+    text = json.dumps([agent, *[[t.speaker, t.text_with_photos()] for t in history]], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def noise_seed(seed: int, key: str, photo: int) -> int:
+    """The diffusion seed of a request's ``photo``-th photo: a hash of (seed, key,
+    photo), so it depends on neither the batch nor the request's place in it."""
+    digest = hashlib.sha256(f"{seed}/{key}/{photo}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 2**63
 
 
 def _left_pad(embs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -173,7 +173,15 @@ class ReferenceFormat(PromptFormat):
         return self.render(messages) + (f"{bos}[INST]" if messages[-1]["role"] == "assistant" else "")
 
     def clean(self, reply: str) -> str:
+        # Their batch_decode(clean_up_tokenization_spaces=True), then [INST] / [/INST] stripped.
+        for before, after in _CLEAN_UP:
+            reply = reply.replace(before, after)
         return " ".join(reply.replace("[INST]", " ").replace("[/INST]", " ").split())
+
+
+#: transformers 4's clean_up_tokenization, which the reference's decode applies: "how was it ?" → "how was it?".
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
 @hookimpl

@@ -39,6 +39,11 @@ Descriptions are ``"Objects in the photo: Drink, Head, Face"`` or
   the generator must read.
 * ``"raw"``: the description verbatim (``person`` is ignored).
 * ``"sentence"``: ``"A photo of drink, head and face."`` (labels lower-cased).
+* ``"reference"``: the form the authors' preprocessing leaves (their
+  ``filter_dialogues`` cuts the ``"The photo has your …"`` sentence):
+  ``"Objects in the photo: Drink, Head, Face"`` (``person`` is ignored).
+* any other name: that field of the record, verbatim (e.g. ``photo_caption``,
+  the field the reference's loader reads from its preprocessed files).
 
 ``person`` (only for ``objects``/``sentence``):
 
@@ -60,7 +65,7 @@ from mmdialog.core.data.report import WARNING, LoadReport
 from mmdialog.core.data.schema import Dialogue, Photo, Turn
 from mmdialog.core.hookspecs import DatasetFormat, hookimpl
 
-DESCRIPTION_STYLES = ("objects", "raw", "sentence")
+DESCRIPTION_STYLES = ("objects", "raw", "sentence", "reference")
 PERSON_MODES = ("drop", "keep")
 
 _DESC_RE = re.compile(
@@ -81,6 +86,8 @@ def clean_description(description: str | None, style: str = "objects", person: s
     m = _DESC_RE.match(text)
     if not m:
         return text
+    if style == "reference":
+        return text[text.find("Objects in the photo"):]  # their filter_dialogues' re.search(…).group()
     objects = [o.strip() for o in m.group("objects").split(",") if o.strip()]
     who = f"my {m.group('person').strip()}" if person == "keep" and m.group("person") else None
     if style == "objects":
@@ -143,10 +150,14 @@ def parse_record(raw: RawRecord, *, file: str, report: LoadReport, split: str | 
 
     url = _opt_str(rec, "photo_url")
     pid = _opt_str(rec, "photo_id")
-    desc_raw = rec.get("photo_description")
+    named = description_style not in DESCRIPTION_STYLES  # a field of the record, verbatim
+    field = description_style if named else "photo_description"
+    desc_raw = rec.get(field)
     if desc_raw is not None and not isinstance(desc_raw, str):
-        raise RecordError(f"photo_description is a {type(desc_raw).__name__}, expected a string")
-    description = clean_description(desc_raw, description_style, person)
+        raise RecordError(f"{field} is a {type(desc_raw).__name__}, expected a string")
+    if named and desc_raw is None and any(m.get("share_photo") for m in messages if isinstance(m, dict)):
+        raise RecordError(f"no '{field}' field to describe the photo with (data.description)")
+    description = (desc_raw or "").strip() if named else clean_description(desc_raw, description_style, person)
 
     turns: list[Turn] = []
     shared = False
@@ -176,8 +187,9 @@ def parse_record(raw: RawRecord, *, file: str, report: LoadReport, split: str | 
 
 
 def check_options(description_style: str, person: str) -> None:
-    """A bad option value is a ``ValueError``, before any record is read."""
-    clean_description("", description_style, person)
+    """A bad option value is a ``ValueError``, before any record is read. A style that
+    is not one of the cleanings names a field of the record."""
+    clean_description("", description_style if description_style in DESCRIPTION_STYLES else "raw", person)
 
 
 @hookimpl(trylast=True)  # after installed formats: ``format: auto`` tries the more specific first

@@ -25,10 +25,12 @@ def read_dialogues(cfg: DataConfig, split: str | None = None) -> tuple[list[Dial
     """
     split = split or cfg.split
     if cfg.path in (EMBEDDED_DEMO, EMBEDDED_SHARE):
-        dialogues = demo_dialogues(split or "train") if cfg.path == EMBEDDED_DEMO else share_dialogues(split or "train")
+        dialogues = (demo_dialogues(split or "train", description_style=cfg.description) if cfg.path == EMBEDDED_DEMO
+                     else share_dialogues(split or "train"))
         return dialogues, f"{cfg.path} ({split or 'train'}): {len(dialogues)} dialogues"
     result = load_dialogues(cfg.path, format=cfg.format, split=split, image_dir=cfg.image_dir,
-                            strict=cfg.strict, verify_images=True, max_turn_chars=cfg.max_turn_chars,
+                            strict=cfg.strict, verify_images=True, description_style=cfg.description,
+                            max_turn_chars=cfg.max_turn_chars,
                             max_record_chars=cfg.max_record_chars)
     if not result.dialogues:
         raise MMDialogError(f"no usable dialogues in {cfg.path} (split {split}): "

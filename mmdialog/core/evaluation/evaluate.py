@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -52,8 +52,9 @@ def generate_turns(model: DialogueModel, samples: list[TurnSample], image_dir: P
         if progress is not None:
             progress(i, len(samples))
         chunk = samples[i:i + batch_size]
+        # Each turn draws from noise seeded by its own key: photos do not depend on the batch size.
         replies = model.respond_batch([(list(s.context), s.speaker) for s in chunk],
-                                      draw=image_dir is not None, **options)
+                                      draw=image_dir is not None, keys=[s.key for s in chunk], **options)
         for s, r in zip(chunk, replies):
             gold_photo = s.target.photos[0] if s.target.photos else None
             image = None
@@ -88,17 +89,19 @@ def image_sets(turns: list[GeneratedTurn]) -> tuple[list[str], list[str], dict[s
 
 
 def score(turns: list[GeneratedTurn], inception_weights: str | None = None, clip_model: str | None = None,
-          image_size: int = REFERENCE_IMAGE_SIZE) -> dict[str, Any]:
+          image_size: int = REFERENCE_IMAGE_SIZE, scoring: Literal["ours", "reference"] = "ours") -> dict[str, Any]:
     """All metrics of one model's generated turns; FID/KID/IS over the
     :func:`image_sets` at ``image_size``² (:func:`set_scores`). ``reasons``
     says why a metric is None. ``clip_model``: a local CLIP folder; adds the
-    CLIP score of each generated photo against the description it was drawn from."""
-    preds, golds = [t.reply for t in turns], [t.gold for t in turns]
-    result: dict[str, Any] = {"n_turns": len(turns), **text.text_scores(preds, golds)}
+    CLIP score of each generated photo against the description it was drawn from.
+    ``scoring="reference"``: the text as the reference scores it (``markup.strip_reference``:
+    a description cut by the token limit and a stray ``[/img]`` stay in the text)."""
+    clean = markup.strip_reference if scoring == "reference" else markup.strip
+    preds, golds = [clean(t.reply) for t in turns], [clean(t.gold) for t in turns]
+    result: dict[str, Any] = {"n_turns": len(turns), **text.text_scores(preds, golds, strip=False)}
     reasons: dict[str, str] = {}
     try:
-        result["sacrebleu"] = text.sacrebleu_score([markup.strip(p) for p in preds],
-                                                   [markup.strip(g) for g in golds])
+        result["sacrebleu"] = text.sacrebleu_score(preds, golds)
     except ImportError:  # sacrebleu is an optional extra
         result["sacrebleu"] = None
         reasons["sacrebleu"] = f"sacrebleu not installed: {METRICS_EXTRA}"
@@ -131,7 +134,8 @@ def score(turns: list[GeneratedTurn], inception_weights: str | None = None, clip
 def evaluate(model: DialogueModel, dialogues: list[Dialogue], out_dir: str | Path, name: str = "model",
              dataset: str = "", limit: int | None = None, batch_size: int = 8, draw: bool = True,
              inception_weights: str | None = None, clip_model: str | None = None,
-             progress: Progress | None = None, **options: Any) -> dict[str, Any]:
+             progress: Progress | None = None, scoring: Literal["ours", "reference"] = "ours",
+             **options: Any) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     samples = dialogue_samples(dialogues)[:limit]
@@ -140,7 +144,7 @@ def evaluate(model: DialogueModel, dialogues: list[Dialogue], out_dir: str | Pat
     turns = generate_turns(model, samples, out / "images" / slug if draw else None, batch_size, progress,
                            **options)
     result = {"model": name, "dataset": dataset, "decoding": options,
-              **score(turns, inception_weights, clip_model)}
+              **score(turns, inception_weights, clip_model, scoring=scoring)}
     with open(out / f"replies_{slug}.jsonl", "w", encoding="utf-8") as f:
         for t in turns:
             f.write(json.dumps(asdict(t), ensure_ascii=False) + "\n")

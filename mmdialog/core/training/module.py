@@ -68,7 +68,8 @@ class DialogueModule(L.LightningModule):
     def validation_step(self, samples: list, batch_idx: int) -> None:
         replies = self.model.respond_batch([(list(s.context), s.speaker) for s in samples], draw=False,
                                            max_new_tokens=self.train_cfg.val_max_new_tokens,
-                                           num_beams=self.train_cfg.val_num_beams)
+                                           num_beams=self.train_cfg.val_num_beams,
+                                           photo_in_loop=self.train_cfg.val_decoding == "ours")
         gold = [s.target.text_with_photos() for s in samples]
         self._val.extend(zip([r.text for r in replies], gold))
 
@@ -80,7 +81,8 @@ class DialogueModule(L.LightningModule):
         preds, golds = zip(*self._val)
         self._val = []
         # Dev BLEU-2 as the reference selects on it: str.split() tokens, case kept.
-        bleu2 = text.bleu([markup.strip(p) for p in preds], [markup.strip(g) for g in golds], n=2,
+        clean = markup.strip_reference if self.train_cfg.val_decoding == "reference" else markup.strip
+        bleu2 = text.bleu([clean(p) for p in preds], [clean(g) for g in golds], n=2,
                           tokenizer=text.reference_tokenize)
         # The reference's ReduceLROnPlateau(mode=max, factor=0.5, patience): stepped after
         # warm-up only; the lr halves when more than `patience` evaluations in a row did not

@@ -97,8 +97,8 @@ def _no_cache_kwarg() -> dict[str, None]:
     return {"cache": None} if "cache" in params else {"past_key_values": None}
 
 
-def encode_text_tower(model: nn.Module, prompt: PromptTokens, hidden_layer: int | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_text_tower(model: nn.Module, prompt: PromptTokens, hidden_layer: int | None = None,
+                      padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a CLIP text tower on (differentiable) token embeddings.
 
     Returns (hidden (N,S,d), pooled (N,d)). ``hidden_layer=None`` gives the
@@ -107,13 +107,15 @@ def encode_text_tower(model: nn.Module, prompt: PromptTokens, hidden_layer: int 
     token, like ``CLIPTextModel``'s ``pooler_output``. transformers 5 removed
     ``.text_model`` from CLIPTextModel and requires ``input_ids`` in forward,
     so the tower's parts are called directly (docs/design.md §7).
+    ``padding_mask`` (N, S): 1 on the text; padding positions are then keys no
+    position attends to, besides the causal mask (``pad_to_longest``).
     """
     from transformers.masking_utils import create_causal_mask
 
     tm = getattr(model, "text_model", model)
     emb = prompt.inputs_embeds.to(tm.embeddings.token_embedding.weight.dtype)
     h = tm.embeddings(inputs_embeds=emb)                                 # (N, S, d) + positions
-    mask = create_causal_mask(config=tm.config, inputs_embeds=h, attention_mask=None, **_no_cache_kwarg())
+    mask = create_causal_mask(config=tm.config, inputs_embeds=h, attention_mask=padding_mask, **_no_cache_kwarg())
     captured: list[torch.Tensor] = []
     handle = None
     if hidden_layer is not None:
@@ -137,10 +139,32 @@ def encode_text_tower(model: nn.Module, prompt: PromptTokens, hidden_layer: int 
     return hidden, pooled
 
 
+def pad_to_longest(prompt: PromptTokens, eos: int) -> tuple[PromptTokens, torch.Tensor]:
+    """The reference's training conditioning: each description tokenised alone
+    (BOS … EOS), padded to the batch's longest, with a padding mask. ``prompt``
+    holds the tower's ``max_length`` positions; returns its first M_max
+    positions and the mask (N, M_max), 1 from BOS to the first EOS."""
+    ids = prompt.input_ids                                                 # (N, S)
+    length = (ids == eos).int().argmax(-1) + 1                             # (N,) BOS … first EOS
+    m_max = int(length.max())
+    mask = (torch.arange(m_max, device=ids.device)[None] < length[:, None]).long()  # (N, M_max)
+    return PromptTokens(ids[:, :m_max], prompt.inputs_embeds[:, :m_max], prompt.texts), mask
+
+
 class LatentDiffusionOptions(PluginOptions):
     """Options every Stable Diffusion generator has; plugins add their towers and UNet."""
 
     path: str | None = Field(None, description="local diffusers folder (or a hub id)")
+    variant: str | None = Field(None, description="weights file variant to read from the folder, e.g. fp16 "
+                                                  "(diffusion_pytorch_model.fp16.safetensors: what the reference "
+                                                  "downloads); None: the plain files")
+    training_conditioning: Literal["full", "padded"] = Field(
+        "full", description="what the UNet sees while a loss is taken: full (the tower's 77 positions under the "
+                            "causal mask, as at inference) or padded (the reference's training: the batch's "
+                            "longest description, BOS to EOS, padding masked out in the text tower; the UNet "
+                            "then sees M_max states). Inference always uses 77 positions, as SD's pipeline")
+    unet_padding_mask: bool = Field(False, description="with padded: the UNet's cross-attention also masks the "
+                                                       "padding (the reference's pipeline baseline)")
     tokenizer: str = Field(assets.CLIP_BPE, description="tokenizer for random-init components")
     vae: dict[str, Any] = Field(default_factory=tiny_vae_config, description="random-init VAE config")
     resolution: int | None = Field(None, gt=0, description="photo side; default from the UNet/VAE")
@@ -205,8 +229,10 @@ class LatentDiffusionGenerator(Generator):
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
         if folder is not None:
-            self.vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", torch_dtype=dtype)
-            self.unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", torch_dtype=dtype)
+            self.vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", torch_dtype=dtype,
+                                                     variant=options.variant)
+            self.unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", torch_dtype=dtype,
+                                                             variant=options.variant)
         else:
             self.vae = _cast(AutoencoderKL(**options.vae), dtype)
             self.unet = _cast(UNet2DConditionModel(**options.unet), dtype)
@@ -253,14 +279,19 @@ class LatentDiffusionGenerator(Generator):
         return [embed_for_tower(tower, texts)[1] for tower in self.text_towers]
 
     def draw(self, pipe: Any, plugin: str, num_inference_steps: int | None = None,
-             guidance_scale: float | None = None, seed: int | None = None, **call: Any) -> list[GeneratedImage]:
+             guidance_scale: float | None = None, seed: int | list[int] | None = None,
+             **call: Any) -> list[GeneratedImage]:
         """Run a diffusers pipeline built around this generator's parts, with the
-        options' defaults, at the training resolution."""
+        options' defaults, at the training resolution. ``seed``: one for the batch,
+        or one per photo (each photo's noise then depends on its own seed only)."""
         pipe.set_progress_bar_config(disable=True)
         if self.options.compile_unet and not getattr(self, "_unet_compiled", False):
             compile_repeated_blocks(self.unet)
             self._unet_compiled = True
-        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        if isinstance(seed, list):  # diffusers draws photo i's latents from generator i
+            gen: Any = [torch.Generator(device="cpu").manual_seed(s) for s in seed]
+        else:
+            gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         with resident(self.unet.device, self.vae):
             images = pipe(num_inference_steps=num_inference_steps or self.options.num_inference_steps,
                           guidance_scale=self.options.guidance_scale if guidance_scale is None else guidance_scale,

@@ -19,6 +19,7 @@ from mmdialog.plugins.generators.latent_diffusion import (
     LatentDiffusionOptions,
     encode_text_tower,
     load_tokenizer,
+    pad_to_longest,
     tiny_clip_text_config,
 )
 
@@ -45,7 +46,8 @@ class SDGenerator(LatentDiffusionGenerator):
         super().__init__(options, ("text_encoder", "tokenizer"), "sd")
         o, folder, dtype = options, self.folder, self.dtype_
         if folder:
-            encoder = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", dtype=dtype)
+            encoder = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", dtype=dtype,
+                                                    variant=o.variant)
             self.tokenizers = [load_tokenizer(str(folder / "tokenizer"))]
         else:
             encoder = CLIPTextModel(CLIPTextConfig(**o.text_encoder)).to(dtype)
@@ -53,11 +55,21 @@ class SDGenerator(LatentDiffusionGenerator):
         self.text_encoders = nn.ModuleList([encoder])
         self.init_towers()
 
-    def encode(self, prompts: list[PromptTokens]) -> torch.Tensor:
-        hidden, _ = encode_text_tower(self.text_encoders[0], prompts[0])
+    def encode(self, prompts: list[PromptTokens]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        encoder = self.text_encoders[0]
+        if self.options.training_conditioning == "padded" and torch.is_grad_enabled():
+            # The reference's training: descriptions padded to the longest, padding masked in CLIP.
+            prompt, mask = pad_to_longest(prompts[0], encoder.config.eos_token_id)
+            hidden, _ = encode_text_tower(encoder, prompt, padding_mask=mask)  # (N, M_max, d)
+            return (hidden, mask) if self.options.unet_padding_mask else hidden
+        hidden, _ = encode_text_tower(encoder, prompts[0])
         return hidden                                                        # (N, 77, d)
 
-    def unet_conditioning(self, conditioning: torch.Tensor, batch: int) -> dict[str, Any]:
+    def unet_conditioning(self, conditioning: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                          batch: int) -> dict[str, Any]:
+        if isinstance(conditioning, tuple):  # (states, padding mask): the UNet masks the padding too
+            hidden, mask = conditioning
+            return {"encoder_hidden_states": hidden.to(self.unet.dtype), "encoder_attention_mask": mask}
         return {"encoder_hidden_states": conditioning.to(self.unet.dtype)}
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from mmdialog.core.errors import ConfigError
 from mmdialog.core.interfaces import GeneratedImage, PromptTokens
 from mmdialog.plugins.generators.latent_diffusion import (
     LatentDiffusionGenerator,
@@ -45,11 +46,16 @@ class SDXLGenerator(LatentDiffusionGenerator):
     def __init__(self, options: SDXLOptions) -> None:
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+        if options.training_conditioning != "full":
+            raise ConfigError("generator sdxl: training_conditioning padded is the reference's SD 2.1 training; "
+                              "sdxl conditions on 77 positions (full)")
         super().__init__(options, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"), "sdxl")
         o, folder, dtype = options, self.folder, self.dtype_
         if folder:
-            enc1 = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", dtype=dtype)
-            enc2 = CLIPTextModelWithProjection.from_pretrained(str(folder), subfolder="text_encoder_2", dtype=dtype)
+            enc1 = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", dtype=dtype,
+                                                 variant=o.variant)
+            enc2 = CLIPTextModelWithProjection.from_pretrained(str(folder), subfolder="text_encoder_2", dtype=dtype,
+                                                               variant=o.variant)
             self.tokenizers = [load_tokenizer(str(folder / "tokenizer")), load_tokenizer(str(folder / "tokenizer_2"))]
         else:
             enc1 = CLIPTextModel(CLIPTextConfig(**o.text_encoder)).to(dtype)

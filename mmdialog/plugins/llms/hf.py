@@ -72,6 +72,8 @@ class TokenizerOptions(PluginOptions):
 
 class HFOptions(PluginOptions):
     path: str = Field(assets.SMOLLM2, description="hub id, local folder, or folder holding `gguf_file`")
+    variant: str | None = Field(None, description="weights file variant to read, e.g. fp16 "
+                                                  "(model.fp16.safetensors); None: the plain files")
     gguf_file: str | None = Field(None, pattern=r"^[^/\\]+$",
                                   description="GGUF file name inside `path` (a name, not a path)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -418,7 +420,7 @@ def _load(o: HFOptions, trust_remote_code: bool = False) -> tuple[Any, nn.Module
                 model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=trust_remote_code,
                                                          **attn)
             else:
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attn, **kw)
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, variant=o.variant, **attn, **kw)
     except OSError as e:
         raise ConfigError(f"llm '{o.path}' could not be loaded ({str(e).splitlines()[0]}); "
                           "give a local folder, or a hub id with network access") from None

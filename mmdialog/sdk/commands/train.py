@@ -133,12 +133,15 @@ def evaluate(
     name: list[str] = typer.Option([], help="row name per checkpoint (default: file name)"),
     limit: Optional[int] = typer.Option(None, help="evaluate the first N turns only"),
     batch_size: int = typer.Option(8),
+    weights: str = typer.Option("best", help="from a run folder: best (best dev BLEU-2, else the final weights) "
+                                             "or last (the weights training ended with, as the reference scores)"),
     max_new_tokens: Optional[int] = typer.Option(None, help="reply length limit (default 48; 30 with "
                                                             "--reference-recipe)"),
     steps: Optional[int] = typer.Option(None, help="diffusion steps per photo (default: the generator's; 20 with "
                                                    "--reference-recipe)"),
-    reference_recipe: bool = typer.Option(False, "--reference-recipe", help="the reference's decoding: 2 beams, "
-                                          "30 new tokens, 20 diffusion steps at guidance 7.5"),
+    reference_recipe: bool = typer.Option(False, "--reference-recipe", help="the reference's decoding and scoring: one "
+                                          "2-beam search per turn across [/img], 30 new tokens, 20 diffusion steps "
+                                          "at guidance 7.5, its text clean-up"),
     no_images: bool = typer.Option(False, help="decide and describe, but draw no photos"),
     inception_weights: Optional[str] = typer.Option(None, help="local Inception-v3 weights for comparable FID/IS"),
     clip_model: Optional[str] = typer.Option(None, help="local CLIP folder: adds the CLIP score of shared photos"),
@@ -148,12 +151,17 @@ def evaluate(
 ) -> None:
     """Per-turn evaluation (gold context, both speakers): BLEU-1/2, ROUGE-L, intent F1, FID/KID/IS."""
     from mmdialog.core.assembler import build, load
+    from mmdialog.core.checkpoint import find_checkpoint
     from mmdialog.core.config import recipe
     from mmdialog.core.data.source import read_dialogues
+    from mmdialog.core.errors import MMDialogError
     from mmdialog.core.evaluation import evaluate as run_eval
     from mmdialog.core.evaluation import write_results
     from mmdialog.core.evaluation.metrics.fidelity import load_inception_weights, require_torch_fidelity
+    from mmdialog.core.export import MANIFEST
 
+    if weights not in ("best", "last"):
+        raise MMDialogError(f"--weights must be best or last, not {weights!r}")
     if inception_weights and not no_images:  # before minutes of generation, not after
         require_torch_fidelity()
         load_inception_weights(inception_weights)
@@ -168,6 +176,8 @@ def evaluate(
                           trust_remote_code=trust_remote_code)
             label = f"{model.config.model.perceiver.name}+{model.config.model.bridge.name} (untrained)"
         else:
+            if Path(ckpt).is_dir() and not (Path(ckpt) / MANIFEST).exists():  # a run folder
+                ckpt = str(find_checkpoint(ckpt, weights))  # type: ignore[arg-type]
             model = load(ckpt, trust_remote_code=trust_remote_code, allow_unverified=allow_unverified)
             label = os.path.basename(os.path.dirname(os.path.abspath(ckpt))) or ckpt
         label = name[i] if i < len(name) else label
@@ -179,7 +189,8 @@ def evaluate(
         rows.append(run_eval(model, dialogues, out, name=label, dataset=f"{cfg.data.path}:{split}",
                              limit=limit, batch_size=batch_size, draw=not no_images,
                              inception_weights=inception_weights, clip_model=clip_model,
-                             progress=progress_line(f"eval {label}"), **options, seed=cfg.model.seed))
+                             progress=progress_line(f"eval {label}"), **options, seed=cfg.model.seed,
+                             scoring="reference" if reference_recipe else "ours"))
     _, md = write_results(rows, out)
     typer.echo(md.read_text())
     typer.echo(f"results: {os.path.join(out, 'results.json')}")
