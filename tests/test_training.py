@@ -207,8 +207,9 @@ def test_a_signal_saves_a_checkpoint_exits_non_zero_and_resume_continues(tmp_pat
 
 def test_sigterm_at_a_random_moment_resumes_to_the_uninterrupted_weights(tmp_path, uninterrupted):
     """A real SIGTERM to this process while it trains, at whatever point of a step it
-    lands (sent as soon as the first checkpoint exists): the run finishes that step,
-    checkpoints and stops; resumed, it ends on the uninterrupted run's weights, bit for bit."""
+    lands (sent as soon as the periodic checkpoint of step 3 exists): the run finishes
+    step 4, writes its own checkpoint (not a periodic one) and stops; resumed, it ends
+    on the uninterrupted run's weights, bit for bit."""
     import os
     import threading
     import time
@@ -222,8 +223,8 @@ def test_sigterm_at_a_random_moment_resumes_to_the_uninterrupted_weights(tmp_pat
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=send, daemon=True).start()
-    stopped = train(make(tmp_path, 5), progress=False)
-    assert stopped["signal"] == signal.SIGTERM and 1 <= stopped["steps"] < 5
+    stopped = train(make(tmp_path, 5, **{"train.checkpoint_every": 3}), progress=False)
+    assert stopped["signal"] == signal.SIGTERM and stopped["steps"] == 4
     assert torch.load(last, weights_only=True)["global_step"] == stopped["steps"]
     resumed = make(tmp_path, 5)
     assert train(resumed, progress=False, resume=True)["steps"] == 5
