@@ -22,12 +22,12 @@ import yaml
 
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.files import atomic_write
+from mmdialog.core.layout import BEST, LAST, TRAINABLE
 
 if TYPE_CHECKING:
     from mmdialog.core.model import DialogueModel
 
 CONFIG_KEY = "mmdialog_config"
-TRAINABLE, LAST, BEST = "trainable.pt", "checkpoints/last.ckpt", "checkpoints/best.ckpt"
 METRICS = "metrics.json"
 
 
