@@ -35,7 +35,8 @@ DEMO_CHAT := -m "can I see a photo of your coffee?" -m "looks good! how was your
 
 demo: install
 	$(VENV)/bin/mmdialog train --quiet --overwrite
-	$(VENV)/bin/mmdialog chat runs/tiny --seed 0 --photos-dir runs/tiny/photos $(DEMO_CHAT)
+	@# Its output is kept: the README's transcript is checked against it (tests/test_demo.py).
+	$(VENV)/bin/mmdialog chat runs/tiny --seed 0 --photos-dir runs/tiny/photos $(DEMO_CHAT) | tee runs/tiny/demo-chat.txt
 	@echo ""
 	@echo "mmdialog is $(VENV)/bin/mmdialog: put it on your PATH with   source $(VENV)/bin/activate"
 

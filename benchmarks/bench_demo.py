@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import tempfile
 import time
 
@@ -75,6 +76,15 @@ def play(model, conversations: list[list[tuple[str, str | None]]], max_new_token
     return out
 
 
+_REPLY = re.compile(r"[^\[\]<>]*(\[img\][^\[\]<>]*\[/img\][^\[\]<>]*)*")
+
+
+def clean(raw: str) -> bool:
+    """A reply as the model should write it: text and whole ``[img] … [/img]`` spans, each
+    description closed once, no ``<image>`` slot or ``<|…|>`` control token in it."""
+    return bool(_REPLY.fullmatch(raw))
+
+
 def rates(played: list[list[dict]]) -> dict:
     turns = [t for conv in played for t in conv]
     asked = [t for t in turns if t["wants"]]
@@ -88,6 +98,7 @@ def rates(played: list[list[dict]]) -> dict:
             "share_rate_asked": round(sum(t["shared"] for t in asked) / len(asked), 3),
             "share_rate_small_talk": round(sum(t["shared"] for t in small) / len(small), 3),
             "right_photo_rate": round(len(right) / len(asked), 3),
+            "unclean_replies": [t["raw"] for t in turns if not clean(t["raw"])],
             "n_requests": len(asked), "n_small_talk": len(small)}
 
 

@@ -34,8 +34,10 @@ def _print_reply(reply, as_json: bool = False) -> None:
         return
     typer.echo(reply.plain)
     for ph in photos:
-        origin = f" (library: {Path(ph['file']).name})" if ph["source"] == "retrieved" else ""
-        typer.echo(f"photo: {ph['path']}  — {ph['description']}{origin}")
+        # Where it came from: a real photo of the library, or drawn by the generator (noise when random-init).
+        origin = (f"retrieved from the library: {Path(ph['file']).name}" if ph["source"] == "retrieved"
+                  else f"drawn by {ph['plugin']}")
+        typer.echo(f"photo: {ph['path']}  — {ph['description']} ({origin})")
 
 
 def _send(session, text: str, images: list[str], as_json: bool = False):
