@@ -29,9 +29,11 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 # The tiny preset's recipe (80 steps on the embedded "when to share" dialogues), then a short
-# scripted chat with the trained run: a request (worded unlike the training dialogues) that the
-# agent answers with a real photo, then small talk that it answers with none.
-DEMO_CHAT := -m "can I see a photo of your coffee?" -m "looks good! how was your day?"
+# scripted chat with the trained run (worded unlike the training dialogues): a request that the
+# agent answers with a real photo, small talk that it answers with none, and a second request,
+# with the first photo in the context, that it answers with another.
+DEMO_CHAT := -m "can I see a photo of your coffee?" -m "looks good! how was your day?" \
+             -m "do you have a picture of a rocket?"
 
 demo: install
 	$(VENV)/bin/mmdialog train --quiet --overwrite
