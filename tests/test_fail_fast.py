@@ -84,13 +84,15 @@ def test_the_verbosity_switch_restores_what_it_silenced():
             warnings.simplefilter("always")
             with quiet():
                 warnings.warn("held back")
+                warnings.warn_explicit("mmdialog's own", UserWarning, "library.py", 1,
+                                       module="mmdialog.plugins.generators.library")
                 assert mine not in logger.handlers
             warnings.warn("shown")
             set_verbosity(True)
             with quiet():
                 assert mine in logger.handlers
                 warnings.warn("shown when verbose")
-        assert [str(w.message) for w in caught] == ["shown", "shown when verbose"]
+        assert [str(w.message) for w in caught] == ["mmdialog's own", "shown", "shown when verbose"]
         assert mine in logger.handlers
     finally:
         set_verbosity(None)

@@ -77,6 +77,7 @@ def quiet() -> Iterator[None]:
                 m.disable_progress_bar()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                warnings.filterwarnings("default", module=r"mmdialog(\.|$)")  # ours still say what to fix
                 yield
         finally:
             for lg, handlers, propagate in saved:
