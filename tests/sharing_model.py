@@ -88,11 +88,13 @@ def exported_sd_dir() -> Path:
     return out
 
 
-def run_cli(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``mmdialog ARGS`` in a real subprocess (chat/serve/export registered on the app)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+def run_cli(*args: str, stdin: str | None = None, timeout: int = 300,
+            cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``mmdialog ARGS`` in a real subprocess (chat/serve/export registered on the app), from ``cwd``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-m", "mmdialog", *args], input=stdin,
-                          capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
 
 
 class ServerThread:

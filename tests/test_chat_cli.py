@@ -22,7 +22,7 @@ def test_interactive_chat_attaches_photos_saves_shared_ones_and_survives_bad_inp
     assert "error: unknown command /bogus; try /help" in out.stderr
     assert "(attached chelsea.png" in out.stdout
     photo_lines = [line for line in out.stdout.splitlines() if "photo: " in line]
-    assert len(photo_lines) == 1 and "my tabby cat (library: chelsea.png)" in photo_lines[0]
+    assert len(photo_lines) == 1 and "my tabby cat (retrieved from the library: chelsea.png)" in photo_lines[0]
     path = Path(photo_lines[0].split("photo: ")[1].split("  — ")[0])
     assert path.parent == tmp_path / "shared" and path.stat().st_size > 10_000
 
@@ -88,6 +88,15 @@ def test_a_model_exported_with_sd_chats_with_a_library_in_front(chain, tmp_path)
     else:  # in front of sd: retrieved at or above the threshold, drawn by sd below it
         assert (photo["source"], photo["plugin"]) == (("retrieved", "library") if photo["score"] >= 0.4
                                                       else ("drawn", "sd"))
+
+
+def test_the_chat_says_a_photo_was_drawn(tmp_path):
+    """A drawn photo (the random-init generator's noise) is not passed off as a real one."""
+    out = run_cli("chat", str(exported_sd_dir()), "--generator", "sd", "--message", CAT_PROMPT, "--seed", "0",
+                  "--max-new-tokens", "20", "--steps", "2", "--photos-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    photos = [line for line in out.stdout.splitlines() if line.startswith("photo: ")]
+    assert len(photos) == 1 and photos[0].endswith(" (drawn by sd)"), out.stdout
 
 
 def test_generator_spec_writes_the_chain_in_one_shape():

@@ -2,17 +2,23 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-DEMO = Path(__file__).resolve().parents[1] / "mmdialog" / "core" / "data" / "demo"
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "mmdialog" / "core" / "data" / "demo"
 
 
-def run(*args, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "mmdialog", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+def run(*args, timeout=600, cwd=None):
+    """``mmdialog ARGS`` from ``cwd`` (default: a new temporary folder, so that the relative default
+    out-dir, runs/tiny, is never the repository's: `make demo` trains there)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    with tempfile.TemporaryDirectory(prefix="mmdialog-test-cwd-") as tmp:
+        return subprocess.run([sys.executable, "-m", "mmdialog", *args], capture_output=True, text=True,
+                              env=env, timeout=timeout, cwd=cwd or tmp)
 
 
 @pytest.mark.parametrize("perceiver, bridge", [("qformer", "gumbel"),

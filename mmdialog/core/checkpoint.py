@@ -25,6 +25,7 @@ import yaml
 
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.files import atomic_write
+from mmdialog.core.layout import BEST, LAST, TRAINABLE
 
 if TYPE_CHECKING:
     from mmdialog.core.config import Config
@@ -37,7 +38,6 @@ CONFIG_KEY = "mmdialog_config"
 #: plateau's state (lr scale, best dev BLEU-2, evaluations without improvement).
 SAMPLES_KEY, PHOTOS_SKIPPED_KEY, PLATEAU_KEY = "mmdialog_samples", "mmdialog_photos_skipped", "mmdialog_plateau"
 DIGEST_KEY = "mmdialog_sha256"
-TRAINABLE, LAST, BEST = "trainable.pt", "checkpoints/last.ckpt", "checkpoints/best.ckpt"
 METRICS = "metrics.json"
 
 

@@ -241,7 +241,7 @@ def generator_chain(names: str) -> tuple[str | None, str]:
 
 def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
                 overrides: dict[str, Any] | None = None, reference_recipe: bool | Literal["pipeline"] = False,
-                **components: Any) -> Config:
+                plugins: bool = True, **components: Any) -> Config:
     """Load a preset name, YAML path or dict, apply overrides, validate everything.
 
     ``reference_recipe`` merges the reference recipe (``presets/reference.recipe.yaml``,
@@ -255,7 +255,8 @@ def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
     ``components`` switch plugins: ``perceiver="caption"`` (a name; options of
     the old plugin are dropped unless the name is unchanged) or
     ``bridge={"name": "gumbel", "tau": 0.5}``. ``overrides`` are dotted keys:
-    ``{"train.lr": 1e-4, "model.bridge.tau": 0.5}``.
+    ``{"train.lr": 1e-4, "model.bridge.tau": 0.5}``. ``plugins=False`` leaves the
+    plugins' own options to ``validate_plugins`` (which imports the plugins, and torch).
     """
     if isinstance(source, Config) and not (overrides or reference_recipe or any(components.values())):
         return source
@@ -308,10 +309,11 @@ def load_config(source: str | Path | dict[str, Any] | Config = "tiny", /,
     except ValidationError as e:
         field, _, msg = validation_message(e).partition(": ")
         raise ConfigError(f"{origin}config field '{field}': {msg}") from None
-    try:
-        plugin_options(config)
-    except ConfigError as e:
-        raise type(e)(f"{origin}{e}") from None
+    if plugins:
+        try:
+            plugin_options(config)
+        except ConfigError as e:
+            raise type(e)(f"{origin}{e}") from None
     return config
 
 

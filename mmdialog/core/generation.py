@@ -7,13 +7,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mmdialog.core import markup
 from mmdialog.core.errors import MMDialogError, validation_message
-from mmdialog.core.interfaces import GeneratedImage
+
+if TYPE_CHECKING:  # torch: the CLI checks options before it imports any (a typo costs no seconds)
+    from mmdialog.core.interfaces import GeneratedImage
 
 
 class GenerationOptions(BaseModel):
@@ -89,7 +91,7 @@ class Reply:
 
 
 #: ``respond_batch``'s streaming callback: ``(row, text delta | photo)``.
-StreamCallback = Callable[[int, Union[str, GeneratedImage]], None]
+StreamCallback = Callable[[int, Union[str, "GeneratedImage"]], None]
 
 
 class TextDeltas:

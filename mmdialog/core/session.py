@@ -20,14 +20,16 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmdialog.core import markup
 from mmdialog.core.data.images import MAX_PIXELS, caption_from_filename, verify_image
 from mmdialog.core.data.schema import Photo, Turn
 from mmdialog.core.errors import DataError, ImageError, MMDialogError
 from mmdialog.core.generation import GenerationOptions, Reply, StreamCallback
-from mmdialog.core.interfaces import GeneratedImage
+
+if TYPE_CHECKING:  # torch: `mmdialog chat` checks its photos before it imports any
+    from mmdialog.core.interfaces import GeneratedImage
 
 USER, AGENT = "user", "assistant"
 

@@ -5,9 +5,10 @@ dev 9, test 24 dialogues; no local images -- they train the text loss).
 ``demo/chat.jsonl`` holds 8 short PhotoChat-style dialogues (train 6, dev 1,
 test 1) written for mmdialog, each sharing one real photograph bundled with
 scikit-image; the photo paths (``pkg:skimage/data/…``) are resolved from the
-installed package at load time. ``demo/share.jsonl`` holds 28 shorter ones
-(train 24, dev 2, test 2) that teach *when* to share: a photo asked for or an
-offer taken is shared at once, small talk never is. They are the ``tiny``
+installed package at load time. ``demo/share.jsonl`` holds 44 shorter ones
+(train 40, dev 2, test 2) that teach *when* to share: a photo asked for or an
+offer taken is shared at once, small talk never is, and 16 share again later
+(two or three photos, asked at different points, about different things). They are the ``tiny``
 preset's training set (``embedded:demo-share``, what ``make demo`` trains on).
 See ``demo/README.md`` for sources and licences.
 """

@@ -302,7 +302,9 @@ class HFLanguageModel(LanguageModel):
         from transformers import LogitsProcessorList
 
         sample = temperature > 0
-        processors = LogitsProcessorList([_Suppress(suppress, num_beams)] if suppress and any(suppress) else [])
+        processors = LogitsProcessorList([_Markup(self.img_open_id, self.img_close_id, self.image_token_id)])
+        if suppress and any(suppress):
+            processors.append(_Suppress(suppress, num_beams))
         # transformers streams greedy and sampled decoding only; beam search decides at the end.
         streamer = _step_streamer()(on_step) if on_step is not None and num_beams == 1 else None
         return self.model.generate(
@@ -360,6 +362,29 @@ def _step_streamer() -> type:
             pass
 
     return StepStreamer
+
+
+class _Markup:
+    """The description markup as a grammar, over the tokens written in this call: ``[/img]``
+    only closes an ``[img]`` that is open, ``[img]`` does not open inside a description, and
+    ``<image>`` (a slot the perceiver fills, never a word) is not written. A reply goes on
+    after its photo with no span open, where a stray ``[/img]`` was the likeliest next token
+    of a model that has just seen one."""
+
+    def __init__(self, open_id: int, close_id: int, image_id: int) -> None:
+        self.open_id, self.close_id, self.image_id = open_id, close_id, image_id
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # A span is open when the last markup token written is [img].
+        is_open = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)      # (B·beams,)
+        for t in range(input_ids.shape[1]):
+            tok = input_ids[:, t]
+            is_open = torch.where(tok == self.open_id, True, torch.where(tok == self.close_id, False, is_open))
+        scores = scores.clone()
+        scores[:, self.image_id] = float("-inf")
+        scores[is_open, self.open_id] = float("-inf")
+        scores[~is_open, self.close_id] = float("-inf")
+        return scores
 
 
 class _Suppress:

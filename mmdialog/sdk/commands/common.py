@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -109,14 +108,14 @@ REFERENCE_RECIPE = typer.Option(False, "--reference-recipe",
 
 
 def config_from_cli(config: str, llm, perceiver, bridge, generator, sets: list[str],
-                    reference_recipe: bool = False, **fields: Any):
+                    reference_recipe: bool = False, plugins: bool = True, **fields: Any):
     """The validated config of a command: the preset or YAML, the reference recipe
     if asked, the plugin flags, the command's own flags (dotted keys) and ``--set``."""
     overrides = {k: v for k, v in fields.items() if v is not None}
     overrides.update(parse_sets(sets))
     from mmdialog.core.config import load_config
 
-    return load_config(config, overrides, reference_recipe=reference_recipe,
+    return load_config(config, overrides, reference_recipe=reference_recipe, plugins=plugins,
                        llm=llm, perceiver=perceiver, bridge=bridge, generator=generator)
 
 
@@ -145,40 +144,12 @@ def generator_spec(generator: str | None, library: str | None = None) -> dict[st
     return {"generator": {"name": drawer}, "retriever": spec} if retriever else {"generator": spec}
 
 
-# torchao and bitsandbytes (the lean extra, imported by peft and diffusers when installed) log at import:
-# kernels not built for this machine, and torch's pytree deprecations of their registrations.
-LIBRARY_LOGGERS = ("transformers", "diffusers", "lightning", "lightning.pytorch", "lightning.fabric",
-                   "pytorch_lightning", "py.warnings", "torchao", "bitsandbytes", "torch.utils._pytree")
-
-
 def quiet(log_file: Path | None = None) -> None:
     """Only mmdialog's own lines on the terminal: library warnings, notices and
     loading bars go to ``log_file`` (the run's log) or nowhere (``--verbose`` skips this)."""
-    import logging
+    from mmdialog.core.verbosity import route
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.captureWarnings(True)  # warnings.warn → the "py.warnings" logger
-    handler: logging.Handler = logging.NullHandler()
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    for name in LIBRARY_LOGGERS:
-        logger = logging.getLogger(name)
-        logger.handlers = [handler]
-        logger.propagate = False
-        logger.setLevel(logging.INFO)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.disable_default_handler()
-        # diffusers adds its own stderr handler on first use (it warns when torchao is installed)
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.disable_default_handler()
-    except ImportError:
-        pass
+    route(log_file)
 
 
 def progress_line(label: str):

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from mmdialog.sdk.commands import precheck
 from mmdialog.sdk.commands.common import (
     ALLOW_UNVERIFIED,
     CONFIG,
@@ -51,7 +52,7 @@ def train(
     """Train a model (the end-to-end one by default) and print its losses.
 
     SIGTERM and Ctrl-C write a checkpoint and exit with 143 / 130; continue with --resume last."""
-    cfg = config_from_cli(config, llm, perceiver, bridge, generator, sets, reference_recipe, **{
+    cfg = config_from_cli(config, llm, perceiver, bridge, generator, sets, reference_recipe, plugins=False, **{
         "data.path": data, "train.max_steps": max_steps, "data.batch_size": batch_size, "train.lr": lr,
         "train.accumulate": accumulate, "train.precision": precision,
         "train.devices": int(devices) if devices and devices.isdigit() else devices,
@@ -59,35 +60,30 @@ def train(
         "data.strict": strict or None,
         **({"model.llm.gradient_checkpointing": True, "model.generator.gradient_checkpointing": True}
            if gradient_checkpointing else {})})
+    # Everything a user can get wrong is checked before torch is imported (seconds) and the model
+    # builds (minutes at paper scale).
+    out = Path(cfg.train.out_dir)
+    precheck.data(cfg.data.path, cfg.data.image_dir)
+    precheck.out_dir(out, resume, overwrite)
     from mmdialog.core.assembler import build
     from mmdialog.core.checkpoint import LAST, check_resume_config, resume_checkpoint
+    from mmdialog.core.config import plugin_options
     from mmdialog.core.data.source import read_dialogues
-    from mmdialog.core.errors import MMDialogError
     from mmdialog.core.files import lock_folder
     from mmdialog.core.training import is_launching_process
     from mmdialog.core.training import train as run
 
-    # Everything a user can get wrong is checked before the model builds (minutes at paper scale).
-    out = Path(cfg.train.out_dir)
     if is_launching_process():  # one training per out-dir, until this process ends
         lock_folder(out, "training")
+    plugin_options(cfg)  # the plugins' options (imports them), validated once for the whole command
+    precheck.writable(out)
     checkpoint = None
-    earlier = [p for p in (out / "trainable.pt", out / LAST) if p.exists()]
-    if earlier and not resume and not overwrite:
-        raise MMDialogError(f"{out} holds an earlier run ({earlier[0].name}); continue it with --resume last, "
-                            "or choose another --out-dir, or --overwrite")
     if resume:
         checkpoint = resume_checkpoint(out / LAST if resume == "last" else resume)  # checked once, here
         if checkpoint[1]:
             typer.echo(f"note: {checkpoint[1]}", err=True)
         check_resume_config(checkpoint[0], cfg)
     dialogues, summary = read_dialogues(cfg.data, cfg.data.split or "train")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").touch()
-        (out / ".write-test").unlink()
-    except OSError as e:
-        raise MMDialogError(f"cannot write to the output folder {out}: {e.strerror or e}; choose --out-dir") from None
     typer.echo(f"data: {summary}", err=True)
     if not verbose:
         quiet_libraries(out / "log.txt")
@@ -150,6 +146,9 @@ def evaluate(
     allow_unverified: bool = ALLOW_UNVERIFIED,
 ) -> None:
     """Per-turn evaluation (gold context, both speakers): BLEU-1/2, ROUGE-L, intent F1, FID/KID/IS."""
+    precheck.checkpoints(checkpoints or [])  # before torch: a typo should not cost seconds
+    if data:
+        precheck.data(data)
     from mmdialog.core.assembler import build, load
     from mmdialog.core.checkpoint import find_checkpoint
     from mmdialog.core.config import recipe

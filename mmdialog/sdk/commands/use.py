@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from mmdialog.core.errors import MMDialogError
+from mmdialog.sdk.commands import precheck
 from mmdialog.sdk.commands.common import MODEL_ARG, TRUST_REMOTE_CODE, ModelUse, model_flags, quiet
 
 HELP = """commands: /image PATH  attach a photo to your next message
@@ -18,11 +19,7 @@ HELP = """commands: /image PATH  attach a photo to your next message
 
 def _load(model: str, use: ModelUse):
     from mmdialog.core.assembler import load
-    from mmdialog.core.config import PRESETS
 
-    if model not in PRESETS and not Path(model).expanduser().exists():
-        raise MMDialogError(f"model '{model}' does not exist; give an exported folder (`mmdialog export`), "
-                            f"a training checkpoint, or a preset ({', '.join(PRESETS)})")
     quiet()
     typer.echo(f"loading {model} …", err=True)
     return load(model, **use.chain, trust_remote_code=use.trust_remote_code, allow_unverified=use.allow_unverified)
@@ -37,8 +34,10 @@ def _print_reply(reply, as_json: bool = False) -> None:
         return
     typer.echo(reply.plain)
     for ph in photos:
-        origin = f" (library: {Path(ph['file']).name})" if ph["source"] == "retrieved" else ""
-        typer.echo(f"photo: {ph['path']}  — {ph['description']}{origin}")
+        # Where it came from: a real photo of the library, or drawn by the generator (noise when random-init).
+        origin = (f"retrieved from the library: {Path(ph['file']).name}" if ph["source"] == "retrieved"
+                  else f"drawn by {ph['plugin']}")
+        typer.echo(f"photo: {ph['path']}  — {ph['description']} ({origin})")
 
 
 def _send(session, text: str, images: list[str], as_json: bool = False):
@@ -66,11 +65,12 @@ def chat(
     *, use: ModelUse,
 ) -> None:
     """Chat in the terminal. Shared photos are saved and their paths printed."""
-    from mmdialog.core.session import Session, check_image
+    from mmdialog.core.session import Session, check_image  # no torch yet
 
     if image and not message:
         raise MMDialogError("--image goes with --message; in the interactive chat type /image PATH")
-    for path in image:  # before the model loads: a typo should not cost a minute
+    precheck.model(model)  # before torch and the model load: a typo should not cost a minute
+    for path in image:
         check_image(Path(path).expanduser())
     m = _load(model, use)
     session = Session(m, photos_dir=photos_dir, options=use.generation)
@@ -150,12 +150,13 @@ def serve(
     *, use: ModelUse,
 ) -> None:
     """Serve the chat API (POST /v1/chat, OpenAI-style /v1/chat/completions, docs at /docs) and a chat page."""
+    precheck.model(model)  # before torch and the model load: a typo should not cost a minute
     import uvicorn
 
     from mmdialog.sdk.server import Limits, create_app
     from mmdialog.sdk.server.limits import check_api_key, host_names
 
-    host_names([host, *allowed_host])  # before the model loads: a typo should not cost a minute
+    host_names([host, *allowed_host])
     check_api_key(api_key)
     m = _load(model, use)
     limits = Limits(max_body_bytes=int(max_body_mb * 2**20), max_image_bytes=int(max_image_mb * 2**20),
