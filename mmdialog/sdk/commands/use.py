@@ -187,9 +187,9 @@ def export(
     trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
     """Write a self-contained model folder: config, trainable weights, tokenizer additions, model card."""
-    from mmdialog.core.export import check_destination, check_folder, read_manifest, upgrade_folder
-
     if upgrade is not None:
+        from mmdialog.core.export import read_manifest, upgrade_folder
+
         if ckpt is not None or out_dir is not None:
             raise MMDialogError("--upgrade FOLDER re-hashes that folder in place; give no CKPT or OUT_DIR with it")
         folder, before = upgrade_folder(Path(upgrade).expanduser())
@@ -198,9 +198,9 @@ def export(
         return
     if ckpt is None or out_dir is None:
         raise MMDialogError("give CKPT and OUT_DIR (mmdialog export RUN/trainable.pt OUT), or --upgrade FOLDER")
-    if not Path(ckpt).expanduser().exists():
-        raise MMDialogError(f"checkpoint '{ckpt}' does not exist; give the trainable.pt or .ckpt written by "
-                            "`mmdialog train`")
+    precheck.checkpoints([ckpt])  # before torch: a typo should not cost seconds
+    from mmdialog.core.export import check_destination, check_folder, read_manifest
+
     check_destination(out_dir, force)  # before the model builds: a typo should not cost a minute
     quiet()
     from mmdialog.core.assembler import export as run
