@@ -185,7 +185,7 @@ def test_a_model_with_a_nan_weight_is_refused_at_save_and_export_and_nothing_is_
 
 
 @pytest.mark.parametrize("name, change", [
-    ("config.yaml", lambda text: text.replace("seed: 0", "seed: 1")),
+    ("config.yaml", lambda text: text.replace("strict: false", "strict: true")),
     ("tokenizer_additions.json", lambda text: text.replace('"[img]": 49152', '"[img]": 49153')),
 ])
 def test_config_and_tokenizer_additions_are_covered_by_the_digests(tmp_path, name, change):
@@ -219,7 +219,7 @@ def test_a_manifest_rewritten_to_format_1_over_flipped_weights_is_refused(tmp_pa
         assert "\n" not in str(err.value)
     # A version-2 manifest (the weights' digest only) cannot vouch for a changed config either.
     folder = _copy_export(tmp_path, "v2")
-    (folder / "config.yaml").write_text((folder / "config.yaml").read_text().replace("seed: 0", "seed: 1"))
+    (folder / "config.yaml").write_text((folder / "config.yaml").read_text().replace("strict: false", "strict: true"))
     _downgrade(folder, 2, {WEIGHTS: _sha(folder / WEIGHTS)})
     with pytest.raises(ConfigError, match=r"format version 2\) records no SHA-256 of config.yaml, "
                                           r"tokenizer_additions.json"):
