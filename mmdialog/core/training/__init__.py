@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +142,12 @@ def train(model: DialogueModel, progress: bool = True, resume: str | Path | bool
     if t.compile:
         compile_repeated_blocks(model)
     module = DialogueModule(model)
+    # Opened before Lightning wraps or shards the model: each store's name hashes its encoder's weights.
+    stores = model.use_feature_stores(cfg.data.feature_store)
+    encoded_before = {kind: store.encoded for kind, store in stores.items()}
     data = DialogueDataModule(cfg, model.collator, data)
     budget = {} if t.activation_memory_budget is None else {"activation_memory_budget": t.activation_memory_budget}
+    fit_start = time.perf_counter()
     try:
         with torch._functorch.config.patch(**budget):
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
@@ -164,13 +169,19 @@ def train(model: DialogueModel, progress: bool = True, resume: str | Path | bool
         raise
     finally:
         stop.restore()
+    fit_s = time.perf_counter() - fit_start
+    encoded = {kind: store.encoded - encoded_before[kind] for kind, store in stores.items()}
+    loader = trainer.train_dataloader
     result: dict[str, Any] = {"data": data.summary, "steps": trainer.global_step, "history": history.rows,
+                              "encoded_photos": encoded, "fit_s": fit_s, "data_wait_s": getattr(loader, "wait_s", 0.0),
+                              "num_workers": getattr(loader, "num_workers", 0),
                               "signal": stop.signal, "global_zero": trainer.is_global_zero, "notes": notes,
                               "photos_skipped": module.photos_skipped,
                               "offloaded": [n for n, m in model.named_modules() if m in offloader.offloaded]}
     with full_weights(trainer):
         manifest = {"rank": trainer.global_rank, "steps": trainer.global_step, "data": data.summary,
                     "samples": module.sample_log, "photos_skipped": module.photos_skipped,
+                    "encoded_photos": encoded,
                     "weights_sha1": weights_digest(model)}
         if trainer.is_global_zero:
             result["weights"] = str(save_trainable(model, out / TRAINABLE))
