@@ -305,3 +305,34 @@ def resident(device: torch.device, *modules: nn.Module) -> Iterator[None]:
     finally:
         for module, home in homes:
             module.to(home)
+
+
+def fill_stores(components: dict[str, Any], stores: dict[str, FeatureStore], photos: list[Path],
+                device: torch.device, progress: Callable[[int], None] | None = None) -> dict[str, int]:
+    """Encode every photo the ``stores`` lack, as training would (``component.encode_photo``
+    on the collator's pixels, one photo at a time, each variant), and store it: what
+    ``mmdialog data cache`` runs ahead of training. ``progress(1)`` after each photo.
+    Returns the photos encoded per store, and ``unreadable``."""
+    from mmdialog.core.data.collate import default_image_loader
+    from mmdialog.core.errors import DataError
+
+    counts = {kind: 0 for kind in stores} | {"unreadable": 0}
+    seen: set[str] = set()
+    for path in photos:
+        try:
+            key = content_key(path)
+            if key not in seen:
+                seen.add(key)
+                for kind, store in stores.items():
+                    if store.complete(key):
+                        continue
+                    pixels = default_image_loader(path, store.resolution)[None].to(device)  # (1, 3, S, S)
+                    before = store.encoded
+                    cached_per_photo(store, [key + v for v in store.variants],
+                                     lambda j, c=components[kind], v=store.variants: c.encode_photo(pixels, v[j]))
+                    counts[kind] += store.encoded > before
+        except (DataError, OSError):
+            counts["unreadable"] += 1
+        if progress is not None:
+            progress(1)
+    return counts

@@ -5,8 +5,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mmdialog.core.data import dialogcc, photochat
-from mmdialog.core.data.images import image_index, verify_image
+from mmdialog.core.data import dialogcc, hub, photochat
+from mmdialog.core.data.images import VerifiedPhotos, image_index
 from mmdialog.core.data.records import (
     RawRecord,
     RecordError,
@@ -79,7 +79,8 @@ def load_dialogues(
     Args:
         path: a data file (``.json``, ``.jsonl``, optionally ``.gz``) or a folder,
             searched recursively (PhotoChat root ``{train,dev,test}/*.json``,
-            DialogCC ``{train,valid,test}.json``, any ``*.jsonl``).
+            DialogCC ``{train,valid,test}.json``, any ``*.jsonl``, the Hub's Parquet files),
+            or ``hf:OWNER/NAME`` (a dataset on the Hugging Face Hub, through its cache).
         format: ``"auto"`` (default: detected per file from the records' keys),
             ``"photochat"``, ``"dialogcc"``, ``"jsonl"``, or a format a plugin
             registers through the ``mmdialog_dataset_formats`` hook.
@@ -114,15 +115,19 @@ def load_dialogues(
     if speaker_names not in dialogcc.SPEAKER_MODES:
         raise DataError(f"speaker_names must be one of {dialogcc.SPEAKER_MODES}, not {speaker_names!r}")
     options = {"description_style": description_style, "person": person, "speaker_names": speaker_names}
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise DataError(f"{root}: no such file or folder", file=str(root))
     want = normalize_split(split)
     report = LoadReport(strict=strict)
-    files = collect_files(root, want)
-    if not files:
+    if str(path).startswith(hub.PREFIX):
+        root, sources = Path(path), hub.hub_sources(str(path), want, report)
+    else:
+        root = Path(path).expanduser()
+        if not root.exists():
+            raise DataError(f"{root}: no such file or folder", file=str(root))
+        sources = [(str(f), split_hint(f, root if root.is_dir() else None), lambda f=f: iter_records(f, report))
+                   for f in collect_files(root, want)]
+    if not sources:
         what = f" for split {want!r}" if want else ""
-        raise DataError(f"{root}: no data files (.json, .jsonl){what} found", file=str(root))
+        raise DataError(f"{path}: no data files (.json, .jsonl, .parquet){what} found", file=str(path))
     if image_dir is not None and not Path(image_dir).is_dir():
         raise DataError(f"{image_dir}: image folder does not exist", file=str(image_dir))
 
@@ -130,13 +135,12 @@ def load_dialogues(
     origin: list[str] = []  # data file of each dialogue, for image problems
     seen_ids: dict[str, str] = {}
     other_split = 0
-    for f in files:
+    for f, hint, records in sources:
         if limit is not None and len(dialogues) >= limit:
             break
         report.files += 1
-        hint = split_hint(f, root if root.is_dir() else None)
         fmt = None if format == "auto" else format
-        for raw in iter_records(f, report):
+        for raw in records():
             if limit is not None and len(dialogues) >= limit:
                 break
             if fmt is None:
@@ -189,6 +193,16 @@ def _resolve_images(dialogues: list[Dialogue], origin: list[str], report: LoadRe
                     image_dir: Any, verify: bool) -> None:
     index = image_index(image_dir) if image_dir is not None else None
     checked: dict[Path, str | None] = {}
+    verified = VerifiedPhotos() if verify else None
+    try:
+        _resolve(dialogues, origin, report, image_dir, index, checked, verified)
+    finally:
+        if verified is not None:
+            verified.close()
+
+
+def _resolve(dialogues: list[Dialogue], origin: list[str], report: LoadReport, image_dir: Any, index: Any,
+             checked: dict[Path, str | None], verified: VerifiedPhotos | None) -> None:
     for d, file in zip(dialogues, origin):
         for t in d.turns:
             for p in t.photos:
@@ -205,13 +219,9 @@ def _resolve_images(dialogues: list[Dialogue], origin: list[str], report: LoadRe
                         report.add_problem(MISSING_IMAGE, file, d.id,
                                            f"image {label}: {where}")
                     continue
-                if verify:
+                if verified is not None:
                     if found not in checked:
-                        try:
-                            verify_image(found)
-                            checked[found] = None
-                        except DataError as e:
-                            checked[found] = str(e)
+                        checked[found] = verified.check(found)
                     if checked[found] is not None:
                         p.path = None
                         report.add_problem(CORRUPT_IMAGE, file, d.id, checked[found])

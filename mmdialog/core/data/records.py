@@ -32,7 +32,7 @@ SPLIT_ALIASES = {
     "dev": "dev", "valid": "dev", "validation": "dev", "val": "dev",
     "test": "test", "testing": "test",
 }
-DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".ndjson.gz")
+DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".ndjson.gz", ".parquet")
 _SPLIT_RE = re.compile(r"^(train|training|dev|valid|validation|val|test|testing)(?:[_\-.]|$)", re.I)
 _WS = re.compile(r"[ \t\n\r]*")
 
@@ -186,6 +186,11 @@ class RawRecord:
 def iter_records(path: Path, report: LoadReport) -> Iterator[RawRecord]:
     """Yield the raw records of ``path``; problems go to ``report`` (bad_file/bad_record)."""
     file = str(path)
+    if file.lower().endswith(".parquet"):  # the Hub's layout (core/data/hub.py)
+        from mmdialog.core.data.hub import parquet_records
+
+        yield from parquet_records(path, report)
+        return
     try:
         data = read_bytes(path)
     except (OSError, EOFError, gzip.BadGzipFile) as e:
