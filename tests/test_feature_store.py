@@ -131,6 +131,7 @@ def make(out: Path, store: Path, steps: int = 1):
                                     "train.out_dir": str(out), "train.warmup_steps": 1})
 
 
+@pytest.mark.slow
 def test_a_second_identical_run_encodes_no_photo(tmp_path):
     from mmdialog.core.training import train
 
@@ -178,3 +179,33 @@ def test_memory_does_not_grow_with_the_photos_stored(tmp_path):
         peaks[n] = int(run.stdout.split()[-1])
     stored = 99_000 * len(blob)
     assert peaks[100_000] - peaks[1_000] < stored / 4, (peaks, stored)
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_store_and_encode_each_photo_once(tmp_path, cat_photo):
+    """Real DDP (gloo, 2 processes) through the CLI on dialogues that all share one photo:
+    both ranks meet it in their first batch, one encodes it, the other reads it; a second
+    run on the filled store encodes nothing and trains to the same weights."""
+    lines = [json.dumps({"id": f"d{i}", "split": "train", "turns": [
+        {"speaker": "a", "text": f"how was day {i}?"},
+        {"speaker": "b", "text": "look", "photos": [{"path": str(cat_photo), "description": "a tabby cat"}]},
+        {"speaker": "a", "text": "lovely"}]}) for i in range(4)]
+    (tmp_path / "cats.jsonl").write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    runs = []
+    for name in ("cold", "warm"):
+        out = tmp_path / name
+        run = subprocess.run(
+            [sys.executable, "-m", "mmdialog", "train", "--devices", "2", "--strategy", "ddp",
+             "--set", "train.accelerator=cpu", "--data", str(tmp_path / "cats.jsonl"),
+             "--set", "data.both_speakers=false", "--set", f"data.feature_store={tmp_path / 'store'}",
+             "--max-steps", "2", "--quiet", "--out-dir", str(out)],
+            capture_output=True, text=True, env=env, timeout=900)
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs.append([json.loads((out / f"manifest_rank{r}.json").read_text()) for r in (0, 1)])
+    cold, warm = runs
+    for kind in ("perceiver", "generator"):
+        assert sum(r["encoded_photos"][kind] for r in cold) == 1   # one photo, encoded once in all
+        assert sum(r["encoded_photos"][kind] for r in warm) == 0
+    assert cold[0]["weights_sha1"] == cold[1]["weights_sha1"] == warm[0]["weights_sha1"]
+    assert not list((tmp_path / "store").rglob("*.claim"))
