@@ -209,3 +209,24 @@ def test_two_processes_share_one_store_and_encode_each_photo_once(tmp_path, cat_
         assert sum(r["encoded_photos"][kind] for r in warm) == 0
     assert cold[0]["weights_sha1"] == cold[1]["weights_sha1"] == warm[0]["weights_sha1"]
     assert not list((tmp_path / "store").rglob("*.claim"))
+
+
+@pytest.mark.slow
+def test_data_cache_fills_the_store_ahead_of_training_and_a_second_fill_encodes_nothing(tmp_path):
+    demo = ROOT / "mmdialog" / "core" / "data" / "demo" / "chat.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    outs = []
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-m", "mmdialog", "data", "cache", str(demo), "-c", "tiny",
+                              "--feature-store", str(tmp_path), "--device", "cpu", "--quiet"],
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        outs.append(run.stdout)
+    assert "perceiver: 7 photo(s) encoded" in outs[0] and "generator: 7 photo(s) encoded" in outs[0]
+    assert "perceiver: 0 photo(s) encoded" in outs[1] and "generator: 0 photo(s) encoded" in outs[1]
+    # What training then asks for is there: a run on the same data encodes nothing.
+    from mmdialog.core.training import train
+
+    result = train(make(tmp_path / "run", tmp_path), progress=False)
+    assert result["encoded_photos"] == {"perceiver": 0, "generator": 0}
+    assert result["offloaded"] == ["perceiver.vision", "perceiver.qformer", "generator.vae"]  # from the start
