@@ -97,7 +97,7 @@ def train_wait(root: Path, steps: int) -> dict:
 
     dialogues, _ = with_photos(demo_dialogues("train", photochat=False), root / "photos512", (512, 512))
     write_jsonl(dialogues, root / "train.jsonl")
-    model = build("tiny", overrides={"data.path": str(root / "train.jsonl"), "data.feature_store": str(root / "fs"),
+    model = build("tiny", overrides={"data.path": str(root / "train.jsonl"), "data.feature_store": str(root / "fs-train"),
                                      "train.max_steps": steps, "train.out_dir": str(root / "run"),
                                      "train.checkpoint_every": 10_000, "train.val_every": 0})
     result = train(model, progress=False)
