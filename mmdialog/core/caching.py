@@ -313,7 +313,7 @@ def fill_stores(components: dict[str, Any], stores: dict[str, FeatureStore], pho
     on the collator's pixels, one photo at a time, each variant), and store it: what
     ``mmdialog data cache`` runs ahead of training. ``progress(1)`` after each photo.
     Returns the photos encoded per store, and ``unreadable``."""
-    from mmdialog.core.data.collate import default_image_loader
+    from mmdialog.core.data.images import load_image, to_tensor
     from mmdialog.core.errors import DataError
 
     counts = {kind: 0 for kind in stores} | {"unreadable": 0}
@@ -326,7 +326,8 @@ def fill_stores(components: dict[str, Any], stores: dict[str, FeatureStore], pho
                 for kind, store in stores.items():
                     if store.complete(key):
                         continue
-                    pixels = default_image_loader(path, store.resolution)[None].to(device)  # (1, 3, S, S)
+                    # The collator's pixels (its default_image_loader): centre crop, [0, 1].
+                    pixels = to_tensor(load_image(path), store.resolution)[None].to(device)  # (1, 3, S, S)
                     before = store.encoded
                     cached_per_photo(store, [key + v for v in store.variants],
                                      lambda j, c=components[kind], v=store.variants: c.encode_photo(pixels, v[j]))

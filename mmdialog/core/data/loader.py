@@ -47,12 +47,19 @@ def detect_record_format(rec: Any) -> str | None:
     return None
 
 
+def records_of(path: Path, report: LoadReport):
+    """The raw records of a data file: JSON / JSON lines, or Parquet (the Hub's layout)."""
+    if path.name.lower().endswith(".parquet"):
+        return hub.parquet_records(path, report)
+    return iter_records(path, report)
+
+
 def detect_format(path: str | os.PathLike, sample: int = 20) -> str | None:
     """The format of a file (or of the first data file in a folder), by content."""
     files = collect_files(Path(path))
     for f in files:
         probe = LoadReport()
-        for i, raw in enumerate(iter_records(f, probe)):
+        for i, raw in enumerate(records_of(f, probe)):
             fmt = detect_record_format(raw.value)
             if fmt or i >= sample:
                 if fmt:
@@ -123,7 +130,7 @@ def load_dialogues(
         root = Path(path).expanduser()
         if not root.exists():
             raise DataError(f"{root}: no such file or folder", file=str(root))
-        sources = [(str(f), split_hint(f, root if root.is_dir() else None), lambda f=f: iter_records(f, report))
+        sources = [(str(f), split_hint(f, root if root.is_dir() else None), lambda f=f: records_of(f, report))
                    for f in collect_files(root, want)]
     if not sources:
         what = f" for split {want!r}" if want else ""

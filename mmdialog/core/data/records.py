@@ -186,11 +186,6 @@ class RawRecord:
 def iter_records(path: Path, report: LoadReport) -> Iterator[RawRecord]:
     """Yield the raw records of ``path``; problems go to ``report`` (bad_file/bad_record)."""
     file = str(path)
-    if file.lower().endswith(".parquet"):  # the Hub's layout (core/data/hub.py)
-        from mmdialog.core.data.hub import parquet_records
-
-        yield from parquet_records(path, report)
-        return
     try:
         data = read_bytes(path)
     except (OSError, EOFError, gzip.BadGzipFile) as e:
