@@ -15,6 +15,7 @@
 # limits add up to more than one 600 s device call: name the stages of each call.
 #   call 1 (training, ~9 min):  ref paper levers lean 24gb
 #   call 2 (replies, sharding): reply strategies
+#   call 3 (the loop, ~6 min):  paper loop
 # Stages:
 #   ref        the reference recipe through mmdialog.build, micro-batch 4, an optimizer step per
 #              micro-batch as in the measured table
@@ -27,6 +28,9 @@
 #   24gb       the paper-24gb preset's settings (NF4 base, 8-bit moments, offload, 8 × 2)
 #   reply      bench_paper_reply.py: time to first token / text / photo, 1 and 8 sessions, baseline
 #   strategies bench_strategies.py: 3 steps through mmdialog.train with auto, fsdp, deepspeed
+#   loop       bench_paper_loop.py: the real `mmdialog train` loop (loader workers, feature store,
+#              Lightning) at the paper row's shapes on synthetic 1024×768 JPEG dialogues, from a cold
+#              and a warm store; compare its loop_dialogues_per_s with paper.json's (goal ≥ 95 %)
 #   tool, tool16, sweep, compiled, lora, autocast: the earlier rows (benchmarks/results/h100-2026-11-26)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -91,6 +95,8 @@ print(torch.__version__, transformers.__version__, diffusers.__version__, peft._
                     timeout 180 python3 benchmarks/bench_strategies.py --scale paper --strategy $s \
                       --json "$OUT/strategy_$s.json" 2>&1 | tail -4
                   done ;;
+      loop) timeout 420 python3 benchmarks/bench_paper_loop.py --scale paper --steps 6 --warmup 2 \
+              --json "$OUT/loop.json" | tail -1 ;;
       ref) timeout 90 "${bench[@]}" --reference-recipe --accumulate 1 --steps 6 --warmup 2 --json "$OUT/ref.json" | tail -3 ;;
       tool) timeout 90 python3 .gpu/tools/paper_scale_step.py --scale paper --json "$OUT/tool.json" | tail -1 ;;
       tool16) timeout 90 python3 .gpu/tools/paper_scale_step.py --scale paper --batch 16 --grad-checkpointing \
@@ -105,7 +111,7 @@ print(torch.__version__, transformers.__version__, diffusers.__version__, peft._
                   timeout 110 "${bench[@]}" --sweep --compile "${extra[@]}" --steps 3 --warmup 2 \
                     --json "$OUT/autocast_$mode.json" 2>&1 | grep '^{"llm'
                 done ;;
-      *) echo "unknown stage $stage (ref paper levers lean 24gb reply strategies tool tool16 sweep compiled lora" \
+      *) echo "unknown stage $stage (ref paper levers lean 24gb reply strategies loop tool tool16 sweep compiled lora" \
               "autocast)"; exit 2 ;;
     esac || echo "$stage: exit $?"
   done

@@ -88,28 +88,34 @@ def test_frozen_parts_stay_in_eval_mode_while_training(cat_photo):
     assert not frozen.eval().generator.unet.training
 
 
-def test_perceiver_features_of_a_frozen_trunk_are_computed_once_per_photo(cat_photo):
+def test_perceiver_features_of_a_frozen_trunk_are_computed_once_per_photo(cat_photo, tmp_path):
     from mmdialog import build
+    from mmdialog.core.caching import content_key
     from mmdialog.core.collator import default_image_loader
 
     px = default_image_loader(cat_photo, 64)[None]
     m = build("tiny").train()
     p = m.perceiver
+    store, key = p.feature_store(tmp_path), content_key(cat_photo)
     calls = []
     p.vision.register_forward_hook(lambda *a: calls.append(1))
-    first = p(px, [str(cat_photo)])
-    second = p(px, [str(cat_photo)])
-    assert calls == [1] and list(p._feature_cache) == [f"{cat_photo}@{p.image_size}"]
+    first = p(px, [key])
+    second = p(px, [key])
+    assert calls == [1] and store.encoded == 1 and store.complete(key)
     assert torch.equal(first, second) and torch.equal(first, p.projection(p.features(px)))
     second.sum().backward()
     assert p.projection.weight.grad is not None  # the trainable projection still learns
     with torch.no_grad():
-        p(px, [str(cat_photo)])              # inference: computed, not cached
+        p(px, [key])                         # inference: computed, not stored
         p(px, [""])                          # no file: computed
-    assert len(calls) == 4 and len(p._feature_cache) == 1
+    assert len(calls) == 4 and store.encoded == 1
+    # Another process (the store opened anew) reads the photo from disk: no pixels needed.
+    p.__dict__.pop("_feature_store")
+    again = p.feature_store(tmp_path)
+    assert again.folder == store.folder and torch.equal(p(torch.zeros(1, 3, 0, 0), [key]), first)
+    assert len(calls) == 4 and again.encoded == 0
     tuned = build("tiny", overrides={"model.trainable": {"perceiver.qformer": True}}).train()
-    tuned.perceiver(px, [str(cat_photo)])
-    assert "_feature_cache" not in tuned.perceiver.__dict__  # a trained Q-Former is never cached
+    assert tuned.perceiver.feature_store(tmp_path) is None  # a trained Q-Former is never stored
 
 
 def test_build_on_a_device_creates_parameters_there_and_keeps_cpu_state_on_cpu(tiny):

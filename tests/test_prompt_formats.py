@@ -125,3 +125,39 @@ def test_a_prompt_format_from_a_plugin_is_a_config_value():
         assert "HELLO THERE" in model.collator.format.render(model.collator.messages(turns, "1"))
     finally:
         reg._prompt_formats.pop("shouting")
+
+
+def per_prefix_spans(fmt, messages, text):
+    """The definition of assistant_spans: what each assistant message adds to the rendered prefix."""
+    spans, prev = [], len(fmt.render(messages[:0]))
+    for i, m in enumerate(messages):
+        end = len(fmt.render(messages[: i + 1]))
+        if m["role"] == "assistant":
+            start = text.find(m["content"], prev)
+            spans.append((start if start >= 0 else prev, end))
+        prev = end
+    return spans
+
+
+@pytest.fixture(scope="module")
+def llama2_template(tmp_path_factory):
+    folder = tiny_llama2_folder(tmp_path_factory.mktemp("llama2t"))
+    return build(load_config("tiny", {"model.llm.path": str(folder), "model.max_length": 1024},
+                             perceiver="caption"))
+
+
+@pytest.mark.parametrize("which", ["tiny", "llama2_template"])
+def test_labelled_spans_from_one_rendering_equal_the_spans_of_every_prefix(which, request):
+    """The collator renders a sample once: the spans found in that text equal the
+    definition's (one rendering per message prefix), with SmolLM2's and Llama-2's templates,
+    for every demo dialogue and agent, and for contents the template may not keep as given."""
+    c = request.getfixturevalue(which).collator
+    dialogues = demo_dialogues(None)
+    odd = Dialogue("odd", [Turn("0", "  padded  "), Turn("1", "user"), Turn("0", "assistant"), Turn("1", "[/INST]")])
+    checked = 0
+    for d, agent in c.samples([*dialogues, odd]):
+        msgs = c.messages(d.turns, agent)
+        text = c.format.render(msgs)
+        assert c.format.assistant_spans(msgs, text) == per_prefix_spans(c.format, msgs, text), d.id
+        checked += 1
+    assert checked > 80

@@ -349,45 +349,50 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(cat_dialogue):
         assert torch.allclose(g0[k], g1[k], rtol=1e-3, atol=1e-5), k
 
 
-def test_random_flip_trains_on_both_mirror_images_and_caches_each(cat_dialogue):
+def test_random_flip_trains_on_both_mirror_images_and_stores_each(cat_dialogue, tmp_path):
     m = build("tiny", overrides={"model.generator.random_flip": True})
     gen, batch = m.generator, m.collator([(cat_dialogue, "1")])
-    key, res = batch.desc_keys[0], gen.resolution
+    store, key = gen.feature_store(tmp_path), batch.desc_keys[0]
+    assert store.variants == ("", "-hflip")
     cond = gen.encode(gen.text_prompts(["a cat"]))
     with torch.no_grad():  # evaluation: never flipped
         for seed in range(4):
             torch.manual_seed(seed)
             gen.loss(cond, batch.desc_pixels, batch.desc_keys)
-    assert set(gen._latent_cache) == {f"{key}@{res}"}
+    assert store.get(key) is not None and store.get(key + "-hflip") is None and not store.complete(key)
     for seed in range(8):  # P(one side never drawn) = 2⁻⁷
         torch.manual_seed(seed)
         gen.loss(cond, batch.desc_pixels, batch.desc_keys)
-    assert set(gen._latent_cache) == {f"{key}@{res}", f"{key}|hflip@{res}"}
+    assert store.complete(key) and store.encoded == 2
     with torch.no_grad():
         mirrored = gen.vae.encode(batch.desc_pixels.flip(-1) * 2 - 1).latent_dist.mean[0]
-    assert torch.allclose(gen._latent_cache[f"{key}|hflip@{res}"][0], mirrored, atol=1e-5)
-    assert not torch.allclose(gen._latent_cache[f"{key}@{res}"][0], mirrored, atol=1e-3)
+    assert torch.allclose(store.get(key + "-hflip")["mean"], mirrored, atol=1e-5)
+    assert not torch.allclose(store.get(key)["mean"], mirrored, atol=1e-3)
+    # `mmdialog data cache` stores the mirror image through the same function.
+    assert torch.equal(gen.encode_photo(batch.desc_pixels, "-hflip")["mean"], store.get(key + "-hflip")["mean"])
 
 
-def test_latent_cache_changes_nothing_the_unet_sees(tiny, cat_dialogue):
-    """The cached VAE posterior gives the same latents (same draw) as encoding again."""
+def test_stored_posterior_changes_nothing_the_unet_sees(tiny, cat_dialogue, tmp_path):
+    """The stored VAE posterior gives the same latents (same draw) as encoding again."""
     gen = tiny.generator
     batch = tiny.collator([(cat_dialogue, "1")])
-    assert batch.desc_keys == [str(cat_dialogue.turns[3].photos[0].path)]
+    from mmdialog.core.caching import content_key
+
+    assert batch.desc_keys == [content_key(cat_dialogue.turns[3].photos[0].path)]
     px = batch.desc_pixels
-    gen.__dict__.pop("_latent_cache", None)
+    store = gen.feature_store(tmp_path)
     torch.manual_seed(0)
     plain = gen.latents(px)                      # no keys: encodes
     torch.manual_seed(0)
-    first = gen.latents(px, batch.desc_keys)     # fills the cache
+    first = gen.latents(px, batch.desc_keys)     # fills the store
     torch.manual_seed(0)
-    cached = gen.latents(px, batch.desc_keys)    # from the cache, VAE not called
-    assert len(gen._latent_cache) == 1
+    cached = gen.latents(px[:, :, :0, :0], batch.desc_keys)  # from the store, no pixels, VAE not called
+    assert store.encoded == 1
     assert torch.allclose(plain, first, atol=1e-6) and torch.allclose(first, cached, atol=1e-6)
     calls = []
     handle = gen.vae.encoder.register_forward_hook(lambda *a: calls.append(1))
     gen.latents(px, batch.desc_keys)
-    assert calls == []                           # served from the cache
+    assert calls == []                           # served from the store
     gen.options.latent_cache = False
     try:
         gen.latents(px, batch.desc_keys)

@@ -30,6 +30,8 @@ from mmdialog.core.interfaces import LanguageModel, Perceiver
 from mmdialog.core.prompts import PromptFormat, TemplateFormat
 
 IGNORE = -100
+#: A photo whose encoder outputs are all stored: its pixels are never decoded (``Collator.stores``).
+STORED = "stored"
 ImageLoader = Callable[[Path, int], torch.Tensor]  # (path, size) -> (3, size, size) in [0, 1]
 
 
@@ -41,14 +43,14 @@ class Batch:
     attention_mask: torch.Tensor   # (B, T) long
     labels: torch.Tensor           # (B, T) long, IGNORE outside the agent's turns
     photo_slots: torch.Tensor      # (P, 2) long: (sample, first of K positions)
-    photo_pixels: torch.Tensor     # (P, 3, H_p, W_p) float in [0, 1]
-    photo_keys: list[str]          # (P,) each perceived photo's file, for caches
+    photo_pixels: torch.Tensor     # (P, 3, H_p, W_p) float in [0, 1]; (P, 3, 0, 0) when all are stored
+    photo_keys: list[str]          # (P,) each perceived photo's content key, for the feature store
     desc_index: torch.Tensor       # (N,) long: sample of each description span
     desc_start: torch.Tensor       # (N,) long: first description token (after [img])
     desc_len: torch.Tensor         # (N,) long
-    desc_pixels: torch.Tensor      # (N, 3, H_g, W_g) float; zeros where missing
+    desc_pixels: torch.Tensor      # (N, 3, H_g, W_g) float; zeros where missing; (N, 3, 0, 0) when stored
     desc_has_image: torch.Tensor   # (N,) bool: gold photo available for the image loss
-    desc_keys: list[str]           # (N,) the gold photo's file ("" when missing), for caches
+    desc_keys: list[str]           # (N,) the gold photo's content key ("" when missing), for the store
     shares_photo: torch.Tensor     # (B,) bool: the agent shares a photo in this sample
     stats: dict[str, int] = field(default_factory=dict)
     ids: list[str] = field(default_factory=list)  # "dialogue_id@agent" of each sample
@@ -72,6 +74,9 @@ class Collator:
         self.max_length = max_length
         self.load_image = image_loader or default_image_loader
         self.format = prompt_format
+        # "perceiver"/"generator" → FeatureStore (``DialogueModel.use_feature_stores``): a photo the
+        # store holds whole is left out of a training batch's pixels (core/caching.py).
+        self.stores: dict = {}
 
     # -- messages ---------------------------------------------------------------------------
     def written(self, turns: list[Turn], agent: str) -> list[bool]:
@@ -172,14 +177,32 @@ class Collator:
             desc_has_image=torch.zeros(0, dtype=torch.bool), desc_keys=[],
             shares_photo=torch.zeros(1, dtype=torch.bool))
 
-    def _readable(self, photo: Photo, size: int, stats: dict[str, int]) -> torch.Tensor | None:
-        """The photo's pixels, or None (counted) when its file broke after the data
-        was checked: training never dies on a photo; that sample trains the text."""
+    def _readable(self, photo: Photo, size: int, stats: dict[str, int], encoder: str
+                  ) -> tuple[str, torch.Tensor | str] | None:
+        """(the photo's store key, its pixels or ``STORED``), or None (counted) when its
+        file broke after the data was checked: training never dies on a photo; that
+        sample trains the text."""
+        from mmdialog.core.caching import content_key
+
         try:
-            return self.load_image(photo.path, size)
-        except DataError:
+            key = content_key(photo.path)
+            store = self.stores.get(encoder)
+            if store is not None and store.complete(key):
+                return key, STORED
+            return key, self.load_image(photo.path, size)
+        except (DataError, OSError):
             stats["photos_unreadable"] += 1
             return None
+
+    @staticmethod
+    def _pixels(rows: list[torch.Tensor | str | None], size: int) -> torch.Tensor:
+        """(N, 3, size, size); (N, 3, 0, 0) when every photo is ``STORED`` (None: no photo).
+        In a batch that mixes, a stored photo's row is NaN, never a real image."""
+        if rows and all(r is None or r is STORED for r in rows) and STORED in rows:
+            return torch.zeros(len(rows), 3, 0, 0)
+        return torch.stack([torch.full((3, size, size), float("nan")) if r is STORED else
+                            torch.zeros(3, size, size) if r is None else r for r in rows]) if rows \
+            else torch.zeros(0, 3, size, size)
 
     # -- batch -------------------------------------------------------------------------------
     def __call__(self, samples: list[tuple[Dialogue, str]]) -> Batch:
@@ -198,11 +221,12 @@ class Collator:
             labels[b, :n] = torch.tensor(e["labels"])
             row = e["ids"]
             for pos, photo in self.photo_slots(row, e["photos"]):
-                pixels = self._readable(photo, self.perceiver.image_size, stats) if pos + self.k <= n else None
-                if pixels is not None:
+                got = self._readable(photo, self.perceiver.image_size, stats, "perceiver") \
+                    if pos + self.k <= n else None
+                if got is not None:
                     slots.append((b, pos))
-                    slot_px.append(pixels)
-                    slot_keys.append(str(photo.path))
+                    slot_keys.append(got[0])
+                    slot_px.append(got[1])
                 else:  # truncated mid-photo, or unreadable since the data was checked: hide the slots
                     mask[b, pos:min(pos + self.k, n)] = 0
                     # and predict the token after them from [/img] only, not from a hidden slot
@@ -219,20 +243,21 @@ class Collator:
                 d_idx.append(b)
                 d_start.append(o + 1)
                 d_len.append(close - o - 1)
-                pixels = self._readable(photo, self.gen_res, stats) if photo is not None and photo.path else None
-                stats["photos_missing"] += pixels is None
-                d_has.append(pixels is not None)
-                d_keys.append(str(photo.path) if pixels is not None else "")
-                d_px.append(pixels if pixels is not None else torch.zeros(3, self.gen_res, self.gen_res))
+                got = self._readable(photo, self.gen_res, stats, "generator") \
+                    if photo is not None and photo.path else None
+                stats["photos_missing"] += got is None
+                d_has.append(got is not None)
+                d_keys.append(got[0] if got is not None else "")
+                d_px.append(got[1] if got is not None else None)
         p_size = self.perceiver.image_size
         return Batch(
             input_ids=ids, attention_mask=mask, labels=labels,
             photo_slots=torch.tensor(slots, dtype=torch.long).view(-1, 2),
-            photo_pixels=torch.stack(slot_px) if slot_px else torch.zeros(0, 3, p_size, p_size),
+            photo_pixels=self._pixels(slot_px, p_size),
             photo_keys=slot_keys,
             desc_index=torch.tensor(d_idx, dtype=torch.long), desc_start=torch.tensor(d_start, dtype=torch.long),
             desc_len=torch.tensor(d_len, dtype=torch.long),
-            desc_pixels=torch.stack(d_px) if d_px else torch.zeros(0, 3, self.gen_res, self.gen_res),
+            desc_pixels=self._pixels(d_px, self.gen_res),
             desc_has_image=torch.tensor(d_has, dtype=torch.bool), desc_keys=d_keys,
             shares_photo=torch.tensor([e["shares"] for e in encoded], dtype=torch.bool),
             stats=stats, ids=[f"{d.id}@{a}" for d, a in samples])

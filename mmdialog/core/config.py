@@ -92,7 +92,12 @@ class DataConfig(_Strict):
     strict: bool = Field(False, description="stop with a one-line error at the first bad record or photo, before "
                                             "any step (default: skip it for the image loss, count and report it)")
     batch_size: int = Field(2, gt=0)
-    num_workers: int = Field(0, ge=0)
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="loader processes per device; auto: none on a CPU accelerator (the step has the "
+                            "cores), else up to 4 per device, as the node's CPUs allow")
+    feature_store: str | None = Field(
+        None, description="folder of the per-photo encoder outputs (Q-Former features, VAE posteriors), "
+                          "shared by every run, rank and node that can reach it; default $MMDIALOG_CACHE/features")
     order: Literal["shuffle", "length"] = Field(
         "shuffle", description="training order: shuffle (a new permutation each epoch, from the seed) or "
                                "length (shortest dialogue first, the same every epoch, as the reference)")

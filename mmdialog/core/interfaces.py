@@ -28,6 +28,7 @@ from mmdialog.core.hookspecs import KIND_NAMES
 if TYPE_CHECKING:
     from PIL import Image
 
+    from mmdialog.core.caching import FeatureStore
     from mmdialog.core.data.schema import Photo
 
 
@@ -74,6 +75,16 @@ class Component(nn.Module, ABC):
         the first epoch (``core/caching.py``). Each call site runs them under
         ``caching.resident``."""
         return []
+
+    def feature_store(self, root: str | None = None) -> FeatureStore | None:
+        """The on-disk store of what ``cached_encoders`` compute per photo, under
+        ``root`` (default ``$MMDIALOG_CACHE/features``; ``core/caching.py``), or None."""
+        return None
+
+    def encode_photo(self, pixels: torch.Tensor, variant: str = "") -> dict[str, torch.Tensor]:
+        """What the store keeps for one photo ``(1, 3, S, S)`` in [0, 1], S the store's
+        resolution; ``variant`` is one of the store's ``variants``."""
+        raise NotImplementedError
 
 
 class LanguageModel(Component):

@@ -51,6 +51,7 @@ from mmdialog.core.interfaces import (
 
 if TYPE_CHECKING:
     from mmdialog.core.prompts import PromptFormat
+    from mmdialog.core.caching import FeatureStore
     from mmdialog.core.session import Session
 
 
@@ -71,6 +72,15 @@ class DialogueModel(nn.Module):
         if self.retriever is not None:
             out["retriever"] = self.retriever
         return out
+
+    def use_feature_stores(self, root: str | None = None) -> dict[str, FeatureStore]:
+        """Open the perceiver's and the generator's feature stores under ``root`` (default
+        ``$MMDIALOG_CACHE/features``; ``core/caching.py``) and hand them to the collator, whose
+        training batches then leave out the pixels of photos the stores hold."""
+        stores = {kind: store for kind in ("perceiver", "generator")
+                  if (store := getattr(self, kind).feature_store(root)) is not None}
+        self.collator.stores = stores
+        return stores
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """``component.group`` → parameters: the freeze policy's keys."""

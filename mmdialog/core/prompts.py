@@ -85,15 +85,45 @@ class PromptFormat:
     def assistant_spans(self, messages: list[Message], text: str) -> list[tuple[int, int]]:
         """Character spans of ``text`` (= ``render(messages)``) that are labelled: what each
         assistant message adds to the rendered prefix (its content and end-of-turn marker),
-        so any prefix-stable format works."""
-        spans, prev = [], len(self.render(messages[:0]))
+        so any prefix-stable format works.
+
+        The prefixes are not rendered one by one: each message's content is found in
+        ``text`` in order, followed by the end-of-turn marker of its role (``_turn_ends``,
+        rendered once per format). Where that reading fails (a content the format
+        rewrites), that message's prefix is rendered, as the definition says."""
+        ends = self._turn_ends()
+        spans, prev = [], 0  # prev: where the rendered prefix of the messages so far ends
         for i, m in enumerate(messages):
-            end = len(self.render(messages[: i + 1]))
+            content, mark = m["content"], ends.get(m["role"])
+            at = text.find(content, prev) if content and mark is not None else -1
+            if at >= 0 and text.startswith(mark, at + len(content)):
+                start, end = at, at + len(content) + len(mark)
+            else:
+                end = len(self.render(messages[: i + 1]))
+                start = text.find(content, prev)
+                start = start if start >= 0 else prev
             if m["role"] == "assistant":
-                start = text.find(m["content"], prev)
-                spans.append((start if start >= 0 else prev, end))
+                spans.append((start, end))
             prev = end
         return spans
+
+    def _turn_ends(self) -> dict[str, str]:
+        """Role → what the format writes right after a message's content (``<|im_end|>\\n``,
+        `` [/INST]``), from two probes rendered once per format; a role whose probe shows
+        nothing clear is left out."""
+        if "_ends" not in self.__dict__:
+            probe, ends = "\x00probe\x00", {}
+            for role, msgs in (("user", [{"role": "user", "content": probe}]),
+                               ("assistant", [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": probe}])):
+                try:
+                    text = self.render(msgs)
+                except Exception:  # a template that refuses the probe: render every prefix
+                    continue
+                if text.count(probe) == 1:
+                    ends[role] = text[text.index(probe) + len(probe):]
+            self._ends = ends
+        return self._ends
 
     def dialogue_start(self, text: str) -> int:
         """The first character of ``text`` after the system prompt: the reference's system

@@ -266,3 +266,41 @@ def to_tensor(image: Union[Image.Image, PathLike], size: int = 512) -> torch.Ten
 def verify_image(path: PathLike, *, max_pixels: int | None = MAX_PIXELS) -> None:
     """Decode ``path`` (cheaply, at a small draft size for JPEGs); raise DataError if bad."""
     load_image(path, size=32, max_pixels=max_pixels)
+
+
+class VerifiedPhotos:
+    """What :func:`verify_image` said of each photo, remembered between starts in
+    ``$MMDIALOG_CACHE/verified.sqlite`` by (path, size, mtime): a second start does not
+    decode every photo again, and a photo changed since is decoded anew. Several
+    processes may share the file (SQLite locks it)."""
+
+    def __init__(self, file: PathLike | None = None) -> None:
+        import sqlite3
+
+        if file is None:
+            from mmdialog.core.assets import cache_dir
+
+            file = cache_dir() / "verified.sqlite"
+        self.db = sqlite3.connect(str(file), timeout=60)
+        self.db.execute("CREATE TABLE IF NOT EXISTS verified (path TEXT PRIMARY KEY, size INTEGER, "
+                        "mtime INTEGER, error TEXT)")
+        self.new: list[tuple[str, int, int, str | None]] = []
+
+    def check(self, path: Path) -> str | None:
+        """None when the photo decodes, else the error message."""
+        st = path.stat()
+        row = self.db.execute("SELECT size, mtime, error FROM verified WHERE path = ?", (str(path),)).fetchone()
+        if row is not None and row[:2] == (st.st_size, st.st_mtime_ns):
+            return row[2]
+        try:
+            verify_image(path)
+            error = None
+        except DataError as e:
+            error = str(e)
+        self.new.append((str(path), st.st_size, st.st_mtime_ns, error))
+        return error
+
+    def close(self) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO verified VALUES (?, ?, ?, ?)", self.new)
+        self.db.close()

@@ -5,7 +5,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mmdialog.core.data.images import image_index, verify_image
+from mmdialog.core.data import hub
+from mmdialog.core.data.images import VerifiedPhotos, image_index
 from mmdialog.core.data.limits import MAX_RECORD_CHARS, MAX_TURN_CHARS, oversize
 from mmdialog.core.data.records import (
     RawRecord,
@@ -47,12 +48,20 @@ def detect_record_format(rec: Any) -> str | None:
     return None
 
 
+def records_of(path: Path, report: LoadReport, root: Path | None = None):
+    """The raw records of a data file of the dataset folder ``root``: JSON / JSON lines
+    (read by the bounded reader), or Parquet (the Hub's layout)."""
+    if path.name.lower().endswith(".parquet"):
+        return hub.parquet_records(path, report)
+    return iter_records(path, report, root)
+
+
 def detect_format(path: str | os.PathLike, sample: int = 20) -> str | None:
     """The format of a file (or of the first data file in a folder), by content."""
     files = collect_files(Path(path))
     for f in files:
         probe = LoadReport()
-        for i, raw in enumerate(iter_records(f, probe)):
+        for i, raw in enumerate(records_of(f, probe)):
             fmt = detect_record_format(raw.value)
             if fmt or i >= sample:
                 if fmt:
@@ -81,7 +90,8 @@ def load_dialogues(
     Args:
         path: a data file (``.json``, ``.jsonl``, optionally ``.gz``) or a folder,
             searched recursively (PhotoChat root ``{train,dev,test}/*.json``,
-            DialogCC ``{train,valid,test}.json``, any ``*.jsonl``).
+            DialogCC ``{train,valid,test}.json``, any ``*.jsonl``, the Hub's Parquet files),
+            or ``hf:OWNER/NAME`` (a dataset on the Hugging Face Hub, through its cache).
         format: ``"auto"`` (default: detected per file from the records' keys),
             ``"photochat"``, ``"dialogcc"``, ``"jsonl"``, or a format a plugin
             registers through the ``mmdialog_dataset_formats`` hook.
@@ -119,15 +129,19 @@ def load_dialogues(
                 fmt.check(**{k: options[k] for k in fmt.options})
         except ValueError as e:
             raise DataError(str(e)) from None
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise DataError(f"{root}: no such file or folder", file=str(root))
     want = normalize_split(split)
     report = LoadReport(strict=strict)
-    files = collect_files(root, want)
-    if not files:
+    if str(path).startswith(hub.PREFIX):
+        root, sources = Path(path), hub.hub_sources(str(path), want, report)
+    else:
+        root = Path(path).expanduser()
+        if not root.exists():
+            raise DataError(f"{root}: no such file or folder", file=str(root))
+        sources = [(str(f), split_hint(f, root if root.is_dir() else None), lambda f=f: records_of(f, report, root if root.is_dir() else None))
+                   for f in collect_files(root, want)]
+    if not sources:
         what = f" for split {want!r}" if want else ""
-        raise DataError(f"{root}: no data files (.json, .jsonl){what} found", file=str(root))
+        raise DataError(f"{path}: no data files (.json, .jsonl, .parquet){what} found", file=str(path))
     if image_dir is not None and not Path(image_dir).is_dir():
         raise DataError(f"{image_dir}: image folder does not exist", file=str(image_dir))
 
@@ -135,13 +149,12 @@ def load_dialogues(
     origin: list[str] = []  # data file of each dialogue, for image problems
     seen_ids: dict[str, str] = {}
     other_split = 0
-    for f in files:
+    for f, hint, records in sources:
         if limit is not None and len(dialogues) >= limit:
             break
         report.files += 1
-        hint = split_hint(f, root if root.is_dir() else None)
         fmt = None if format == "auto" else format
-        for raw in iter_records(f, report, root if root.is_dir() else None):
+        for raw in records():
             if limit is not None and len(dialogues) >= limit:
                 break
             if fmt is None:
@@ -198,6 +211,16 @@ def _resolve_images(dialogues: list[Dialogue], origin: list[str], report: LoadRe
                     image_dir: Any, verify: bool) -> None:
     index = image_index(image_dir) if image_dir is not None else None
     checked: dict[Path, str | None] = {}
+    verified = VerifiedPhotos() if verify else None
+    try:
+        _resolve(dialogues, origin, report, image_dir, index, checked, verified)
+    finally:
+        if verified is not None:
+            verified.close()
+
+
+def _resolve(dialogues: list[Dialogue], origin: list[str], report: LoadReport, image_dir: Any, index: Any,
+             checked: dict[Path, str | None], verified: VerifiedPhotos | None) -> None:
     for d, file in zip(dialogues, origin):
         for t in d.turns:
             for p in t.photos:
@@ -214,13 +237,9 @@ def _resolve_images(dialogues: list[Dialogue], origin: list[str], report: LoadRe
                         report.add_problem(MISSING_IMAGE, file, d.id,
                                            f"image {label}: {where}")
                     continue
-                if verify:
+                if verified is not None:
                     if found not in checked:
-                        try:
-                            verify_image(found)
-                            checked[found] = None
-                        except DataError as e:
-                            checked[found] = str(e)
+                        checked[found] = verified.check(found)
                     if checked[found] is not None:
                         p.path = None
                         report.add_problem(CORRUPT_IMAGE, file, d.id, checked[found])

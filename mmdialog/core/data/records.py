@@ -37,7 +37,7 @@ SPLIT_ALIASES = {
     "dev": "dev", "valid": "dev", "validation": "dev", "val": "dev",
     "test": "test", "testing": "test",
 }
-DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".ndjson.gz")
+DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".ndjson.gz", ".parquet")
 _SPLIT_RE = re.compile(r"^(train|training|dev|valid|validation|val|test|testing)(?:[_\-.]|$)", re.I)
 _WS = re.compile(r"[ \t\n\r]*")
 #: json's decoder with numbers bounded (a 5000-digit integer is a bad record, not a traceback).

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,10 @@ class TrainResult:
     checkpoint: str | None = None    # last.ckpt (rank 0)
     best: str | None = None          # best.ckpt: the best dev BLEU-2's weights (rank 0, with dev evaluation)
     best_bleu2: float | None = None  # its dev BLEU-2
+    encoded_photos: dict[str, int] = field(default_factory=dict)  # photos each feature store encoded in this run
+    fit_s: float = 0.0               # seconds in Lightning's fit
+    data_wait_s: float = 0.0         # of which the main process waited for the data loader
+    num_workers: int = 0             # the data loader's worker processes
 
 
 def resolve_precision(precision: str) -> str:
@@ -198,8 +203,12 @@ def _train(model: DialogueModel, progress: bool, resume: str | Path | bool | tup
     if t.compile:
         compile_repeated_blocks(model)
     module = DialogueModule(model)
+    # Opened before Lightning wraps or shards the model: each store's name hashes its encoder's weights.
+    stores = model.use_feature_stores(cfg.data.feature_store)
+    encoded_before = {kind: store.encoded for kind, store in stores.items()}
     data = DialogueDataModule(cfg, model.collator, data)
     budget = {} if t.activation_memory_budget is None else {"activation_memory_budget": t.activation_memory_budget}
+    fit_start = time.perf_counter()
     try:
         with torch._functorch.config.patch(**budget):
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
@@ -221,13 +230,19 @@ def _train(model: DialogueModel, progress: bool, resume: str | Path | bool | tup
         raise
     finally:
         stop.restore()
+    fit_s = time.perf_counter() - fit_start
+    encoded = {kind: store.encoded - encoded_before[kind] for kind, store in stores.items()}
+    loader = trainer.train_dataloader
     result = TrainResult(steps=trainer.global_step, history=history.rows, data=data.summary,
                          global_zero=trainer.is_global_zero, signal=stop.signal, notes=notes,
                          photos_skipped=module.photos_skipped,
-                         offloaded=[n for n, m in model.named_modules() if m in offloader.offloaded])
+                         offloaded=[n for n, m in model.named_modules() if m in offloader.offloaded],
+                         encoded_photos=encoded, fit_s=fit_s, data_wait_s=getattr(loader, "wait_s", 0.0),
+                         num_workers=getattr(loader, "num_workers", 0))
     with full_weights(trainer):
         manifest = {"rank": trainer.global_rank, "steps": trainer.global_step, "data": data.summary,
                     "samples": module.sample_log, "photos_skipped": module.photos_skipped,
+                    "encoded_photos": encoded,
                     "weights_sha1": weights_digest(model)}
         if trainer.is_global_zero:
             result.weights = str(save_trainable(model, out / TRAINABLE))

@@ -57,6 +57,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return safe_load(path)  # resume never unpickles code
 
 
+def all_stored(stores, samples) -> bool:
+    """Every photo of the training ``samples`` (dialogue, agent) is whole in every store."""
+    from mmdialog.core.caching import content_key
+
+    paths = {p.path for d, _ in samples for p in d.photos if p.path is not None}
+    try:
+        keys = {content_key(path) for path in paths}
+    except OSError:
+        return False
+    return all(store.complete(k) for store in stores for k in keys)
+
+
 def _tensors(obj: Any):
     if torch.is_tensor(obj):
         yield obj
@@ -151,16 +163,22 @@ class LossHistory(L.Callback):
 
 
 class OffloadCachedEncoders(L.Callback):
-    """At the end of the first epoch this process ran from its first batch, every
-    training photo is in the perceiver's and the generator's caches: their frozen
-    encoders (``Component.cached_encoders``) move to the CPU for the rest of the
-    run and come back when training ends. A run resumed mid-epoch waits for the
-    next whole epoch. Single-device runs only: a sharded or replicated module is
-    the strategy's to place."""
+    """Once every training photo is in the feature store — at the start when an earlier
+    run or ``mmdialog data cache`` filled it, else at the end of the first epoch this
+    process ran from its first batch — the frozen encoders behind the store
+    (``Component.cached_encoders``) move to the CPU for the rest of the run and come
+    back when training ends. A run resumed mid-epoch waits for the next whole epoch.
+    Single-device runs only: a sharded or replicated module is the strategy's to place."""
 
     def __init__(self) -> None:
         self.offloaded: list[torch.nn.Module] = []
         self._batches = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        stores = pl_module.model.collator.stores
+        samples = getattr(getattr(trainer, "datamodule", None), "train_set", None)
+        if stores and samples is not None and all_stored(stores.values(), samples.samples):
+            self._offload(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._batches = 0
@@ -169,10 +187,13 @@ class OffloadCachedEncoders(L.Callback):
         self._batches += 1
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._batches >= trainer.num_training_batches:
+            self._offload(trainer, pl_module)
+
+    def _offload(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lightning.pytorch.strategies import SingleDeviceStrategy
 
-        whole = self._batches >= trainer.num_training_batches
-        if self.offloaded or not whole or not isinstance(trainer.strategy, SingleDeviceStrategy):
+        if self.offloaded or not isinstance(trainer.strategy, SingleDeviceStrategy):
             return
         model = pl_module.model
         self.offloaded = [m for part in (model.perceiver, model.generator) for m in part.cached_encoders()]

@@ -4,6 +4,8 @@ a loader whose position inside the epoch is saved in checkpoints, so a resumed
 run sees exactly the batches it would have seen."""
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,6 +87,7 @@ class ResumableLoader(DataLoader):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.consumed = 0
+        self.wait_s = 0.0  # seconds the training process waited for batches
         self._skip = 0
         self._resume_epoch = 0
 
@@ -107,7 +110,19 @@ class ResumableLoader(DataLoader):
         it = super().__iter__()
         for _ in range(skip):
             next(it, None)
-        return it
+        return self._timed(it)
+
+    def _timed(self, it):
+        """The batches, adding the time the training process waits for each to ``wait_s``."""
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.wait_s += time.perf_counter() - start
+            yield batch
 
 
 class DialogueDataModule(L.LightningDataModule):
@@ -138,6 +153,22 @@ class DialogueDataModule(L.LightningDataModule):
         return EpochShuffleSampler(len(self.train_set), self.seed)
 
     def train_dataloader(self) -> DataLoader:
+        workers = loader_workers(self.cfg.num_workers, self.trainer)
         return ResumableLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=self.sampler(),
-                               collate_fn=self.collator, num_workers=self.cfg.num_workers,
-                               persistent_workers=self.cfg.num_workers > 0)
+                               collate_fn=self.collator, num_workers=workers, persistent_workers=workers > 0,
+                               pin_memory=workers > 0 and torch.cuda.is_available(),
+                               prefetch_factor=4 if workers else None)
+
+
+def loader_workers(setting: int | str, trainer: L.Trainer | None) -> int:
+    """``data.num_workers``; ``auto``: none when the step runs on the CPU (a worker would
+    take cores from it, and a batch whose photos are stored costs a millisecond to build),
+    else up to 4 per device of the node, one CPU left to each device's training process."""
+    if setting != "auto":
+        return int(setting)
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    if trainer is None or isinstance(trainer.accelerator, CPUAccelerator):
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(4, cpus // max(1, trainer.num_devices) - 1))

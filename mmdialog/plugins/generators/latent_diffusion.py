@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import nn
 
 from mmdialog.core import assets
-from mmdialog.core.caching import cached_per_photo, resident
+from mmdialog.core.caching import Entry, FeatureStore, cached_per_photo, component_store, require_pixels, resident
 from mmdialog.core.checkpointing import CheckpointPolicy, checkpoint_function
 from mmdialog.core.compiling import compile_repeated_blocks
 from mmdialog.core.errors import ConfigError
@@ -51,6 +51,9 @@ def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast only when needed (diffusers warns on every ``.to(dtype)``)."""
     return module if dtype == torch.float32 else module.to(dtype)
 
+
+#: The store's key suffix of a photo's mirror image (``random_flip``).
+HFLIP = "-hflip"
 
 #: ``scheduler`` option → diffusers class that samples (None: the folder's own).
 SAMPLERS = {"default": None, "ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
@@ -180,10 +183,10 @@ class LatentDiffusionOptions(PluginOptions):
     # The frozen VAE gives the same distribution for a photo every epoch: keep its
     # (mean, std) and sample from it, so nothing the UNet sees changes.
     latent_cache: bool = Field(True, description="encode each training photo once (frozen VAE), keep its "
-                                                 "latent mean/std on the CPU")
+                                                 "latent mean/std in the feature store on disk (core/caching.py)")
     random_flip: bool = Field(False, description="training only: mirror each gold photo left-right with "
-                                                 "probability ½ (SD fine-tuning's --random_flip); the latent "
-                                                 "cache then holds both flips of a photo")
+                                                 "probability ½ (SD fine-tuning's --random_flip); the feature "
+                                                 "store then holds both flips of a photo")
     num_inference_steps: int = Field(30, gt=0)
     guidance_scale: float = Field(7.5, ge=0)
     scheduler: Literal["default", "ddim", "dpm"] = Field(
@@ -304,28 +307,34 @@ class LatentDiffusionGenerator(Generator):
 
     def latents(self, pixels: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
         """Scaled VAE latents of photos in [0, 1], sampled from the posterior."""
-        with resident(pixels.device, self.vae):
-            return self._latents(pixels, keys)
-
-    def _latents(self, pixels: torch.Tensor, keys: list[str] | None) -> torch.Tensor:
         vae = self.vae
-        x = (pixels * 2 - 1).to(vae.dtype)                                    # (N, 3, H, W) in [-1, 1]
         frozen = self._vae_frozen()
-        if self.options.latent_cache and frozen and keys and all(keys):
-            def posterior(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-                dist = vae.encode(x[i:i + 1]).latent_dist
-                return dist.mean[0].cpu(), dist.std[0].cpu()
-
-            cache = self.__dict__.setdefault("_latent_cache", {})  # not a buffer: never saved
-            entries = cached_per_photo(cache, [f"{k}@{x.shape[-1]}" for k in keys], posterior)
-            mean = torch.stack([m for m, _ in entries]).to(x.device)           # (N, 4, H/f, W/f)
-            std = torch.stack([s for _, s in entries]).to(x.device)
+        store = self.feature_store() if frozen and keys and all(keys) else None
+        if store is not None:
+            entries = cached_per_photo(store, keys, lambda i: self.encode_photo(
+                require_pixels(pixels[i:i + 1], keys[i], store)))
+            mean = torch.stack([e["mean"] for e in entries]).to(pixels.device)  # (N, 4, H/f, W/f)
+            std = torch.stack([e["std"] for e in entries]).to(pixels.device)
             # The same draw DiagonalGaussianDistribution.sample() makes.
             z = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
         else:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            x = (pixels * 2 - 1).to(vae.dtype)                                # (N, 3, H, W) in [-1, 1]
+            with resident(pixels.device, vae), torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
                 z = vae.encode(x).latent_dist.sample()                        # (N, 4, H/f, W/f)
         return z * vae.config.scaling_factor
+
+    def feature_store(self, root: str | None = None) -> FeatureStore | None:
+        if not (self.options.latent_cache and self._vae_frozen()):
+            return None
+        variants = ("", HFLIP) if self.options.random_flip else ("",)
+        return component_store(self, root, "vae-v1", (self.vae,), self.resolution, variants)
+
+    def encode_photo(self, pixels: torch.Tensor, variant: str = "") -> Entry:
+        """The VAE posterior (mean, std) of one photo, or of its mirror image (``HFLIP``)."""
+        x = ((pixels.flip(-1) if variant == HFLIP else pixels) * 2 - 1).to(self.vae.dtype)
+        with resident(x.device, self.vae), torch.no_grad():
+            dist = self.vae.encode(x).latent_dist
+        return {"mean": dist.mean[0], "std": dist.std[0]}
 
     def _vae_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.vae.parameters())
@@ -343,7 +352,7 @@ class LatentDiffusionGenerator(Generator):
             flip = torch.rand(pixels.shape[0]) < 0.5                             # (N,)
             pixels = torch.where(flip.to(pixels.device)[:, None, None, None], pixels.flip(-1), pixels)
             if keys:
-                keys = [f"{k}|hflip" if k and f else k for k, f in zip(keys, flip.tolist())]
+                keys = [k + HFLIP if k and f else k for k, f in zip(keys, flip.tolist())]
         z0 = self.latents(pixels, keys)
         noise = torch.randn_like(z0)
         t = torch.randint(0, sch.config.num_train_timesteps, (z0.shape[0],), device=z0.device)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from mmdialog.core.caching import cached_per_photo, resident
+from mmdialog.core.caching import Entry, FeatureStore, cached_per_photo, component_store, require_pixels, resident
 from mmdialog.core.interfaces import BuildContext, Perceiver, PluginOptions
 from mmdialog.core.pretrained import load_prefixed, resolve_folder
 
@@ -42,7 +42,8 @@ class QFormerOptions(PluginOptions):
         "float32", description="the ViT and Q-Former (frozen by default; BLIP-2 itself runs its ViT in "
                                "half precision); the new projection stays float32")
     feature_cache: bool = Field(True, description="training, with the ViT and Q-Former frozen: compute each "
-                                                  "photo's Q-Former output once and keep it on the CPU")
+                                                  "photo's Q-Former output once and keep it in the feature "
+                                                  "store on disk (core/caching.py)")
 
 
 class QFormerPerceiver(Perceiver):
@@ -104,21 +105,33 @@ class QFormerPerceiver(Perceiver):
             return self.qformer(query_embeds=q, encoder_hidden_states=img,
                                 encoder_attention_mask=mask).last_hidden_state  # (N, K, Dq)
 
+    def _frozen(self) -> bool:
+        return not any(p.requires_grad for p in (self.query_tokens, *self.vision.parameters(),
+                                                 *self.qformer.parameters()))
+
     def _fixed(self) -> bool:
         """Frozen and in eval mode (as DialogueModel.train leaves it), the trunk is a
         fixed function of the photo."""
-        return not (self.vision.training or self.qformer.training or any(
-            p.requires_grad for p in (self.query_tokens, *self.vision.parameters(), *self.qformer.parameters())))
+        return not (self.vision.training or self.qformer.training) and self._frozen()
 
     def cached_encoders(self) -> list[nn.Module]:
         return [self.vision, self.qformer] if self.options.feature_cache and self._fixed() else []
 
+    def feature_store(self, root: str | None = None) -> FeatureStore | None:
+        if not (self.options.feature_cache and self._frozen()):
+            return None
+        return component_store(self, root, "qformer-v1", (self.vision, self.qformer, self.query_tokens),
+                               self.image_size)
+
+    def encode_photo(self, pixels: torch.Tensor, variant: str = "") -> Entry:
+        return {"features": self.features(pixels)[0]}                        # (K, Dq)
+
     def forward(self, pixels: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
-        if self.options.feature_cache and self._fixed() and torch.is_grad_enabled() and keys and all(keys):
-            cache = self.__dict__.setdefault("_feature_cache", {})  # not a buffer: never saved
-            rows = cached_per_photo(cache, [f"{k}@{self.image_size}" for k in keys],
-                                    lambda i: self.features(pixels[i:i + 1])[0].cpu())
-            h = torch.stack(rows).to(pixels.device)                           # (N, K, Dq)
+        store = self.feature_store() if self._fixed() and torch.is_grad_enabled() and keys and all(keys) else None
+        if store is not None:
+            rows = cached_per_photo(store, keys, lambda i: self.encode_photo(
+                require_pixels(pixels[i:i + 1], keys[i], store)))
+            h = torch.stack([r["features"] for r in rows]).to(pixels.device)  # (N, K, Dq)
         else:
             h = self.features(pixels)
         return self.projection(h.to(self.projection.weight.dtype))           # (N, K, D)

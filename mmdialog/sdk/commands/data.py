@@ -26,7 +26,7 @@ data_app = typer.Typer(
 _FORMAT_HELP = "auto (detect from content), photochat, dialogcc, jsonl, or a format a plugin registers"
 
 
-def _load(path: Path, fmt: str, split: Optional[str], strict: bool, image_dir: Optional[Path], **kw):
+def _load(path: Path | str, fmt: str, split: Optional[str], strict: bool, image_dir: Optional[Path], **kw):
     from mmdialog.core.data.loader import load_dialogues
 
     return load_dialogues(path, format=fmt, split=split, strict=strict, image_dir=image_dir, **kw)
@@ -143,3 +143,47 @@ def convert_cmd(
     except OSError as e:
         raise MMDialogError(f"{out}: {e}") from None
     typer.echo(f"wrote {n} dialogues to {out} ({result.report.bad_records} bad records skipped)")
+
+
+@data_app.command("cache")
+def cache_cmd(
+    path: str = typer.Argument(..., help="Data file or folder (or hf:OWNER/NAME) whose photos to encode."),
+    config: str = typer.Option("tiny", "--config", "-c", help="preset name (tiny, paper) or YAML file: the "
+                                                             "model whose frozen encoders fill the store"),
+    split: Optional[str] = typer.Option(None, "--split", "-s", help="train, dev (valid) or test; default all."),
+    image_dir: Optional[Path] = typer.Option(None, "--image-dir", "-i", help="Folder of local images."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, … (auto: the first GPU, else CPU)"),
+    feature_store: Optional[Path] = typer.Option(None, "--feature-store", help="store folder (default: the "
+                                                 "config's data.feature_store, else $MMDIALOG_CACHE/features)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Fill the feature store ahead of training: each photo's Q-Former features and VAE
+    posterior, encoded once (a photo already stored is skipped; a killed fill resumes)."""
+    import torch
+
+    from mmdialog.core.assembler import build
+    from mmdialog.core.caching import fill_stores
+    from mmdialog.core.training import resolve_precision
+    from mmdialog.sdk.commands.common import config_from_cli
+
+    cfg = config_from_cli(config, None, None, None, None, [], **{
+        "data.path": path, "data.split": split, "data.image_dir": str(image_dir) if image_dir else None})
+    result = _load(path, cfg.data.format, split, False, cfg.data.image_dir)
+    photos = [p.path for d in result.dialogues for p in d.photos if p.path is not None]
+    dev = torch.device(device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    model = build(cfg, device=str(dev)).eval()
+    stores = model.use_feature_stores(str(feature_store) if feature_store else cfg.data.feature_store)
+    if not stores:
+        raise MMDialogError(f"{config}: no frozen encoder keeps per-photo outputs (perceiver and generator "
+                            "trained, or their caches off): nothing to store")
+    # The precision training runs in: autocast changes the encoders' numbers.
+    precision = resolve_precision(cfg.train.precision)
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    components = {kind: getattr(model, kind) for kind in stores}
+    with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None), \
+            typer.progressbar(length=len(photos), label="encoding photos", hidden=quiet) as bar:
+        counts = fill_stores(components, stores, photos, dev, bar.update)
+    for kind, store in stores.items():
+        typer.echo(f"{kind}: {counts[kind]} photo(s) encoded into {store.folder}")
+    if counts["unreadable"]:
+        typer.echo(f"{counts['unreadable']} photo(s) unreadable (run `mmdialog data check --verify-images`)")
