@@ -50,8 +50,8 @@ from mmdialog.core.interfaces import (
 )
 
 if TYPE_CHECKING:
-    from mmdialog.core.prompts import PromptFormat
     from mmdialog.core.caching import FeatureStore
+    from mmdialog.core.prompts import PromptFormat
     from mmdialog.core.session import Session
 
 

@@ -137,7 +137,8 @@ def load_dialogues(
         root = Path(path).expanduser()
         if not root.exists():
             raise DataError(f"{root}: no such file or folder", file=str(root))
-        sources = [(str(f), split_hint(f, root if root.is_dir() else None), lambda f=f: records_of(f, report, root if root.is_dir() else None))
+        folder = root if root.is_dir() else None
+        sources = [(str(f), split_hint(f, folder), lambda f=f: records_of(f, report, folder))
                    for f in collect_files(root, want)]
     if not sources:
         what = f" for split {want!r}" if want else ""
