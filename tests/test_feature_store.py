@@ -93,11 +93,12 @@ def test_a_photo_another_process_is_encoding_is_waited_for_and_a_dead_claim_is_t
 def test_training_batches_of_stored_photos_carry_no_pixels_and_train_the_same(tiny, cat_dialogue, tmp_path):
     """A batch whose photos both encoders hold is built without decoding a photo and
     gives the model the same inputs; one that mixes marks the stored photo's pixels NaN."""
-    from mmdialog.core.data import collate
+    from mmdialog.core import collator
 
     loads: list[int] = []
-    col = collate.Collator(tiny.llm, tiny.perceiver, tiny.generator.resolution, tiny.config.model.max_length,
-                           image_loader=lambda p, s: loads.append(s) or collate.default_image_loader(p, s))
+    col = collator.Collator(tiny.llm, tiny.perceiver, tiny.collator.format, tiny.generator.resolution,
+                            tiny.config.model.max_length,
+                            image_loader=lambda p, s: loads.append(s) or collator.default_image_loader(p, s))
     col.stores = tiny.use_feature_stores(tmp_path)
     tiny.collator.stores = {}  # the shared model's own collator stays as it was
     cold = col([(cat_dialogue, "1")])
