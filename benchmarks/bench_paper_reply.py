@@ -35,7 +35,7 @@ from bench_paper_step import config, write  # noqa: E402
 
 from mmdialog import Turn, build  # noqa: E402
 from mmdialog.core.model import _left_pad  # noqa: E402
-from mmdialog.plugins.generators.latent_diffusion import load_schedulers  # noqa: E402
+from mmdialog.plugins.bases.latent_diffusion import load_schedulers  # noqa: E402
 
 DESCRIPTION = "a tabby cat asleep on a sunny wooden windowsill next to a pot of basil"
 OPENINGS = ["hi! what did you do this weekend?", "any plans for the holidays this year?",

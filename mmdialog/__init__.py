@@ -57,9 +57,9 @@ _EXPORTS = {
     "BuildContext": "mmdialog.core.interfaces",
     "markup": "mmdialog.core.markup",
     # writing a plugin: helpers
-    "LatentDiffusionGenerator": "mmdialog.plugins.generators.latent_diffusion",
-    "LatentDiffusionOptions": "mmdialog.plugins.generators.latent_diffusion",
-    "encode_text_tower": "mmdialog.plugins.generators.latent_diffusion",
+    "LatentDiffusionGenerator": "mmdialog.plugins.bases.latent_diffusion",
+    "LatentDiffusionOptions": "mmdialog.plugins.bases.latent_diffusion",
+    "encode_text_tower": "mmdialog.plugins.bases.latent_diffusion",
     "tokenize_for_tower": "mmdialog.core.vocab",
     "cached_per_photo": "mmdialog.core.caching",
     "require_folder": "mmdialog.core.pretrained",
@@ -118,7 +118,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from mmdialog.core.session import Session
     from mmdialog.core.verbosity import set_verbosity
     from mmdialog.core.vocab import tokenize_for_tower
-    from mmdialog.plugins.generators.latent_diffusion import (
+    from mmdialog.plugins.bases.latent_diffusion import (
         LatentDiffusionGenerator,
         LatentDiffusionOptions,
         encode_text_tower,

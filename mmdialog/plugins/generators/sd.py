@@ -14,7 +14,7 @@ from pydantic import Field
 from torch import nn
 
 from mmdialog.core.interfaces import GeneratedImage, PromptTokens
-from mmdialog.plugins.generators.latent_diffusion import (
+from mmdialog.plugins.bases.latent_diffusion import (
     LatentDiffusionGenerator,
     LatentDiffusionOptions,
     encode_text_tower,

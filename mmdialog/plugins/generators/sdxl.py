@@ -12,7 +12,7 @@ from torch import nn
 
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.interfaces import GeneratedImage, PromptTokens
-from mmdialog.plugins.generators.latent_diffusion import (
+from mmdialog.plugins.bases.latent_diffusion import (
     LatentDiffusionGenerator,
     LatentDiffusionOptions,
     encode_text_tower,

@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from mmdialog.core import assets, quantization
-from mmdialog.core.checkpointing import CheckpointPolicy, checkpoint_kwargs
+from mmdialog.core.activation_checkpointing import CheckpointPolicy, checkpoint_kwargs
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.interfaces import BuildContext, LanguageModel, PluginOptions
 from mmdialog.core.markup import IMAGE_TOKEN, IMG_CLOSE, IMG_OPEN

@@ -18,8 +18,8 @@ from pydantic import Field
 from torch import nn
 
 from mmdialog.core import assets
+from mmdialog.core.activation_checkpointing import CheckpointPolicy, checkpoint_function
 from mmdialog.core.caching import Entry, FeatureStore, cached_per_photo, component_store, require_pixels, resident
-from mmdialog.core.checkpointing import CheckpointPolicy, checkpoint_function
 from mmdialog.core.compiling import compile_repeated_blocks
 from mmdialog.core.errors import ConfigError
 from mmdialog.core.interfaces import GeneratedImage, Generator, PluginOptions, PromptTokens, TextTower
