@@ -114,7 +114,8 @@ def _routes(app: FastAPI) -> None:
     add = app.add_api_route
     add("/", routes.page, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
     add("/docs", routes.docs, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
-    add("/health", routes.health, methods=["GET", "HEAD"], summary="Liveness and load")
+    add("/health", routes.health, methods=["GET"], summary="Liveness and load")
+    add("/health", routes.health, methods=["HEAD"], include_in_schema=False)  # load balancers probe with HEAD
     add("/v1/models", routes.models, methods=["GET"], summary="The model this server serves (OpenAI format)")
     add("/files/{file}", routes.files, methods=["GET"], summary="A photo this server shared",
         response_class=FileResponse)
