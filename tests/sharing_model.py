@@ -100,18 +100,20 @@ def run_cli(*args: str, stdin: str | None = None, timeout: int = 300,
 class ServerThread:
     """A real uvicorn server on a free 127.0.0.1 port, in a background thread."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, limits=None) -> None:
         import socket
         import threading
         import time
 
         import uvicorn
 
+        from mmdialog.sdk.server.serving import uvicorn_config
+
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.server = uvicorn.Server(uvicorn_config(app, limits or app.state.server.limits, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

@@ -62,3 +62,69 @@ def test_type_a_message_and_see_the_streamed_reply_with_its_photo(tmp_path):
         assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     finally:
         driver.quit()
+
+
+def _driver(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS + [f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-', dir=tmp_path)}"]:
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(DRIVER), options=options)
+
+
+LAYOUT = """
+    const log = document.getElementById('log'), form = document.getElementById('form');
+    const last = log.lastElementChild.getBoundingClientRect(), bar = form.getBoundingClientRect();
+    return {lastTop: last.top, lastBottom: last.bottom, barTop: bar.top, barBottom: bar.bottom,
+            viewH: window.innerHeight, viewW: window.innerWidth, docW: document.documentElement.scrollWidth,
+            bodyW: document.body.scrollWidth, overflowing: log.scrollHeight > log.clientHeight};"""
+
+
+@needs_browser
+@pytest.mark.slow
+@pytest.mark.parametrize("width,height", [(1280, 800), (390, 844)])
+def test_the_newest_message_stays_in_view_the_page_fits_a_phone_and_new_chat_starts_over(tmp_path, width, height):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    srv, app = shared_server()
+    driver = _driver(tmp_path)
+    shots = tmp_path / f"screens-{width}"
+    shots.mkdir()
+    try:
+        driver.set_page_load_timeout(60)
+        # The phone: its viewport exactly (a headless window has a minimum width of its own).
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+            "width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600})
+        driver.get(srv.url + "/")
+        wait = WebDriverWait(driver, 180)
+        for n in range(3):  # three photos and their texts: more than one screen
+            driver.find_element(By.ID, "message").send_keys(CAT_PROMPT)
+            driver.find_element(By.ID, "send").click()
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant.done")) == n + 1)
+            wait.until(lambda d: d.execute_script(
+                "return [...document.querySelectorAll('img.shared')].every(i => i.complete && i.naturalWidth)"))
+            driver.execute_script("return new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+            box = driver.execute_script(LAYOUT)
+            driver.save_screenshot(str(shots / f"turn-{n + 1}.png"))
+            # The newest reply is above the input bar, inside the window, and nothing is wider than the window.
+            assert box["lastBottom"] <= box["barTop"] + 1 and box["barBottom"] <= box["viewH"] + 1, box
+            assert box["lastTop"] < box["barTop"], box
+            assert box["docW"] <= box["viewW"] and box["bodyW"] <= box["viewW"], box
+        assert box["overflowing"], "the conversation should be longer than the window by now"
+        assert len(driver.find_elements(By.CSS_SELECTOR, ".msg.user")) == 3
+        driver.find_element(By.ID, "new-chat").click()
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#log > *")) == 1
+        assert driver.find_elements(By.CSS_SELECTOR, ".msg.greeting") and driver.execute_script("return history.length") == 0
+        driver.find_element(By.ID, "message").send_keys(CAT_PROMPT)
+        driver.find_element(By.ID, "send").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant.done"))
+        assert driver.execute_script("return history.length") == 2  # the new chat holds only its own turn
+        driver.save_screenshot(str(shots / "new-chat.png"))
+        print(f"screenshots: {shots}")
+        assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        driver.quit()

@@ -193,7 +193,7 @@ def test_openai_chat_completions_with_photos_as_image_parts(batching_server, cat
     user = {"role": "user", "content": "hi"}
     assert "this server fetches nothing" in error_of(post({"messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/x.png"}}]}]}), 422)
-    assert "n: only 1" in error_of(post({"messages": [user], "n": 2}), 422)
+    assert "n: only 1" in error_of(post({"messages": [user], "n": 2}), 400)
     assert "not a photo this server shared" in error_of(post({"messages": [
         {"role": "assistant", "content": "x", "images": [{"type": "image_url", "image_url": {"url": "/files/x.png"}}]},
         user]}), 422)
@@ -217,7 +217,7 @@ def test_streamed_completion_sends_the_text_then_the_photo(batching_server):
     assert all(not d.get("content") for d in deltas[first_image:])  # the photo comes after the text
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
     # an invalid streamed request is a plain 4xx before any event
-    assert "n: only 1" in error_of(client.post("/v1/chat/completions", json={**body, "stream": True, "n": 3}), 422)
+    assert "n: only 1" in error_of(client.post("/v1/chat/completions", json={**body, "stream": True, "n": 3}), 400)
 
 
 def test_api_docs_and_schema_are_served_without_external_assets(batching_server):

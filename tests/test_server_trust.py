@@ -4,10 +4,12 @@ uploads that live only for their request and /files/ that serves only this
 server's own photos. Real uvicorn servers; raw sockets where the test must
 control Host and Origin byte for byte."""
 import base64
+import concurrent.futures
 import io
 import json
 import os
 import socket
+import time
 import uuid
 import zlib
 
@@ -217,7 +219,7 @@ def test_uploads_are_deleted_when_the_request_fails_too(srv):
     with httpx.Client(base_url=srv.url, timeout=120) as client:
         r = chat_json(client, {"messages": [{"role": "user", "content": "look", "images": [png]},
                                             {"role": "assistant", "content": "x", "photos": [{"url": "/files/x.png"}]},
-                                            {"role": "user", "content": "hi", "images": [png]}]})
+                                            {"role": "user", "content": "hi"}]})
         assert "not a photo this server shared" in error_of(r, 422, "invalid_request")
         r = chat_json(client, {"messages": [{"role": "user", "content": "hi", "images": [png]}],
                                "options": {"max_new_tokens": 500}})
@@ -353,4 +355,168 @@ def test_only_photos_this_server_wrote_are_served_never_through_a_symlink(srv, t
         r = chat_json(client, {"messages": [{"role": "user", "content": CAT_PROMPT},
                                             {"role": "assistant", "content": "here", "photos": [photo]},
                                             {"role": "user", "content": HELLO_PROMPT}]})
+        assert "not a photo this server shared" in error_of(r, 422, "invalid_request")
+
+
+# -- a server that holds (slow and hostile clients) ----------------------------------------------------
+TIGHT = Limits(max_body_bytes=2**20, max_image_bytes=2**19, max_images=2, max_messages=6, max_new_tokens=32,
+               max_batch=1, max_queue=1, header_timeout_s=1.0, body_timeout_s=1.5, max_connections=12, keep_photos=1)
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tight") / "out"
+    app = create_app(sharing_model(), out, TIGHT, seed=0, max_new_tokens=20)
+    thread = ServerThread(app)
+    yield thread, out
+    thread.stop()
+
+
+def port_of(thread) -> int:
+    return thread.sock.getsockname()[1]
+
+
+def closed_within(s: socket.socket, seconds: float) -> bool:
+    """Whether the server closes ``s`` (EOF or reset) within ``seconds``; what it sent is dropped."""
+    s.settimeout(seconds)
+    try:
+        while s.recv(65536):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_head_health_is_200_and_cors_is_refused_explicitly(srv):
+    host = f"127.0.0.1:{srv.port}"
+    status, headers, content = raw(srv.port, "HEAD", "/health", host)
+    assert status == 200 and content == b""
+    result = raw(srv.port, "OPTIONS", "/v1/chat/completions", host, {
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "cross-origin" in raw_error(result, 403, "cors_refused")
+    for r in (result, raw(srv.port, "GET", "/health", host, {"Origin": "http://evil.example"})):
+        assert not [k for k in r[1] if k.startswith("access-control-")]
+
+
+def test_a_connection_that_never_finishes_its_headers_is_closed(tight):
+    thread, _ = tight
+    with socket.create_connection(("127.0.0.1", port_of(thread))) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # and then nothing
+        assert closed_within(s, TIGHT.header_timeout_s + 3)
+    with socket.create_connection(("127.0.0.1", port_of(thread))) as s:  # nothing at all, likewise
+        assert closed_within(s, TIGHT.header_timeout_s + 3)
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408_and_the_connection_closes(tight):
+    thread, _ = tight
+    with socket.create_connection(("127.0.0.1", port_of(thread))) as s:
+        s.sendall(b"POST /v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"messages\"")
+        s.settimeout(TIGHT.body_timeout_s + 5)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head = answer.split(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 408") and b"connection: close" in head, answer
+
+
+def test_a_refused_chunked_body_is_not_read_any_further(tight):
+    thread, _ = tight
+    with socket.create_connection(("127.0.0.1", port_of(thread))) as s:
+        s.sendall(b"POST /v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"x" * 65536
+        s.settimeout(10)
+        sent, answer = 0, b""
+        try:
+            while sent < 64 * 2**20 and b"\r\n\r\n" not in answer:  # keep sending, as the attacker does
+                s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+                s.setblocking(False)
+                try:
+                    answer += s.recv(65536)
+                except BlockingIOError:
+                    pass
+                s.setblocking(True)
+                s.settimeout(10)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server closed the connection: what it answered is still to be read
+        s.setblocking(True)
+        s.settimeout(10)
+        try:
+            while b"\r\n\r\n" not in answer and (chunk := s.recv(65536)):
+                answer += chunk
+        except OSError:
+            pass
+        head = answer.split(b"\r\n\r\n")[0].lower()
+        assert head.startswith(b"http/1.1 413") and b"connection: close" in head, answer[:300]
+        assert sent < 16 * 2**20  # the server stopped taking it soon after the limit (1 MiB)
+        assert closed_within(s, 10)
+
+
+def test_past_the_connection_cap_the_longest_idle_connections_go_and_health_answers(tight):
+    thread, _ = tight
+    idle = [socket.create_connection(("127.0.0.1", port_of(thread))) for _ in range(3 * TIGHT.max_connections)]
+    try:
+        with httpx.Client(base_url=thread.url, timeout=30) as client:
+            assert client.get("/health").status_code == 200
+        closed = sum(closed_within(s, 0.2) for s in idle[:TIGHT.max_connections])
+        assert closed == TIGHT.max_connections  # the oldest were closed to make room
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_every_photo_reference_counts_against_max_images(srv):
+    refs = [{"url": f"/files/{uuid.uuid4().hex}.png"} for _ in range(3)]
+    with httpx.Client(base_url=srv.url, timeout=120) as client:
+        r = chat_json(client, {"messages": [{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "x", "photos": refs},
+                                            {"role": "user", "content": "more"}]})
+        assert "limit is 2" in error_of(r, 422, "too_many_images")
+        many = [{"type": "image_url", "image_url": {"url": f"/files/{uuid.uuid4().hex}.png"}}] * 50_000
+        r = client.post("/v1/chat/completions", json={"messages": [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "images": many},
+            {"role": "user", "content": "more"}]})
+        assert "50000 images" in error_of(r, 422, "too_many_images")
+
+
+def test_uploads_are_removed_after_503s_and_cut_streams(tight):
+    thread, out = tight
+    png = "data:image/png;base64," + base64.b64encode(small_png()).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": HELLO_PROMPT},
+                                                      {"type": "image_url", "image_url": {"url": png}}]}],
+            "max_tokens": 8}
+    with httpx.Client(base_url=thread.url, timeout=300) as client:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            codes = sorted(r.status_code for r in pool.map(
+                lambda _: client.post("/v1/chat/completions", json=body), range(8)))
+        assert 503 in codes and 200 in codes, codes
+        for _ in range(3):  # streams the client walks away from after the first event
+            with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+                next(r.iter_lines())
+        served = thread.server.config.app.state.counters
+        deadline = time.monotonic() + 120
+        while (served["queued"] or served["active"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    time.sleep(0.5)
+    assert not list((out / "uploads").iterdir())
+
+
+def test_shared_photos_are_kept_within_their_bound(tight):
+    thread, out = tight
+    with httpx.Client(base_url=thread.url, timeout=300) as client:
+        urls = []
+        for _ in range(2):
+            r = client.post("/v1/chat", json={"messages": [{"role": "user", "content": CAT_PROMPT}]})
+            assert r.status_code == 200, r.text
+            urls.append(r.json()["photos"][0]["url"])
+        assert client.get(urls[0]).status_code == 404 and client.get(urls[1]).status_code == 200
+        assert len(list((out / "photos").glob("*.png"))) == TIGHT.keep_photos
+        r = client.post("/v1/chat", json={"messages": [{"role": "user", "content": CAT_PROMPT},
+                                                       {"role": "assistant", "content": "here", "photos": [
+                                                           {"url": urls[0]}]},
+                                                       {"role": "user", "content": HELLO_PROMPT}]})
         assert "not a photo this server shared" in error_of(r, 422, "invalid_request")

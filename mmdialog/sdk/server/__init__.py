@@ -1,6 +1,8 @@
-"""``mmdialog serve``: the app and its routes (``app.py``), who may ask and
-what a request may hold (``limits.py``: Host/Origin/API-key guard, size
-limits, image checks) and the chat page (``static/chat.html``)."""
+"""``mmdialog serve``: the app (``app.py``), its routes (``routes.py``,
+``completions.py``), who may ask (``guard.py``), what a request may hold
+(``limits.py``, ``schema.py``), the queue (``batching.py``), the shared
+photos (``photos.py``), uvicorn with its connection guards (``serving.py``)
+and the chat page (``static/chat.html``)."""
 from mmdialog.sdk.server.app import create_app
 from mmdialog.sdk.server.limits import Limits
 

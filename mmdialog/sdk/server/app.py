@@ -10,8 +10,9 @@
                       reply's photos are image parts in ``message.images``; ``"stream": true``
                       sends server-sent events: the text as it is written, then each photo
     GET  /v1/models   the one model served
-    GET  /health      {"status": "ok", "model", "queued", "busy", "served", "batches"}
-    GET  /files/NAME  a photo the model shared (only this server's own folder)
+    GET  /health      {"status": "ok", "model", "queued", "busy", "served", "batches", "photos_kept"} (also HEAD)
+    GET  /files/NAME  a photo the model shared (only this server's own folder; the newest
+                      ``Limits.keep_photos``, for ``Limits.keep_photos_s``)
     GET  /docs        the API reference (from /openapi.json; no external assets)
     GET  /            the chat page (inline JS and CSS, no external assets)
 
@@ -36,56 +37,144 @@ status. Concurrent requests are answered together, in batches of up to
 others wait in a bounded queue (503 when it is full).
 
 Uploaded images live in ``out_dir/uploads`` only while their request runs:
-they are deleted when its reply is written (or it failed), and are never
-served. ``/files/NAME`` serves only photos this server process wrote to
-``out_dir/photos`` (by name, and never through a symlink leading elsewhere).
+they are deleted when its reply is written (or it failed, was refused with
+503, or its stream was cut), and are never served. ``/files/NAME`` serves only
+photos this server process wrote to ``out_dir/photos`` (by name, and never
+through a symlink leading elsewhere).
+
+Where things live: ``routes.py`` (the routes and ``Server``, the one path of a
+request to the model), ``completions.py`` (the OpenAI route), ``guard.py``
+(Host/Origin/API key, CORS), ``limits.py`` (sizes, times, the body
+middleware, images), ``schema.py`` (request and response shapes),
+``batching.py`` (the queue), ``photos.py`` (the shared photos and their
+bounds), ``serving.py`` (uvicorn with header timeouts and a connection cap).
 """
 from __future__ import annotations
 
-import asyncio
-import html
-import json
 import logging
-import re
 import tempfile
 import time
-import uuid
-import warnings
-from collections.abc import AsyncIterator, Callable, Iterable
-from importlib import resources
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, HTMLResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mmdialog.core import markup
-from mmdialog.core.errors import MMDialogError, validation_message
-from mmdialog.core.generation import GenerationOptions, Reply
-from mmdialog.core.session import HistoryTruncatedWarning, Session
-from mmdialog.sdk.server.batching import Batcher, Job
-from mmdialog.sdk.server.limits import ApiError, BodyLimit, Limits, RequestGuard, check_api_key, host_names
-from mmdialog.sdk.server.schema import (
-    ChatRequest,
-    CompletionRequest,
-    from_openai,
-    read_body,
-    to_options,
-    to_turns,
-    validate,
-)
+from mmdialog.core.errors import validation_message
+from mmdialog.sdk.server import completions, routes
+from mmdialog.sdk.server.guard import RequestGuard, check_api_key, host_names
+from mmdialog.sdk.server.limits import ApiError, BodyLimit, Limits, error_response
+from mmdialog.sdk.server.routes import Server, SessionFactory
+from mmdialog.sdk.server.schema import ChatRequest, ChatResponse, Completion, CompletionRequest
 
 log = logging.getLogger("mmdialog.server")
-FILE_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
-STATIC = resources.files("mmdialog.sdk.server").joinpath("static")
-PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
-                                           "script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                                           "frame-ancestors 'none'",
-                "Referrer-Policy": "no-referrer"}
-SessionFactory = Callable[[Path], Session]  # photos folder -> mmdialog Session
+access_log = logging.getLogger("mmdialog.server.access")
+
+
+def create_app(model_or_factory: Any, out_dir: str | Path | None = None, limits: Limits | None = None, *,
+               allowed_hosts: Iterable[str] = (), api_key: str | None = None, name: str = "mmdialog",
+               **gen_defaults: Any):
+    """A FastAPI app serving ``model_or_factory`` (a ``DialogueModel``, or a
+    callable ``photos_dir -> Session``) under the model name ``name``. Shared
+    photos go to ``out_dir/photos`` and are served from ``/files/``; uploads go
+    to ``out_dir/uploads`` until their reply is written (never served).
+    ``allowed_hosts``: names, besides the loopback ones, that requests may give
+    as ``Host`` (pass the bound host here); ``api_key``: required on every
+    request but the page, the docs and /health. ``gen_defaults`` are the
+    session's generation options."""
+    limits = limits or Limits()
+    allowed = host_names(allowed_hosts)
+    key = check_api_key(api_key)
+    root = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="mmdialog-serve-"))
+    if callable(model_or_factory) and not hasattr(model_or_factory, "respond"):
+        factory: SessionFactory = model_or_factory
+    else:
+        model = model_or_factory
+        factory = lambda d: model.session(photos_dir=d, **gen_defaults)
+    server = Server(factory, root, limits, name)
+    factory(server.photos_dir)  # fail now, not on the first request, if the options are bad
+
+    app = FastAPI(title="mmdialog", summary=f"serving {name}", docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
+    app.state.server, app.state.name, app.state.root = server, name, root
+    app.state.counters = server.batcher.counters
+    _errors(app)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
+    app.add_middleware(RequestGuard, allowed=allowed, api_key=key)
+    app.add_middleware(AccessLog)  # added last: runs first, sees every answer (the guard's too)
+    _routes(app)
+    _with_request_schemas(app, ChatRequest, CompletionRequest)
+    return app
+
+
+def _routes(app: FastAPI) -> None:
+    add = app.add_api_route
+    add("/", routes.page, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
+    add("/docs", routes.docs, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
+    add("/health", routes.health, methods=["GET"], summary="Liveness and load")
+    add("/health", routes.health, methods=["HEAD"], include_in_schema=False)  # load balancers probe with HEAD
+    add("/v1/models", routes.models, methods=["GET"], summary="The model this server serves (OpenAI format)")
+    add("/files/{file}", routes.files, methods=["GET"], summary="A photo this server shared",
+        response_class=FileResponse)
+    add("/v1/chat", routes.chat, methods=["POST"], summary="The next reply, with its photos",
+        openapi_extra=_body_schema(ChatRequest), responses={200: {"model": ChatResponse}})
+    add("/v1/chat/completions", completions.completions, methods=["POST"],
+        summary="The next reply in the OpenAI chat format (stream: SSE)",
+        openapi_extra=_body_schema(CompletionRequest), responses={200: {"model": Completion}})
+
+
+def _errors(app: FastAPI) -> None:
+    """Every error is ``{"error": {"code", "message", "type"[, "param"]}}``."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc: RequestValidationError):
+        return error_response(422, "invalid_request", validation_message(exc))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):
+        log.exception("request failed")
+        return error_response(500, "internal", "internal error; see the server log")
+
+
+class AccessLog:
+    """ASGI middleware: one ``mmdialog.server.access`` line per request, when
+    its answer ends: client, method, path (never the query: it may hold the
+    page's key), status, bytes sent, milliseconds."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status, sent = time.perf_counter(), 0, 0
+
+        async def counted(message):
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            access_log.info('%s "%s %s" %d %dB %.0fms', client[0], scope["method"], scope["path"], status or 500,
+                            sent, (time.perf_counter() - start) * 1000)
 
 
 def _body_schema(model) -> dict[str, Any]:
@@ -110,234 +199,3 @@ def _with_request_schemas(app: FastAPI, *models) -> None:
         return app.openapi_schema
 
     app.openapi = openapi
-
-
-def create_app(model_or_factory: Any, out_dir: str | Path | None = None, limits: Limits | None = None, *,
-               allowed_hosts: Iterable[str] = (), api_key: str | None = None, name: str = "mmdialog",
-               **gen_defaults: Any):
-    """A FastAPI app serving ``model_or_factory`` (a ``DialogueModel``, or a
-    callable ``photos_dir -> Session``) under the model name ``name``. Shared
-    photos go to ``out_dir/photos`` and are served from ``/files/``; uploads go
-    to ``out_dir/uploads`` until their reply is written (never served).
-    ``allowed_hosts``: names, besides the loopback ones, that requests may give
-    as ``Host`` (pass the bound host here); ``api_key``: required on every
-    request but the page, the docs and /health. ``gen_defaults`` are the
-    session's generation options."""
-    limits = limits or Limits()
-    allowed = host_names(allowed_hosts)
-    key = check_api_key(api_key)
-    root = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="mmdialog-serve-"))
-    photos_dir, uploads_dir = root / "photos", root / "uploads"
-    photos_dir.mkdir(parents=True, exist_ok=True)
-    uploads_dir.mkdir(parents=True, exist_ok=True)
-    photos_real = photos_dir.resolve()
-    shared: dict[str, str] = {}  # name → description of the photos this process wrote: all /files/ serves
-    if callable(model_or_factory) and not hasattr(model_or_factory, "respond"):
-        factory: SessionFactory = model_or_factory
-    else:
-        model = model_or_factory
-        factory = lambda d: model.session(photos_dir=d, **gen_defaults)
-    factory(photos_dir)  # fail now, not on the first request, if the options are bad
-    batcher = Batcher(limits.max_batch, limits.max_queue)
-
-    app = FastAPI(title="mmdialog", summary=f"serving {name}", docs_url=None, redoc_url=None,
-                  openapi_url="/openapi.json")
-    app.state.root, app.state.photos_dir, app.state.limits = root, photos_dir, limits
-    app.state.uploads_dir, app.state.shared_photos, app.state.allowed_hosts = uploads_dir, shared, allowed
-    app.state.counters, app.state.batcher, app.state.name = batcher.counters, batcher, name
-
-    def error(status: int, code: str, message: str) -> JSONResponse:
-        return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
-                            headers={"X-Content-Type-Options": "nosniff"})
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request, exc: ApiError):
-        return error(exc.status, exc.code, exc.message)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc: StarletteHTTPException):
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
-        return error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, exc: RequestValidationError):
-        return error(422, "invalid_request", validation_message(exc))
-
-    @app.exception_handler(Exception)
-    async def _internal(request, exc: Exception):
-        log.exception("request failed")
-        return error(500, "internal", "internal error; see the server log")
-
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
-    app.add_middleware(RequestGuard, allowed=allowed, api_key=key)  # added last: runs first
-
-    def own_photo(file: str) -> tuple[Path, str] | None:
-        """``photos_dir/file`` and its description if this process wrote it and
-        it is still a plain file inside ``photos_dir``, else None."""
-        if not FILE_NAME.match(file) or file not in shared:
-            return None
-        path = photos_dir / file
-        try:
-            if path.is_symlink() or not path.is_file() or path.resolve().parent != photos_real:
-                return None
-        except OSError:
-            return None
-        return path, shared[file]
-
-    async def submit(req: ChatRequest, uploads: list[bytes], on_piece=None) -> tuple[Job, str | None]:
-        """Check ``req``, add its user turn to a new session and queue it for
-        the next batch; its uploads are deleted once its reply is written."""
-        written: list[Path] = []
-
-        def clean(_=None) -> None:
-            for path in written:
-                path.unlink(missing_ok=True)
-
-        try:
-            history, last = to_turns(req, uploads, limits, own_photo, uploads_dir, written)
-            opts = to_options(req.options, limits)
-            batcher.check_room()
-            session, truncated, gen, notice = await run_in_threadpool(_begin, factory, photos_dir, history, last,
-                                                                      opts)
-        except BaseException:
-            clean()
-            raise
-        job = Job(session, truncated, gen, on_piece)
-        job.future.add_done_callback(clean)
-        return job, notice
-
-    async def reply_of(job: Job) -> Reply:
-        try:
-            reply = await batcher.submit(job)
-        except MMDialogError as e:
-            raise ApiError(422, "invalid_request", str(e)) from None
-        shared.update((p.name, d) for p, d in zip(reply.paths, reply.descriptions))
-        return reply
-
-    def photo_records(reply: Reply, base: str = "") -> list[dict[str, Any]]:
-        """The reply's photos for a client: their URL here, never a path on this machine."""
-        out = []
-        for r in reply.photo_records():
-            saved, file = Path(r.pop("path")), r.pop("file")
-            out.append({**r, "file": Path(file).name if file else None, "url": f"{base}/files/{saved.name}"})
-        return out
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page():
-        text = STATIC.joinpath("chat.html").read_text(encoding="utf-8")
-        return HTMLResponse(text.replace("{{MODEL_NAME}}", html.escape(name)), headers=PAGE_HEADERS)
-
-    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
-    async def docs():
-        return HTMLResponse(STATIC.joinpath("docs.html").read_text(encoding="utf-8"), headers=PAGE_HEADERS)
-
-    @app.get("/health", summary="Liveness and load")
-    async def health():
-        c = batcher.counters
-        return {"status": "ok", "model": name, "queued": c["queued"], "busy": batcher.busy,
-                "served": c["served"], "batches": c["batches"]}
-
-    @app.get("/v1/models", summary="The model this server serves (OpenAI format)")
-    async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "mmdialog"}]}
-
-    @app.get("/files/{file}", summary="A photo this server shared", response_class=FileResponse)
-    async def files(file: str):
-        found = own_photo(file)
-        if found is None:
-            raise ApiError(404, "not_found", "no such photo")
-        return FileResponse(found[0], media_type="image/png")
-
-    @app.post("/v1/chat", summary="The next reply, with its photos", openapi_extra=_body_schema(ChatRequest))
-    async def chat(request: Request):
-        data, uploads = await read_body(request, limits)
-        job, notice = await submit(validate(ChatRequest, data), uploads)
-        reply = await reply_of(job)
-        out = {"text": reply.plain, "raw_text": reply.text, "shared": reply.shared, "photos": photo_records(reply),
-               "truncated": reply.truncated, "length_capped": reply.length_capped,
-               "dropped_turns": job.session.dropped_turns}
-        if notice:
-            out["notice"] = notice
-        return out
-
-    @app.post("/v1/chat/completions", summary="The next reply in the OpenAI chat format (stream: SSE)",
-              openapi_extra=_body_schema(CompletionRequest))
-    async def completions(request: Request):
-        data, uploads = await read_body(request, limits)
-        req = validate(CompletionRequest, data)
-        base = str(request.base_url).rstrip("/")
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
-
-        def images(reply: Reply) -> list[dict[str, Any]]:
-            return [{"type": "image_url", "image_url": {"url": r.pop("url")}, **r} for r in photo_records(reply, base)]
-
-        def finish_reason(reply: Reply) -> str:
-            return "length" if reply.length_capped else "stop"
-
-        if not req.stream:
-            job, _ = await submit(from_openai(req), uploads)
-            reply = await reply_of(job)
-            return {**head, "object": "chat.completion", "choices": [{
-                "index": 0, "finish_reason": finish_reason(reply),
-                "message": {"role": "assistant", "content": reply.plain, "images": images(reply)}}]}
-        pieces: asyncio.Queue = asyncio.Queue()
-        job, _ = await submit(from_openai(req), uploads, on_piece=pieces.put_nowait)
-        # Queued now, not when the stream is first read: a client gone before that still has
-        # its job run and its uploads deleted when the job ends.
-        answer = asyncio.ensure_future(reply_of(job))
-
-        def event(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> str:
-            chunk = {**head, "object": "chat.completion.chunk",
-                     "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}], **extra}
-            return f"data: {json.dumps(chunk)}\n\n"
-
-        async def events() -> AsyncIterator[str]:
-            yield event({"role": "assistant", "content": ""})
-            raw, shown = "", ""
-            while True:
-                nxt = asyncio.ensure_future(pieces.get())
-                await asyncio.wait({nxt, answer}, return_when=asyncio.FIRST_COMPLETED)
-                if not nxt.done():
-                    nxt.cancel()
-                    break
-                if isinstance(piece := nxt.result(), str):
-                    raw += piece
-                    now = markup.visible(raw)
-                    if now.startswith(shown) and len(now) > len(shown):
-                        yield event({"content": now[len(shown):]})
-                        shown = now
-            try:
-                reply = answer.result()
-            except ApiError as e:
-                yield event(error={"code": e.code, "message": e.message})
-                yield "data: [DONE]\n\n"
-                return
-            if reply.plain.startswith(shown) and len(reply.plain) > len(shown):
-                yield event({"content": reply.plain[len(shown):]})
-            for image in images(reply):
-                yield event({"images": [image]})
-            yield event(finish=finish_reason(reply))
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
-
-    _with_request_schemas(app, ChatRequest, CompletionRequest)
-    return app
-
-
-def _begin(factory: SessionFactory, photos_dir: Path, history: list, last: tuple[str, list[Path]],
-           options: dict[str, Any]) -> tuple[Session, bool, GenerationOptions, str | None]:
-    """A session with ``history`` and the user's turn ``last`` in, whether older
-    turns were dropped, its options, and the notice that says so."""
-    session = factory(photos_dir)
-    session.history = list(history)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", HistoryTruncatedWarning)
-        try:
-            opts = session.options_for(**options)
-            truncated = session.begin(last[0], last[1], opts)
-        except MMDialogError as e:
-            raise ApiError(422, "invalid_request", str(e)) from None
-    notices = [str(w.message) for w in caught if issubclass(w.category, HistoryTruncatedWarning)]
-    return session, truncated, opts, (notices[0] if notices else None)
