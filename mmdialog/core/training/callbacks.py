@@ -173,15 +173,24 @@ class OffloadCachedEncoders(L.Callback):
     def __init__(self) -> None:
         self.offloaded: list[torch.nn.Module] = []
         self._batches = 0
+        self._starting = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Decided at the first batch: callbacks' on_train_start runs before the module's,
+        # which puts the frozen parts in eval mode, and only then are they cacheable.
+        self._starting = True
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._batches = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if not self._starting:
+            return
+        self._starting = False
         stores = pl_module.model.collator.stores
         samples = getattr(getattr(trainer, "datamodule", None), "train_set", None)
         if stores and samples is not None and all_stored(stores.values(), samples.samples):
             self._offload(trainer, pl_module)
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._batches = 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self._batches += 1
