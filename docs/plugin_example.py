@@ -18,6 +18,7 @@ class GridPerceiver(Perceiver):
 
     Options = GridOptions
     image_size = 64
+    trainable_by_default = ("projection",)  # a new layer: it trains unless the config says otherwise
 
     def __init__(self, options: GridOptions, llm_width: int) -> None:
         super().__init__()
@@ -30,7 +31,7 @@ class GridPerceiver(Perceiver):
         return cls(options, ctx.llm.hidden_size)
 
     def parameter_groups(self):
-        return {"projection": list(self.proj.parameters())}  # trained by the default policy
+        return {"projection": list(self.proj.parameters())}
 
     def forward(self, pixels: torch.Tensor, keys=None) -> torch.Tensor:  # (N, 3, H, W)
         cells = nn.functional.adaptive_avg_pool2d(pixels, self.grid)     # (N, 3, g, g)

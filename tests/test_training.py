@@ -224,10 +224,10 @@ def test_sigterm_at_a_random_moment_resumes_to_the_uninterrupted_weights(tmp_pat
 
     threading.Thread(target=send, daemon=True).start()
     stopped = train(make(tmp_path, 5, **{"train.checkpoint_every": 3}), progress=False)
-    assert stopped["signal"] == signal.SIGTERM and stopped["steps"] == 4
-    assert torch.load(last, weights_only=True)["global_step"] == stopped["steps"]
+    assert stopped.signal == signal.SIGTERM and stopped.steps == 4
+    assert torch.load(last, weights_only=True)["global_step"] == stopped.steps
     resumed = make(tmp_path, 5)
-    assert train(resumed, progress=False, resume=True)["steps"] == 5
+    assert train(resumed, progress=False, resume=True).steps == 5
     assert weights_digest(resumed) == weights_digest(full)
 
 

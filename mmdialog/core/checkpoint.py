@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import yaml
 
-from mmdialog.core.errors import ConfigError
+from mmdialog.core.errors import ConfigError, UnsafeFileError
 from mmdialog.core.files import atomic_write
 from mmdialog.core.layout import BEST, LAST, TRAINABLE
 
@@ -129,7 +129,8 @@ _verified: dict[tuple[str, int, int], None] = {}  # (path, size, mtime): checked
 
 def is_intact(path: Path) -> bool:
     """A checkpoint that reads safely and whose contents match its digest (every
-    byte is read: tensors are mapped, not loaded)."""
+    byte is read: tensors are mapped, not loaded). One that holds code raises
+    ``UnsafeFileError``: a planted file is reported, not quietly passed over."""
     path = Path(path)
     if not path.is_file() or not is_complete(path):
         return False
@@ -138,6 +139,8 @@ def is_intact(path: Path) -> bool:
     if key not in _verified:
         try:
             verify(path, safe_load(path, mmap=True))
+        except UnsafeFileError:
+            raise
         except ConfigError:
             return False
         _verified[key] = None
@@ -215,7 +218,7 @@ def safe_load(path: str | Path, *, mmap: bool = False) -> Any:
         text = text.split("WeightsUnpickler error:", 1)[-1].strip()
         name = re.search(r"Unsupported global: GLOBAL (\S+)", text)
         if name:
-            raise ConfigError(f"checkpoint '{path}' is refused: it holds Python objects besides tensors and plain "
+            raise UnsafeFileError(f"checkpoint '{path}' is refused: it holds Python objects besides tensors and plain "
                               f"data, and unpickling them could run code (it would import {name.group(1)}); "
                               "mmdialog never does, so give a trainable.pt or .ckpt written by `mmdialog train`"
                               ) from None

@@ -17,6 +17,10 @@ class ConfigError(MMDialogError, ValueError):
     """A config, preset, plugin name or checkpoint folder that cannot be used."""
 
 
+class UnsafeFileError(ConfigError):
+    """A received file that only code could load: refused, and never passed over for a fallback."""
+
+
 class PluginError(ConfigError):
     """An unknown plugin name or a plugin that failed to register."""
 

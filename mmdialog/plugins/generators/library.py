@@ -80,7 +80,7 @@ def _read_sidecar(folder: Path) -> dict[str, str]:
     path = folder / SIDECAR
     if not path.exists() and not path.is_symlink():
         return {}
-    data = read_json(path, "generator library captions", root=folder, max_bytes=INDEX_BYTES)
+    data = read_json(path, "generator library captions", root=folder, max_bytes=INDEX_BYTES, kind=object)
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
         raise ConfigError(f"generator library: {path} must map file names to captions, "
                           '{"cat.jpg": "my cat on the sofa", …}')
