@@ -68,14 +68,13 @@ def descriptions(text: str) -> list[str]:
 
 def spans(ids: list[int], open_id: int, close_id: int, closed: bool = False) -> list[list[int]]:
     """Token ids between each ``[img]`` and the next ``[/img]`` (or the end; with
-    ``closed``, as the reference draws, only spans that ``[/img]`` closes). An empty
-    span is never one: ``[img] [/img]`` describes nothing, so nothing is shared."""
+    ``closed``, as the reference draws, only spans that ``[/img]`` closes and that are not empty)."""
     out, cur = [], None
     for i in ids:
         if i == open_id:
             cur = []
         elif i == close_id and cur is not None:
-            if cur:
+            if cur or not closed:
                 out.append(cur)
             cur = None
         elif cur is not None:

@@ -279,8 +279,12 @@ class DialogueModel(nn.Module):
         """Each description the rows completed in this piece (or left open at their end):
         its text through the bridge, and its photo when ``draw``. Row index → photos."""
         closed = not opts.photo_in_loop  # the reference draws only closed, non-empty descriptions
-        flat = [(r, s) for r in rows
-                for s in markup.spans(r.ids, self.llm.img_open_id, self.llm.img_close_id, closed)[len(r.spans):]]
+        found = [(r, s) for r in rows
+                 for s in markup.spans(r.ids, self.llm.img_open_id, self.llm.img_close_id, closed)[r.spans_seen:]]
+        for r, _ in found:
+            r.spans_seen += 1
+        # "[img] [/img]" (nothing but spaces between) describes nothing: no description, no photo.
+        flat = [(r, s) for r, s in found if self.llm.tokenizer.decode(s, skip_special_tokens=True).strip()]
         if not flat:
             return {}
         device = next(self.parameters()).device
@@ -378,6 +382,7 @@ class _Row:
     key: str = ""                                           # names the request: its photos' noise
     ids: list[int] = field(default_factory=list)
     spans: list[str] = field(default_factory=list)         # description texts, in order
+    spans_seen: int = 0                                     # [img] spans written so far, empty ones included
     photos: list[GeneratedImage] = field(default_factory=list)
     done: bool = False
     capped: bool = False
