@@ -19,13 +19,13 @@ _EXPORTS = {
     # build, load, talk
     "build": "mmdialog.core.assembler",
     "apply_freeze_policy": "mmdialog.core.assembler",
-    "load": "mmdialog.core.assembler",
+    "load": "mmdialog.core.export",
     "save_pretrained": "mmdialog.core.export",
     "Config": "mmdialog.core.config",
     "load_config": "mmdialog.core.config",
     "DialogueModel": "mmdialog.core.model",
-    "Reply": "mmdialog.core.generation",
-    "GenerationOptions": "mmdialog.core.generation",
+    "Reply": "mmdialog.core.reply",
+    "GenerationOptions": "mmdialog.core.reply",
     "Session": "mmdialog.core.session",
     "set_verbosity": "mmdialog.core.verbosity",
     "Dialogue": "mmdialog.core.data.schema",
@@ -88,16 +88,15 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from mmdialog.core import markup
-    from mmdialog.core.assembler import apply_freeze_policy, build, load
+    from mmdialog.core.assembler import apply_freeze_policy, build
     from mmdialog.core.caching import cached_per_photo
     from mmdialog.core.config import Config, load_config
     from mmdialog.core.data.loader import load_dialogues
     from mmdialog.core.data.records import RawRecord, RecordError
     from mmdialog.core.data.schema import Dialogue, Photo, Turn
     from mmdialog.core.errors import ConfigError, DataError, ImageError, MMDialogError, PluginError, TrainingError
-    from mmdialog.core.export import save_pretrained
+    from mmdialog.core.export import load, save_pretrained
     from mmdialog.core.files import atomic_write
-    from mmdialog.core.generation import GenerationOptions, Reply
     from mmdialog.core.hookspecs import DatasetFormat, Plugin, hookimpl
     from mmdialog.core.interfaces import (
         Bridge,
@@ -115,6 +114,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from mmdialog.core.model import DialogueModel
     from mmdialog.core.pretrained import load_prefixed, require_folder
     from mmdialog.core.prompts import PromptFormat
+    from mmdialog.core.reply import GenerationOptions, Reply
     from mmdialog.core.session import Session
     from mmdialog.core.verbosity import set_verbosity
     from mmdialog.core.vocab import tokenize_for_tower

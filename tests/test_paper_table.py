@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmdialog import Turn
-from mmdialog.core.generation import GenerationOptions, TextDeltas
+from mmdialog.core.reply import GenerationOptions, TextDeltas
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from mmdialog.core import config as config_module
 from mmdialog.core.config import Config
-from mmdialog.core.generation import GenerationOptions
+from mmdialog.core.reply import GenerationOptions
 from mmdialog.sdk.cli import app
 
 

@@ -16,8 +16,8 @@ import torch
 from mmdialog import Dialogue, GeneratedImage, Photo, Turn
 from mmdialog.core.collator import IGNORE
 from mmdialog.core.data.images import to_tensor
-from mmdialog.core.generation import TextDeltas
 from mmdialog.core.markup import placed
+from mmdialog.core.reply import TextDeltas
 
 DATA = Path(skimage.__file__).parent / "data"
 CAT, COFFEE, HELLO = "show me your cat", "what are you drinking?", "hello there"

@@ -40,7 +40,7 @@ def test_the_recipe_overrides_the_paper_preset_in_one_place_and_flags_override_i
 
 
 def test_the_recipe_is_an_overlay_file_beside_the_presets_with_its_decoding():
-    from mmdialog.core.generation import GenerationOptions
+    from mmdialog.core.reply import GenerationOptions
 
     assert "reference" not in PRESETS and {"tiny", "paper", "paper-24gb"} <= set(PRESETS)
     overlay = recipe("reference")

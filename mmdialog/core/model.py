@@ -37,7 +37,6 @@ from mmdialog.core import markup
 from mmdialog.core.collator import IGNORE, Batch, Collator
 from mmdialog.core.config import Config
 from mmdialog.core.data.schema import Turn
-from mmdialog.core.generation import GenerationOptions, Reply, StreamCallback, TextDeltas
 from mmdialog.core.interfaces import (
     KINDS,
     Bridge,
@@ -48,6 +47,7 @@ from mmdialog.core.interfaces import (
     PromptTokens,
     Retriever,
 )
+from mmdialog.core.reply import GenerationOptions, Reply, StreamCallback, TextDeltas
 
 if TYPE_CHECKING:
     from mmdialog.core.caching import FeatureStore

@@ -26,7 +26,7 @@ from mmdialog.core import markup
 from mmdialog.core.data.images import MAX_PIXELS, caption_from_filename, verify_image
 from mmdialog.core.data.schema import Photo, Turn
 from mmdialog.core.errors import DataError, ImageError, MMDialogError
-from mmdialog.core.generation import GenerationOptions, Reply, StreamCallback
+from mmdialog.core.reply import GenerationOptions, Reply, StreamCallback
 
 if TYPE_CHECKING:  # torch: `mmdialog chat` checks its photos before it imports any
     from mmdialog.core.interfaces import GeneratedImage

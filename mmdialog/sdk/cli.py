@@ -13,15 +13,15 @@ from typing import Any
 import typer
 
 from mmdialog.core.errors import MMDialogError
-from mmdialog.sdk.commands import data, info, train, use
+from mmdialog.sdk.commands import chat, data, evaluate, export, info, serve, train
 
 #: name → function (a command) or Typer app (a group of commands).
 COMMANDS = {
     "train": train.train,          # train a model (end-to-end by default)
-    "eval": train.evaluate,        # per-turn evaluation: BLEU, ROUGE-L, intent F1, FID/IS
-    "chat": use.chat,              # chat in the terminal
-    "serve": use.serve,            # HTTP API + chat page
-    "export": use.export,          # a self-contained model folder from a training checkpoint
+    "eval": evaluate.evaluate,     # per-turn evaluation: BLEU, ROUGE-L, intent F1, FID/IS
+    "chat": chat.chat,             # chat in the terminal
+    "serve": serve.serve,          # HTTP API + chat page
+    "export": export.export,       # a self-contained model folder from a training checkpoint
     "plugins": info.plugins,       # every plugin found
     "config": info.config_app,     # show / check configs
     "data": data.data_app,         # check, fetch photos of, convert datasets

@@ -69,7 +69,7 @@ def model_flags(command):
 
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> Any:
-        from mmdialog.core.generation import GenerationOptions  # torch: only when the command runs
+        from mmdialog.core.reply import GenerationOptions  # torch: only when the command runs
 
         given = {name: kwargs.pop(name) for name in flags}
         chain = generator_spec(given.pop("generator"), given.pop("library"))
@@ -177,3 +177,12 @@ def progress_line(label: str):
         sys.stderr.flush()
 
     return progress
+
+
+def load_model(model: str, use: ModelUse):
+    """The model a command uses, loaded quietly with the chain and trust flags it was given."""
+    from mmdialog.core.export import load
+
+    quiet()
+    typer.echo(f"loading {model} …", err=True)
+    return load(model, **use.chain, trust_remote_code=use.trust_remote_code, allow_unverified=use.allow_unverified)

@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from mmdialog.core.generation import GenerationOptions, Reply
+from mmdialog.core.reply import GenerationOptions, Reply
 from mmdialog.core.session import Session, reply_batch
 from mmdialog.sdk.server.limits import ApiError
 

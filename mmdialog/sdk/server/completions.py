@@ -20,7 +20,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from mmdialog.core import markup
-from mmdialog.core.generation import Reply
+from mmdialog.core.reply import Reply
 from mmdialog.sdk.server.batching import Job
 from mmdialog.sdk.server.limits import ApiError
 from mmdialog.sdk.server.routes import server_of

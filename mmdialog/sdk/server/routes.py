@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from mmdialog.core.errors import MMDialogError
-from mmdialog.core.generation import GenerationOptions, Reply
+from mmdialog.core.reply import GenerationOptions, Reply
 from mmdialog.core.session import HistoryTruncatedWarning, Session
 from mmdialog.sdk.server.batching import Batcher, Job
 from mmdialog.sdk.server.limits import ApiError, Limits

@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from mmdialog.core.data.schema import Photo, Turn
 from mmdialog.core.errors import MMDialogError, validation_message
-from mmdialog.core.generation import GenerationOptions
+from mmdialog.core.reply import GenerationOptions
 from mmdialog.sdk.server.limits import ApiError, Limits, decode_image
 
 SURROGATE = re.compile(r"[\ud800-\udfff]")
