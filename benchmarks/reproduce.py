@@ -31,13 +31,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import yaml  # noqa: E402
 
-from mmdialog.core.assembler import build  # noqa: E402
+from mmdialog.core.assembler import build, load  # noqa: E402
 from mmdialog.core.checkpoint import LAST, TRAINABLE, find_checkpoint  # noqa: E402
 from mmdialog.core.config import load_config, recipe  # noqa: E402
 from mmdialog.core.data.source import read_dialogues  # noqa: E402
 from mmdialog.core.evaluation import evaluate  # noqa: E402
 from mmdialog.core.evaluation.table import results_table  # noqa: E402
-from mmdialog.core.export import load  # noqa: E402
 from mmdialog.core.files import atomic_write  # noqa: E402
 from mmdialog.core.training import train  # noqa: E402
 

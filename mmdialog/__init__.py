@@ -19,7 +19,7 @@ _EXPORTS = {
     # build, load, talk
     "build": "mmdialog.core.assembler",
     "apply_freeze_policy": "mmdialog.core.assembler",
-    "load": "mmdialog.core.export",
+    "load": "mmdialog.core.assembler",
     "save_pretrained": "mmdialog.core.export",
     "Config": "mmdialog.core.config",
     "load_config": "mmdialog.core.config",
@@ -88,14 +88,14 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from mmdialog.core import markup
-    from mmdialog.core.assembler import apply_freeze_policy, build
+    from mmdialog.core.assembler import apply_freeze_policy, build, load
     from mmdialog.core.caching import cached_per_photo
     from mmdialog.core.config import Config, load_config
     from mmdialog.core.data.loader import load_dialogues
     from mmdialog.core.data.records import RawRecord, RecordError
     from mmdialog.core.data.schema import Dialogue, Photo, Turn
     from mmdialog.core.errors import ConfigError, DataError, ImageError, MMDialogError, PluginError, TrainingError
-    from mmdialog.core.export import load, save_pretrained
+    from mmdialog.core.export import save_pretrained
     from mmdialog.core.files import atomic_write
     from mmdialog.core.hookspecs import DatasetFormat, Plugin, hookimpl
     from mmdialog.core.interfaces import (

@@ -15,7 +15,8 @@ from sharing_model import CAT_PROMPT, exported_dir, run_cli, sharing_model
 
 import mmdialog
 from mmdialog import ConfigError
-from mmdialog.core.export import check_folder, export, load, save_pretrained
+from mmdialog.core.assembler import export, load
+from mmdialog.core.export import check_folder, save_pretrained
 
 WEIGHTS, MANIFEST = "model.safetensors", "mmdialog.json"
 

@@ -19,9 +19,9 @@ from sharing_model import run_cli
 
 import mmdialog
 from mmdialog import ConfigError
+from mmdialog.core.assembler import export
 from mmdialog.core.checkpoint import read_checkpoint, save_trainable
 from mmdialog.core.config import dump_config, load_config
-from mmdialog.core.export import export
 
 REFUSED = r"checkpoint '.*' is refused: it holds Python objects besides tensors and plain data, and unpickling " \
           r"them could run code"

@@ -8,8 +8,9 @@ Then every parameter is frozen and exactly the groups the policy names are
 unfrozen. The policy's defaults are what each plugin marks
 ``trainable_by_default`` (it knows its own parts).
 
-Saved models (``load``, ``export``) compose through ``build`` too; they live
-beside their folder format in ``core/export.py``.
+``load`` builds a saved model back (an exported folder, a training
+checkpoint, or a preset) and ``export`` turns a checkpoint into a folder: both
+compose through ``build``; the folder format is ``core/export.py``.
 """
 from __future__ import annotations
 
@@ -20,15 +21,28 @@ from typing import Any
 import torch
 
 from mmdialog.core import assets
+from mmdialog.core.checkpoint import BEST, LAST, TRAINABLE, find_checkpoint, read_checkpoint
 from mmdialog.core.config import (
+    PRESETS,
     Config,
+    config_from_yaml,
     load_config,
     plugin_options,
 )
 from mmdialog.core.errors import ConfigError
+from mmdialog.core.export import (
+    MANIFEST,
+    check_destination,
+    check_finite,
+    check_tokens,
+    load_weights,
+    read_folder,
+    save_pretrained,
+)
 from mmdialog.core.interfaces import BUILD_ORDER, BuildContext
 from mmdialog.core.model import DialogueModel
 from mmdialog.core.quantization import is_quantized
+from mmdialog.core.reading import read_json
 from mmdialog.core.registry import default_registry
 from mmdialog.core.verbosity import quietly
 
@@ -110,3 +124,67 @@ def apply_freeze_policy(model: DialogueModel, overrides: dict[str, bool]) -> lis
             p.requires_grad_(True)
     model.trainable_groups = on
     return on
+
+
+# -- saved models -------------------------------------------------------------------------------
+@quietly
+def load(path: str | Path = "tiny", *, generator: str | dict[str, Any] | None = None,
+         retriever: str | dict[str, Any] | None = None, device: str | torch.device | None = None,
+         trust_remote_code: bool = False, allow_unverified: bool = False) -> DialogueModel:
+    """Restore a model from a folder written by ``save_pretrained`` / ``export``.
+
+    A preset name (``"tiny"``) or a training checkpoint (``trainable.pt``,
+    ``.ckpt``, run folder) is accepted too. ``generator`` swaps the generator
+    chain (``"library"``, ``"library,sd"``, ``{"name": "sd", ...}``): the
+    trained generator weights are kept when the chain's generator is the
+    plugin they were trained with, and left out when it is another one.
+    ``retriever`` (a spec) sets the chain's retriever after ``generator``.
+
+    ``trust_remote_code``: as ``build``. ``allow_unverified`` loads an exported
+    folder whose manifest predates SHA-256 digests of every file (format 1 or
+    2) — only for a folder you trust; ``mmdialog export --upgrade`` re-hashes one.
+    """
+    components = {k: v for k, v in (("generator", generator), ("retriever", retriever)) if v is not None}
+    text = str(path)
+    if text in PRESETS or (text.endswith((".yaml", ".yml")) and Path(text).is_file()):
+        model = build(text, trust_remote_code=trust_remote_code, **components)
+        model.eval()
+        return model.to(device) if device is not None else model
+    folder = Path(text).expanduser()
+    is_run = folder.is_file() or any((folder / f).is_file() for f in (BEST, TRAINABLE, LAST))
+    if not is_run or (folder / MANIFEST).exists():
+        weights, config_yaml, tokens, where = read_folder(folder, allow_unverified=allow_unverified)
+    else:
+        where = f"checkpoint '{find_checkpoint(folder)}'"
+        weights, config_yaml, _ = read_checkpoint(folder)
+        tokens = None
+        check_finite(weights, where)  # before anything is built or copied
+    trained = config_from_yaml(config_yaml, where)
+    config = load_config(trained, **components)
+    swapped = () if config.model.generator.name == trained.model.generator.name else ("generator",)
+    model = build(config, trust_remote_code=trust_remote_code)
+    if tokens is not None:
+        check_tokens(model, tokens, where)
+    load_weights(model, weights, where, swapped)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def export(ckpt: str | Path, out_dir: str | Path, metrics: dict[str, Any] | str | Path | None = None,
+           *, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
+    """Turn a training checkpoint into a self-contained folder (``core/export.py``).
+
+    The model is rebuilt once, to check that every weight has its place and to
+    record the tokenizer additions the weights were trained with.
+    """
+    out = check_destination(out_dir, overwrite)  # before the build: a typo should not cost a minute
+    weights, config_yaml, ckpt_metrics = read_checkpoint(ckpt)
+    check_finite(weights, f"refusing to export checkpoint '{ckpt}'")
+    if isinstance(metrics, (str, Path)):
+        metrics = read_json(Path(metrics).expanduser(), "metrics")
+    config = config_from_yaml(config_yaml, f"checkpoint '{ckpt}'")
+    model = build(config, trust_remote_code=trust_remote_code)
+    load_weights(model, weights, f"checkpoint '{ckpt}'")
+    return save_pretrained(model, out, {**ckpt_metrics, **(metrics or {})}, overwrite=True)

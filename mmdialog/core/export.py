@@ -1,6 +1,6 @@
-"""The exported model folder, saved and loaded side by side: written by
-``save_pretrained`` and ``export`` (a training checkpoint → a folder), read back
-by ``load`` (which rebuilds the model it describes with the assembler's ``build``).
+"""The exported model folder: written by ``save_pretrained`` (and ``mmdialog
+export``), read back by ``mmdialog.load`` (``core/assembler.py``, which rebuilds
+the model it describes).
 
 An exported folder holds only what training changed; the base checkpoints
 (the LLM, BLIP-2, Stable Diffusion) stay references — a hub id, a local
@@ -41,14 +41,12 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from mmdialog.core.assembler import build
-from mmdialog.core.checkpoint import BEST, LAST, TRAINABLE, find_checkpoint, read_checkpoint, trainable_state
-from mmdialog.core.config import PRESETS, SLOTS, Config, TrainConfig, config_from_yaml, dump_config, load_config
+from mmdialog.core.checkpoint import trainable_state
+from mmdialog.core.config import PRESETS, SLOTS, Config, TrainConfig, config_from_yaml, dump_config
 from mmdialog.core.errors import ConfigError, validation_message
 from mmdialog.core.files import atomic_folder, atomic_write
 from mmdialog.core.pretrained import require_folder
 from mmdialog.core.reading import CONFIG_BYTES, MANIFEST_BYTES, check_file, parse_yaml, read_json, read_text
-from mmdialog.core.verbosity import quietly
 
 if TYPE_CHECKING:
     from mmdialog.core.model import DialogueModel
@@ -357,67 +355,3 @@ def _read_weights(path: Path, where: str) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise ConfigError(f"{where}: {path.name} cannot be read ({e}); is the folder complete?") from None
-
-
-# -- saved models -------------------------------------------------------------------------------
-@quietly
-def load(path: str | Path = "tiny", *, generator: str | dict[str, Any] | None = None,
-         retriever: str | dict[str, Any] | None = None, device: str | torch.device | None = None,
-         trust_remote_code: bool = False, allow_unverified: bool = False) -> DialogueModel:
-    """Restore a model from a folder written by ``save_pretrained`` / ``export``.
-
-    A preset name (``"tiny"``) or a training checkpoint (``trainable.pt``,
-    ``.ckpt``, run folder) is accepted too. ``generator`` swaps the generator
-    chain (``"library"``, ``"library,sd"``, ``{"name": "sd", ...}``): the
-    trained generator weights are kept when the chain's generator is the
-    plugin they were trained with, and left out when it is another one.
-    ``retriever`` (a spec) sets the chain's retriever after ``generator``.
-
-    ``trust_remote_code``: as ``build``. ``allow_unverified`` loads an exported
-    folder whose manifest predates SHA-256 digests of every file (format 1 or
-    2) — only for a folder you trust; ``mmdialog export --upgrade`` re-hashes one.
-    """
-    components = {k: v for k, v in (("generator", generator), ("retriever", retriever)) if v is not None}
-    text = str(path)
-    if text in PRESETS or (text.endswith((".yaml", ".yml")) and Path(text).is_file()):
-        model = build(text, trust_remote_code=trust_remote_code, **components)
-        model.eval()
-        return model.to(device) if device is not None else model
-    folder = Path(text).expanduser()
-    is_run = folder.is_file() or any((folder / f).is_file() for f in (BEST, TRAINABLE, LAST))
-    if not is_run or (folder / MANIFEST).exists():
-        weights, config_yaml, tokens, where = read_folder(folder, allow_unverified=allow_unverified)
-    else:
-        where = f"checkpoint '{find_checkpoint(folder)}'"
-        weights, config_yaml, _ = read_checkpoint(folder)
-        tokens = None
-        check_finite(weights, where)  # before anything is built or copied
-    trained = config_from_yaml(config_yaml, where)
-    config = load_config(trained, **components)
-    swapped = () if config.model.generator.name == trained.model.generator.name else ("generator",)
-    model = build(config, trust_remote_code=trust_remote_code)
-    if tokens is not None:
-        check_tokens(model, tokens, where)
-    load_weights(model, weights, where, swapped)
-    model.eval()
-    if device is not None:
-        model.to(device)
-    return model
-
-
-def export(ckpt: str | Path, out_dir: str | Path, metrics: dict[str, Any] | str | Path | None = None,
-           *, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
-    """Turn a training checkpoint into a self-contained folder.
-
-    The model is rebuilt once, to check that every weight has its place and to
-    record the tokenizer additions the weights were trained with.
-    """
-    out = check_destination(out_dir, overwrite)  # before the build: a typo should not cost a minute
-    weights, config_yaml, ckpt_metrics = read_checkpoint(ckpt)
-    check_finite(weights, f"refusing to export checkpoint '{ckpt}'")
-    if isinstance(metrics, (str, Path)):
-        metrics = read_json(Path(metrics).expanduser(), "metrics")
-    config = config_from_yaml(config_yaml, f"checkpoint '{ckpt}'")
-    model = build(config, trust_remote_code=trust_remote_code)
-    load_weights(model, weights, f"checkpoint '{ckpt}'")
-    return save_pretrained(model, out, {**ckpt_metrics, **(metrics or {})}, overwrite=True)

@@ -181,7 +181,7 @@ def progress_line(label: str):
 
 def load_model(model: str, use: ModelUse):
     """The model a command uses, loaded quietly with the chain and trust flags it was given."""
-    from mmdialog.core.export import load
+    from mmdialog.core.assembler import load
 
     quiet()
     typer.echo(f"loading {model} …", err=True)

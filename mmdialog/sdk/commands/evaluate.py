@@ -49,7 +49,7 @@ def evaluate(
     precheck.checkpoints(checkpoints or [])  # before torch: a typo should not cost seconds
     if data:
         precheck.data(data)
-    from mmdialog.core.assembler import build
+    from mmdialog.core.assembler import build, load
     from mmdialog.core.checkpoint import find_checkpoint
     from mmdialog.core.config import recipe
     from mmdialog.core.data.source import read_dialogues
@@ -57,7 +57,7 @@ def evaluate(
     from mmdialog.core.evaluation import evaluate as run_eval
     from mmdialog.core.evaluation import write_results
     from mmdialog.core.evaluation.metrics.fidelity import load_inception_weights, require_torch_fidelity
-    from mmdialog.core.export import MANIFEST, load
+    from mmdialog.core.export import MANIFEST
 
     if weights not in ("best", "last"):
         raise MMDialogError(f"--weights must be best or last, not {weights!r}")

@@ -38,7 +38,7 @@ def export(
 
     check_destination(out_dir, force)  # before the model builds: a typo should not cost a minute
     quiet()
-    from mmdialog.core.export import export as run
+    from mmdialog.core.assembler import export as run
 
     out = run(ckpt, out_dir, metrics, overwrite=force, trust_remote_code=trust_remote_code)
     check_folder(out)
