@@ -37,6 +37,16 @@ def test_one_shot_message_for_scripts(tmp_path):
     assert Path(photo["path"]).exists() and photo["source"] == "retrieved" and photo["file"].endswith("chelsea.png")
 
 
+def test_a_conversation_longer_than_the_context_is_cut_with_one_note(tmp_path):
+    long = "tell me more about your day, " * 40
+    out = run_cli("chat", str(exported_dir()), *["-m", long] * 5, "--max-new-tokens", "4", "--seed", "0",
+                  "--photos-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    notes = [line for line in out.stderr.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "dropping the oldest turns" in notes[0], out.stderr[-2000:]
+    assert "Warning" not in out.stderr
+
+
 def test_chat_works_on_the_embedded_default_with_no_setup():
     out = run_cli("chat", "--message", "hi! how are you?", "--max-new-tokens", "8", "--seed", "0")
     assert out.returncode == 0, out.stderr[-2000:]

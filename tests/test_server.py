@@ -17,6 +17,20 @@ def server():
         yield client, app
 
 
+def test_a_history_cut_to_fit_says_so_in_the_reply(server):
+    client, _ = server
+    filler = "tell me more about your day, " * 12
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}: {filler}"} for i in range(12)]
+    r = client.post("/v1/chat", json={"messages": [*turns, {"role": "user", "content": HELLO_PROMPT}],
+                                      "options": {"max_new_tokens": 4}})
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["truncated"] and data["dropped_turns"] > 0 and "dropping the oldest turns" in data["notice"]
+    r = client.post("/v1/chat", json={"messages": [{"role": "user", "content": HELLO_PROMPT}],
+                                      "options": {"max_new_tokens": 4}})
+    assert not r.json()["truncated"] and "notice" not in r.json()
+
+
 def png_b64(path, fmt="PNG", size=None) -> str:
     im = Image.open(path).convert("RGB")
     if size:

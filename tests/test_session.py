@@ -63,13 +63,14 @@ def test_long_history_is_cut_from_the_oldest_turn_with_one_warning():
     assert session.prompt_tokens() > model.config.model.max_length
     with pytest.warns(HistoryTruncatedWarning, match="dropping the oldest turns"):
         reply = session.send(HELLO_PROMPT)
-    assert reply.truncated and session.dropped_turns > 0
+    assert reply.truncated and session.dropped_turns > 0 and "dropping the oldest turns" in reply.notice
     assert session.history[0].text != history[0].text and session.history[-2].text == HELLO_PROMPT
     assert session.prompt_tokens() <= model.config.model.max_length
     session.history[:0] = history[:6]
     with warnings.catch_warnings():
         warnings.simplefilter("error", HistoryTruncatedWarning)     # said once per session
-        assert session.send(HELLO_PROMPT).truncated
+        again = session.send(HELLO_PROMPT)
+    assert again.truncated and again.notice is None
     with pytest.raises(MMDialogError, match="message too long"):
         session.send("word " * 2000)
 

@@ -59,8 +59,9 @@ class Reply:
     """What the agent says. ``text`` keeps any ``[img] … [/img]`` markup
     (``plain`` is without it); ``shared`` is the agent's decision to share;
     ``photos`` are the photos produced for ``descriptions``, in order (empty
-    when not drawn). A ``Session`` fills ``paths`` (where it saved each photo)
-    and ``truncated`` (older turns were dropped to fit the context).
+    when not drawn). A ``Session`` fills ``paths`` (where it saved each photo),
+    ``truncated`` (older turns were dropped to fit the context) and, the first
+    time that happens in the session, ``notice``: the one line to tell the user.
     ``length_capped``: the reply hit ``max_new_tokens`` before the end of its turn."""
 
     text: str
@@ -69,6 +70,7 @@ class Reply:
     descriptions: list[str] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)
     truncated: bool = False
+    notice: str | None = None
     length_capped: bool = False
 
     @property

@@ -8,8 +8,10 @@ The user speaks as ``"user"``, the model as ``"assistant"``. Photos the model
 shares are saved (PNG) to the session's folder and re-enter the history as
 ``Photo(description, path)``, so later turns see them as the model was
 trained to. When the history no longer fits ``config.model.max_length`` LLM
-tokens (with room for the reply), the oldest turns are dropped, with one
-``HistoryTruncatedWarning`` per session.
+tokens (with room for the reply), the oldest turns are dropped: the reply says
+so (``reply.truncated``, and ``reply.notice`` the first time; the one place
+that fact travels), and ``send`` warns once per session
+(``HistoryTruncatedWarning``).
 """
 from __future__ import annotations
 
@@ -55,7 +57,8 @@ class Session:
         self.photos_dir = Path(photos_dir)
         self.photos_dir.mkdir(parents=True, exist_ok=True)
         self.dropped_turns = 0
-        self._warned = False
+        self._cut = False     # the reply being written had older turns dropped
+        self._warned = False  # the user was told (reply.notice), once per session
 
     # -- public ---------------------------------------------------------------------------------
     def send(self, text: str = "", images: Iterable[Any] = (),
@@ -66,32 +69,39 @@ class Session:
         each photo when it is produced (``DialogueModel.respond_batch``); the photos
         are saved once the reply is complete."""
         opts = self.options_for(**options)
-        truncated = self.begin(text, images, opts)
+        self.begin(text, images, opts)
         rows = None if stream is None else lambda _, piece: stream(piece)
-        return reply_batch([(self, truncated)], opts, rows)[0]
+        reply = reply_batch([self], opts, rows)[0]
+        if reply.notice:
+            warnings.warn(HistoryTruncatedWarning(reply.notice), stacklevel=2)
+        return reply
 
     def options_for(self, **options: Any) -> GenerationOptions:
         """The session's generation options with ``options`` over them."""
         return GenerationOptions.parse({**self.options.model_dump(), **options}) if options else self.options
 
-    def begin(self, text: str, images: Iterable[Any], options: GenerationOptions) -> bool:
+    def begin(self, text: str, images: Iterable[Any], options: GenerationOptions) -> None:
         """Add the user's turn and fit the history for a reply (first half of
-        ``send``); True when older turns were dropped."""
+        ``send``); whether older turns were dropped is on the reply ``finish`` makes."""
         photos = [self.photo(img) for img in images]
         text = (text or "").strip()
         if not text and not photos:
             raise MMDialogError("empty message: give some text or a photo")
         self.history.append(Turn(USER, text, photos))
         try:
-            return self.fit(options.max_new_tokens)
+            self._cut = self.fit(options.max_new_tokens)
         except MMDialogError:
             self.history.pop()
             raise
 
-    def finish(self, reply: Reply, truncated: bool) -> Reply:
+    def finish(self, reply: Reply) -> Reply:
         """Save the reply's photos and add its turn (second half of ``send``)."""
         reply.paths = [self.save_photo(img) for img in reply.images]
-        reply.truncated = truncated
+        reply.truncated, self._cut = self._cut, False
+        if reply.truncated and not self._warned:
+            self._warned = True
+            reply.notice = (f"the conversation is longer than the model's context "
+                            f"({self.model.config.model.max_length} tokens): dropping the oldest turns from now on")
         # Each photo stays where it was shared in the reply: the next prompt lays the turn
         # out as the model wrote and saw it (text after a photo stays after it).
         plain, offsets = markup.placed(reply.text)
@@ -103,7 +113,7 @@ class Session:
     def reset(self) -> None:
         self.history.clear()
         self.dropped_turns = 0
-        self._warned = False
+        self._cut = self._warned = False
 
     def photo(self, image: Any) -> Photo:
         """A user photo: a path, a PIL image, or ``(either, description)``."""
@@ -144,26 +154,20 @@ class Session:
         if n + max_new_tokens > limit:
             raise MMDialogError(f"message too long: {n} prompt tokens + {max_new_tokens} new tokens exceed the "
                                 f"model's max_length {limit}; shorten it or lower max_new_tokens")
-        if dropped:
-            self.dropped_turns += dropped
-            if not self._warned:
-                self._warned = True
-                warnings.warn(HistoryTruncatedWarning(
-                    f"the conversation is longer than the model's context ({limit} tokens): dropping the "
-                    "oldest turns from now on"), stacklevel=3)
+        self.dropped_turns += dropped
         return bool(dropped)
 
 
-def reply_batch(begun: list[tuple[Session, bool]], options: GenerationOptions,
+def reply_batch(sessions: list[Session], options: GenerationOptions,
                 stream: StreamCallback | None = None) -> list[Reply]:
-    """The replies of sessions whose user turn is in (``Session.begin`` gave each
-    ``truncated``): one ``respond_batch`` over all of them, then ``finish``
-    (how ``mmdialog serve`` answers concurrent requests together)."""
-    model = begun[0][0].model
-    if any(s.model is not model for s, _ in begun):
+    """The replies of sessions whose user turn is in (``Session.begin`` ran): one
+    ``respond_batch`` over all of them, then ``finish`` (how ``mmdialog serve``
+    answers concurrent requests together)."""
+    model = sessions[0].model
+    if any(s.model is not model for s in sessions):
         raise MMDialogError("reply_batch: the sessions must share one model")
-    replies = model.respond_batch([(s.history, AGENT) for s, _ in begun], stream=stream, options=options)
-    return [s.finish(r, truncated) for (s, truncated), r in zip(begun, replies)]
+    replies = model.respond_batch([(s.history, AGENT) for s in sessions], stream=stream, options=options)
+    return [s.finish(r) for s, r in zip(sessions, replies)]
 
 
 def _remove_if_empty(folder: Path) -> None:

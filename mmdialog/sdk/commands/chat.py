@@ -34,12 +34,11 @@ def _print_reply(reply, as_json: bool = False) -> None:
 def _send(session, text: str, images: list[str], as_json: bool = False):
     from mmdialog.core.session import HistoryTruncatedWarning
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", HistoryTruncatedWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HistoryTruncatedWarning)  # said here, from the reply
         reply = session.send(text, images=images)
-    for w in caught:
-        if issubclass(w.category, HistoryTruncatedWarning):
-            typer.echo(f"note: {w.message}", err=True)
+    if reply.notice:
+        typer.echo(f"note: {reply.notice}", err=True)
     _print_reply(reply, as_json)
     return reply
 

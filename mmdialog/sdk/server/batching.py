@@ -26,7 +26,6 @@ from mmdialog.sdk.server.limits import ApiError
 @dataclass
 class Job:
     session: Session             # history ends with the user's turn (``Session.begin`` ran)
-    truncated: bool
     options: GenerationOptions
     prompt_tokens: int = 0       # LLM tokens of the prompt's text
     on_piece: Callable[[Any], None] | None = None  # called in the event loop with text deltas / photos
@@ -131,7 +130,7 @@ class Batcher:
 def _reply_batch(batch: list[Job], stream) -> list[Reply]:
     """One ``reply_batch``, and each reply's token count (in the worker thread:
     tokenizing is no work for the event loop)."""
-    replies = reply_batch([(j.session, j.truncated) for j in batch], batch[0].options, stream)
+    replies = reply_batch([j.session for j in batch], batch[0].options, stream)
     tokenizer = batch[0].session.model.llm.tokenizer
     for j, r in zip(batch, replies):
         j.completion_tokens = len(tokenizer(r.text, add_special_tokens=False)["input_ids"])

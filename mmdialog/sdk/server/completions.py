@@ -74,7 +74,7 @@ async def completions(request: Request):
                 for r in server.photo_records(reply, base, upto)]
 
     if not req.stream:
-        job, _ = await server.submit(chat_req, uploads)
+        job = await server.submit(chat_req, uploads)
         reply = await server.reply(job)
         text, kept, finish = answer(reply, stops)
         return {**head, "object": "chat.completion", "usage": usage(job), "choices": [{
@@ -83,7 +83,7 @@ async def completions(request: Request):
 
     with_usage = req.stream_options is not None and req.stream_options.include_usage
     pieces: asyncio.Queue = asyncio.Queue()
-    job, _ = await server.submit(chat_req, uploads, on_piece=pieces.put_nowait)
+    job = await server.submit(chat_req, uploads, on_piece=pieces.put_nowait)
     # Queued now, not when the stream is first read: a client gone before that still has
     # its job run and its uploads deleted when the job ends.
     replied = asyncio.ensure_future(server.reply(job))

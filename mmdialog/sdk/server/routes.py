@@ -4,7 +4,6 @@ the shared photos) and the one path of a request to the model."""
 from __future__ import annotations
 
 import html
-import warnings
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -16,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from mmdialog.core.errors import MMDialogError
 from mmdialog.core.reply import GenerationOptions, Reply
-from mmdialog.core.session import HistoryTruncatedWarning, Session
+from mmdialog.core.session import Session
 from mmdialog.sdk.server.batching import Batcher, Job
 from mmdialog.sdk.server.limits import ApiError, Limits
 from mmdialog.sdk.server.photos import SharedPhotos
@@ -41,7 +40,7 @@ class Server:
         self.photos = SharedPhotos(self.photos_dir, limits.keep_photos, limits.keep_photos_s)
         self.batcher = Batcher(limits.max_batch, limits.max_queue)
 
-    async def submit(self, req: ChatRequest, uploads: list[bytes], on_piece=None) -> tuple[Job, str | None]:
+    async def submit(self, req: ChatRequest, uploads: list[bytes], on_piece=None) -> Job:
         """Check ``req``, write its images, start a session with its turns and
         queue it for the next batch (in a worker thread: decoding images and
         tokenizing are no work for the event loop). Its uploads are deleted when
@@ -55,33 +54,30 @@ class Server:
         self.batcher.check_room()
         self.batcher.arriving += 1
         try:
-            session, truncated, opts, n_prompt, notice = await run_in_threadpool(self._prepare, req, uploads, written)
+            session, opts, n_prompt = await run_in_threadpool(self._prepare, req, uploads, written)
         except BaseException:
             clean()
             raise
         finally:
             self.batcher.arriving -= 1
-        job = Job(session, truncated, opts, prompt_tokens=n_prompt, on_piece=on_piece)
+        job = Job(session, opts, prompt_tokens=n_prompt, on_piece=on_piece)
         job.future.add_done_callback(clean)
-        return job, notice
+        return job
 
     def _prepare(self, req: ChatRequest, uploads: list[bytes],
-                 written: list[Path]) -> tuple[Session, bool, GenerationOptions, int, str | None]:
-        """The session, whether turns were dropped, its options, its prompt's
-        token count (for ``usage``) and the notice that says turns were dropped."""
+                 written: list[Path]) -> tuple[Session, GenerationOptions, int]:
+        """The session (turns dropped to fit are said by its reply), its options and
+        its prompt's token count (for ``usage``)."""
         history, (text, images) = to_turns(req, uploads, self.limits, self.photos.get, self.uploads_dir, written)
         options = to_options(req.options, self.limits)
         session = self.factory(self.photos_dir)
         session.history = list(history)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", HistoryTruncatedWarning)
-            try:
-                opts: GenerationOptions = session.options_for(**options)
-                truncated = session.begin(text, images, opts)
-            except MMDialogError as e:
-                raise ApiError(422, "invalid_request", str(e)) from None
-        notices = [str(w.message) for w in caught if issubclass(w.category, HistoryTruncatedWarning)]
-        return session, truncated, opts, session.prompt_tokens(), (notices[0] if notices else None)
+        try:
+            opts: GenerationOptions = session.options_for(**options)
+            session.begin(text, images, opts)
+        except MMDialogError as e:
+            raise ApiError(422, "invalid_request", str(e)) from None
+        return session, opts, session.prompt_tokens()
 
     async def reply(self, job: Job) -> Reply:
         """The job's reply (its photos now served), once its batch ran."""
@@ -137,11 +133,11 @@ async def files(request: Request, file: str):
 async def chat(request: Request):
     server = server_of(request)
     req, uploads = await read_body(request, ChatRequest, server.limits)
-    job, notice = await server.submit(req, uploads)
+    job = await server.submit(req, uploads)
     reply = await server.reply(job)
     out = {"text": reply.plain, "raw_text": reply.text, "shared": reply.shared, "photos": server.photo_records(reply),
            "truncated": reply.truncated, "length_capped": reply.length_capped,
            "dropped_turns": job.session.dropped_turns}
-    if notice:
-        out["notice"] = notice
+    if reply.notice:
+        out["notice"] = reply.notice
     return out
