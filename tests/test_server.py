@@ -19,8 +19,8 @@ def server():
 
 def test_a_history_cut_to_fit_says_so_in_the_reply(server):
     client, _ = server
-    filler = "tell me more about your day, " * 12
-    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}: {filler}"} for i in range(12)]
+    filler = "tell me more about your day, " * 30
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}: {filler}"} for i in range(4)]
     r = client.post("/v1/chat", json={"messages": [*turns, {"role": "user", "content": HELLO_PROMPT}],
                                       "options": {"max_new_tokens": 4}})
     assert r.status_code == 200, r.text
