@@ -181,3 +181,15 @@ def test_core_names_no_builtin_plugin_or_group():
     found = [f"{f.relative_to(PACKAGE.parent)}:{line}: {value!r}" for f in sorted((PACKAGE / "core").rglob("*.py"))
              for line, value in string_constants(f) if value in names]
     assert found == []
+
+
+def test_one_docstring_dialect():
+    """Prose with ``names`` (docs/design.md §4): no Sphinx roles, no Google-style blocks."""
+    import re
+
+    found = [f"{path.relative_to(PACKAGE)}:{n}" for path in sorted(PACKAGE.rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if re.search(r":(func|class|data|meth|attr|mod|obj):`", line)
+             or re.fullmatch(r"\s*(Args|Returns|Raises|Parameters):\s*", line)]
+    assert found == []
+

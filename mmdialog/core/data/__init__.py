@@ -10,7 +10,7 @@ Entry point::
     print(result.report.format())
 
 Nothing here imports torch (``to_tensor`` imports it when called) or typer
-(the ``mmdialog data`` commands live in :mod:`mmdialog.sdk.commands.data`).
+(the ``mmdialog data`` commands live in ``mmdialog.sdk.commands.data``).
 """
 from mmdialog.core.data.check import check_dataset
 from mmdialog.core.data.demo import DEMO_DIR, demo_dialogues

@@ -26,7 +26,7 @@ def check_dataset(
     missing and corrupt images, bad records, bad files, warnings) and problems.
 
     With ``echo=True`` the report is printed (to ``out``, default stdout).
-    ``strict=True`` raises :class:`DataError` at the first problem.
+    ``strict=True`` raises ``DataError`` at the first problem.
     """
     result = load_dialogues(path, format=format, split=split, strict=strict, image_dir=image_dir,
                             verify_images=verify_images, **load_kwargs)

@@ -14,7 +14,7 @@ Mapping:
   joined by a space, as for PhotoChat.
 * ``speaker`` names are kept (``speaker_names="keep"``, default) or replaced by
   their order of appearance ``"0"``, ``"1"``, … (``speaker_names="index"``).
-* Every element of ``shared_image`` becomes a :class:`Photo` on that
+* Every element of ``shared_image`` becomes a ``Photo`` on that
   utterance's turn (several per turn and per dialogue are fine; ``offset`` marks
   the end of that utterance's text). An element may be a URL string or an
   object with any of ``image_url``/``url``/``img_url`` (URL),

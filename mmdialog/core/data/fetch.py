@@ -2,7 +2,7 @@
 
 ``fetch_images(dialogues, out_dir)`` downloads every distinct photo URL to
 ``out_dir/<url_filename(url)>`` (SHA-1 name, see
-:mod:`mmdialog.core.data.images`), which is where ``load_dialogues(...,
+``mmdialog.core.data.images``), which is where ``load_dialogues(...,
 image_dir=out_dir)`` looks. It is
 
 * **parallel**: ``workers`` threads;
@@ -257,7 +257,7 @@ def fetch_images(dialogues: Iterable[Dialogue], out_dir: str | os.PathLike, *, u
     """Download the photos of ``dialogues`` (a list or a ``LoadResult``) into ``out_dir``.
 
     With ``update_paths`` (default) each photo whose file is now present gets
-    ``Photo.path`` set. Keyword arguments go to :func:`fetch_urls` (``workers``,
+    ``Photo.path`` set. Keyword arguments go to ``fetch_urls`` (``workers``,
     ``retries``, ``backoff``, ``timeout``, ``rate_limit``, ``max_bytes``, …).
     """
     photos = [p for d in dialogues for p in d.photos]

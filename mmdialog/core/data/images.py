@@ -10,22 +10,22 @@ by, in order:
    ``train/a1a9d7a530eade0b``), then ``<dir>/<basename(id)>.<ext>``;
 2. its ``url``: ``<dir>/<url_filename(url)>`` -- the first 16 hex digits of
    the SHA-1 of the URL plus the URL's extension (``.jpg`` when it has none
-   we know) -- which is the name :func:`~mmdialog.core.data.fetch.fetch_images`
+   we know) -- which is the name ``mmdialog.core.data.fetch.fetch_images``
    downloads to; the hash stem with any image extension is accepted too;
 3. the URL's own file name (``15705071685_5d905852c2_o.jpg``), for folders
    filled with wget.
 
 Loading
 -------
-:func:`load_image` always returns an 8-bit RGB ``PIL.Image``: transparency
+``load_image`` always returns an 8-bit RGB ``PIL.Image``: transparency
 (RGBA/LA/PA, palette or colour-key ``tRNS``) is composited on white, palette,
 greyscale, 1-bit, CMYK and 16-bit images are converted, and EXIF orientation is
-applied. A **huge image** raises :class:`DataError` before any pixel is
+applied. A **huge image** raises ``DataError`` before any pixel is
 decoded when ``width × height > max_pixels`` (default: Pillow's own limit,
 89,478,485 px, about 9459²); we chose a clear error over silent downscaling,
 since such a file is almost always a mistake or a decompression bomb -- pass a
 larger ``max_pixels`` to accept it. A corrupt or truncated file raises
-:class:`DataError` naming the path.
+``DataError`` naming the path.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 DEFAULT_EXT = ".jpg"
-#: Default pixel limit of :func:`load_image` (Pillow's ``Image.MAX_IMAGE_PIXELS`` default).
+#: Default pixel limit of ``load_image`` (Pillow's ``Image.MAX_IMAGE_PIXELS`` default).
 MAX_PIXELS = 89_478_485
 
 PathLike = Union[str, os.PathLike]
@@ -142,7 +142,7 @@ _INDEX_LOCK = threading.Lock()
 
 
 def image_index(image_dir: PathLike, *, refresh: bool = False) -> ImageIndex:
-    """A (cached per folder and modification time) :class:`ImageIndex`."""
+    """A (cached per folder and modification time) ``ImageIndex``."""
     root = Path(image_dir).resolve()
     try:
         mtime = root.stat().st_mtime
@@ -213,7 +213,7 @@ def load_image(path: PathLike, size: int | None = None, *, max_pixels: int | Non
     With ``size``, the result is ``size × size``: shorter side resized to
     ``size``, then center-cropped (JPEGs are decoded at a reduced scale when
     that is enough, which is much faster for big photos).
-    Raises :class:`DataError` (message names the path) for a missing, corrupt,
+    Raises ``DataError`` (message names the path) for a missing, corrupt,
     truncated or too large file.
     """
     path = Path(path)
@@ -269,7 +269,7 @@ def verify_image(path: PathLike, *, max_pixels: int | None = MAX_PIXELS) -> None
 
 
 class VerifiedPhotos:
-    """What :func:`verify_image` said of each photo, remembered between starts in
+    """What ``verify_image`` said of each photo, remembered between starts in
     ``$MMDIALOG_CACHE/verified.sqlite`` by (path, size, mtime): a second start does not
     decode every photo again, and a photo changed since is decoded anew. Several
     processes may share the file (SQLite locks it)."""

@@ -31,7 +31,7 @@ Rules:
 * Blank lines are ignored. A ``.json`` file holding a list of such objects is
   read too, and files may be gzip-compressed (``.jsonl.gz``).
 
-:func:`write_jsonl` writes this format, so every reader's output can be
+``write_jsonl`` writes this format, so every reader's output can be
 converted to it and read back unchanged.
 """
 from __future__ import annotations

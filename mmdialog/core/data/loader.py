@@ -85,36 +85,31 @@ def load_dialogues(
     max_turn_chars: int = MAX_TURN_CHARS,
     max_record_chars: int = MAX_RECORD_CHARS,
 ) -> LoadResult:
-    """Load dialogues from a PhotoChat / DialogCC / mmdialog-JSONL file or folder.
+    """Load dialogues from a PhotoChat / DialogCC / mmdialog-JSONL file or folder:
+    a ``LoadResult`` with ``dialogues`` and ``report`` (counts and one problem
+    message per bad file / record / image, naming file and record).
 
-    Args:
-        path: a data file (``.json``, ``.jsonl``, optionally ``.gz``) or a folder,
-            searched recursively (PhotoChat root ``{train,dev,test}/*.json``,
-            DialogCC ``{train,valid,test}.json``, any ``*.jsonl``, the Hub's Parquet files),
-            or ``hf:OWNER/NAME`` (a dataset on the Hugging Face Hub, through its cache).
-        format: ``"auto"`` (default: detected per file from the records' keys),
-            ``"photochat"``, ``"dialogcc"``, ``"jsonl"``, or a format a plugin
-            registers through the ``mmdialog_dataset_formats`` hook.
-        split: ``"train"``/``"dev"``/``"test"`` (``valid`` = ``dev``): leave out files
-            named for another split (``dev_00.json``, ``test/…``, ``valid.json``)
-            and dialogues whose record says another split. ``None``: everything.
-        strict: raise :class:`DataError` at the first problem (bad file, bad
-            record, missing image when images were asked for, corrupt image)
-            instead of reporting it and skipping.
-        image_dir: folder of local images; photos are matched by id / URL hash
-            (see :mod:`mmdialog.core.data.images`) and ``Photo.path`` is set.
-        verify_images: decode every found image (cheaply); a corrupt one is
-            reported and its ``path`` reset to None.
-        description_style, person: PhotoChat description cleaning
-            (see :mod:`mmdialog.core.data.photochat`).
-        speaker_names: DialogCC speakers, ``"keep"`` names or ``"index"`` → "0", "1", …
-        limit: stop after this many dialogues (for quick looks at big files).
-        max_turn_chars, max_record_chars: a record with a turn, or a total, over
-            this many characters is skipped and counted (:mod:`mmdialog.core.data.limits`).
-
-    Returns:
-        :class:`LoadResult` with ``dialogues`` and ``report`` (counts and one
-        problem message per bad file / record / image, naming file and record).
+    ``path``: a data file (``.json``, ``.jsonl``, optionally ``.gz``) or a folder,
+    searched recursively (PhotoChat root ``{train,dev,test}/*.json``, DialogCC
+    ``{train,valid,test}.json``, any ``*.jsonl``, the Hub's Parquet files), or
+    ``hf:OWNER/NAME`` (a dataset on the Hugging Face Hub, through its cache).
+    ``format``: ``"auto"`` (detected per file from the records' keys),
+    ``"photochat"``, ``"dialogcc"``, ``"jsonl"``, or a format a plugin registers
+    through the ``mmdialog_dataset_formats`` hook. ``split``: ``"train"`` /
+    ``"dev"`` / ``"test"`` (``valid`` = ``dev``) leaves out files named for
+    another split (``dev_00.json``, ``test/…``, ``valid.json``) and dialogues
+    whose record says another split; ``None``: everything. ``strict``: raise
+    ``DataError`` at the first problem (bad file, bad record, missing image
+    when images were asked for, corrupt image) instead of reporting it and
+    skipping. ``image_dir``: folder of local images, matched by id / URL hash
+    (``mmdialog.core.data.images``), which sets ``Photo.path``.
+    ``verify_images``: decode every found image (cheaply); a corrupt one is
+    reported and its ``path`` reset to None. ``description_style``, ``person``:
+    PhotoChat description cleaning (``mmdialog.core.data.photochat``).
+    ``speaker_names``: DialogCC speakers, ``"keep"`` names or ``"index"`` → "0",
+    "1", …. ``limit``: stop after this many dialogues (quick looks at big files).
+    ``max_turn_chars``, ``max_record_chars``: a record with a turn, or a total,
+    over this many characters is skipped and counted (``core/data/limits.py``).
     """
     from mmdialog.core.registry import default_registry
 

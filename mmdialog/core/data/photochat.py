@@ -10,10 +10,10 @@ each a top-level list of records::
 ``path`` may be one file, a split folder (``train/*.json``) or the root folder
 (``{train,dev,test}/*.json``; pass ``split=`` to load one split).
 
-Mapping onto :class:`~mmdialog.core.data.schema.Dialogue`:
+Mapping onto ``mmdialog.core.data.schema.Dialogue``:
 
 * **Turns.** Consecutive messages of one speaker are merged into one
-  :class:`Turn`, joined with a single **space** (messages are stripped first;
+  ``Turn``, joined with a single **space** (messages are stripped first;
   a space keeps the merged turn a normal sentence sequence for the LM and for
   BLEU/ROUGE, unlike a newline). Speakers are the ``user_id`` as a string,
   ``"0"``/``"1"``.
@@ -21,7 +21,7 @@ Mapping onto :class:`~mmdialog.core.data.schema.Dialogue`:
   ``Photo(id=photo_id, url=photo_url, description=cleaned)`` to the sharer's
   turn, i.e. merged with that speaker's adjacent messages. ``Photo.offset`` is
   where in the merged text the photo was shared, so
-  :meth:`Turn.text_with_photos` renders ``"… cake. [img] Food, Cake [/img] It was …"``.
+  ``Turn.text_with_photos`` renders ``"… cake. [img] Food, Cake [/img] It was …"``.
 * **Ids.** ``Dialogue.id`` is ``"<split>/<dialogue_id>"`` (``"train/0"``) when the
   split is known from the folder or file name (``train_00.json``,
   ``dev/…``), else ``str(dialogue_id)``; ids restart at 0 in every split.

@@ -1,8 +1,8 @@
 """Load reports: counts plus one message per problem (file + record id).
 
 Readers never raise on bad records by default; they call
-:meth:`LoadReport.add_problem`, which records the problem and, when the report
-is ``strict``, raises :class:`~mmdialog.core.errors.DataError` at once.
+``LoadReport.add_problem``, which records the problem and, when the report
+is ``strict``, raises ``mmdialog.core.errors.DataError`` at once.
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ class LoadReport:
         return text
 
     def format(self, max_problems: int | None = 20) -> str:
-        """Multi-line human report: :meth:`headline`, one ``name  value`` line per
+        """Multi-line human report: ``headline``, one ``name  value`` line per
         count, then up to ``max_problems`` problems (one line each)."""
         width = max(len(k) for k in self.counts())
         lines = [self.headline()]
@@ -137,7 +137,7 @@ class LoadReport:
 
 @dataclass
 class LoadResult:
-    """What :func:`~mmdialog.core.data.load_dialogues` returns."""
+    """What ``mmdialog.core.data.load_dialogues`` returns."""
 
     dialogues: list[Dialogue]
     report: LoadReport

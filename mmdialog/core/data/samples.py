@@ -45,6 +45,6 @@ def turn_samples(dialogue: Dialogue, *, speakers: Iterable[str] | None = None) -
 
 
 def dialogue_samples(dialogues: Iterable[Dialogue], *, speakers: Iterable[str] | None = None) -> list[TurnSample]:
-    """:func:`turn_samples` over many dialogues, in order."""
+    """``turn_samples`` over many dialogues, in order."""
     sp = None if speakers is None else list(speakers)
     return [s for d in dialogues for s in turn_samples(d, speakers=sp)]

@@ -21,7 +21,7 @@ class Photo:
     ``path`` is the resolved local image file, ``None`` when not available.
     ``offset`` (added by the data layer) is the character position in the
     owning turn's ``text`` at which the photo was shared; ``None`` means "after
-    the text" (see :meth:`Turn.text_with_photos`).
+    the text" (see ``Turn.text_with_photos``).
     """
 
     id: str | None = None

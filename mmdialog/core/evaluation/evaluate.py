@@ -91,7 +91,7 @@ def image_sets(turns: list[GeneratedTurn]) -> tuple[list[str], list[str], dict[s
 def score(turns: list[GeneratedTurn], inception_weights: str | None = None, clip_model: str | None = None,
           image_size: int = REFERENCE_IMAGE_SIZE, scoring: Literal["ours", "reference"] = "ours") -> dict[str, Any]:
     """All metrics of one model's generated turns; FID/KID/IS over the
-    :func:`image_sets` at ``image_size``² (:func:`set_scores`). ``reasons``
+    ``image_sets`` at ``image_size``² (``set_scores``). ``reasons``
     says why a metric is None. ``clip_model``: a local CLIP folder; adds the
     CLIP score of each generated photo against the description it was drawn from.
     ``scoring="reference"``: the text as the reference scores it (``markup.strip_reference``:

@@ -63,7 +63,7 @@ def results_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
     A missing / None / NaN value prints as "– (k)", with list item k below the
     table giving its reason: ``row["reasons"][key]`` (as
-    :func:`~mmdialog.core.evaluation.score` fills it), else "not reported for
+    ``mmdialog.core.evaluation.score`` fills it), else "not reported for
     this row". Numbers print with two
     decimals. A row with ``comparable`` False gets its image metrics marked
     "†" and a footnote saying they are not comparable with published FID/IS.

@@ -78,6 +78,6 @@ def clip_scores(
 def clip_score(
     images: Any, texts: Sequence[str], model: Any, processor: Any, *, batch_size: int = 32
 ) -> float:
-    """Mean of :func:`clip_scores` over all pairs (0 for no pairs)."""
+    """Mean of ``clip_scores`` over all pairs (0 for no pairs)."""
     s = clip_scores(images, texts, model, processor, batch_size=batch_size)
     return float(s.mean()) if s.numel() else 0.0

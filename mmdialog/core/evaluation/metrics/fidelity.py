@@ -21,7 +21,7 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 
 def require_torch_fidelity() -> Any:
-    """The ``torch_fidelity`` module, or a one-line :class:`DependencyError`
+    """The ``torch_fidelity`` module, or a one-line ``DependencyError``
     saying what to install (it imports torchvision, which must be the build
     made for the installed torch)."""
     try:
@@ -62,7 +62,7 @@ def load_inception_weights(path: str | Path) -> dict[str, Tensor]:
 @contextmanager
 def fidelity_weights_file(path: str | Path) -> Iterator[str]:
     """A private copy of the weights holding only the tensors read safely by
-    :func:`load_inception_weights`: torch-fidelity opens its weights path with
+    ``load_inception_weights``: torch-fidelity opens its weights path with
     ``weights_only=False``, so it never sees the user's file itself."""
     state = load_inception_weights(path)
     with tempfile.TemporaryDirectory(prefix="mmdialog-inception-") as tmp:
@@ -76,7 +76,7 @@ class TorchFidelityInceptionExtractor(nn.Module):
 
     Wraps ``torch_fidelity.FeatureExtractorInceptionV3("inception-v3-compat",
     ["2048", "logits_unbiased"])`` with the weights of
-    :func:`load_inception_weights`. Input uint8 (N,3,H,W) of any size
+    ``load_inception_weights``. Input uint8 (N,3,H,W) of any size
     (resized internally to 299). Output ``(pool features (N, 2048), logits (N, 1008))``.
     """
 

@@ -1,7 +1,7 @@
 """Image metrics: FID, KID and Inception Score over the reference's two
-unpaired photo sets (:func:`set_scores`), via ``torch-fidelity`` as the
+unpaired photo sets (``set_scores``), via ``torch-fidelity`` as the
 reference computes them (``fidelity.py``), or via ``torchmetrics`` with a
-pluggable feature network (:class:`ImageMetrics`, :func:`feature_extractor`;
+pluggable feature network (``ImageMetrics``, ``feature_extractor``;
 without Inception weights the stand-in of ``stand_in.py``). The CLIP score is
 ``clip.py``.
 """
@@ -25,14 +25,14 @@ from mmdialog.core.evaluation.metrics.stand_in import NOT_COMPARABLE_NOTE, Rando
 
 
 def feature_extractor(inception_weights: str | None = None, *, seed: int = 0) -> nn.Module:
-    """Build the feature network for :class:`ImageMetrics`.
+    """Build the feature network for ``ImageMetrics``.
 
     * ``inception_weights`` given: the published-metrics Inception-v3 loaded from
-      that local file through ``torch-fidelity`` (:class:`TorchFidelityInceptionExtractor`,
-      ``comparable = True``). Raises :class:`DependencyError` saying what to
+      that local file through ``torch-fidelity`` (``TorchFidelityInceptionExtractor``,
+      ``comparable = True``). Raises ``DependencyError`` saying what to
       install when ``torch_fidelity`` (and hence torchvision) is unavailable,
       and ``ConfigError`` when the file is missing or holds other weights.
-    * ``None``: :class:`RandomConvFeatureExtractor` (``comparable = False``) -
+    * ``None``: ``RandomConvFeatureExtractor`` (``comparable = False``) -
       results are **not comparable with published FID/IS**.
 
     Every returned module maps uint8 (N,3,H,W) to ``(features, logits)`` and
@@ -93,7 +93,7 @@ class ImageMetrics:
     * IS: Salimans et al. 2016, ``exp(E_x KL(p(y|x) || p(y)))`` on the *generated*
       images, mean/std over ``min(is_splits, n_fake)`` splits.
 
-    ``extractor`` (default: :func:`feature_extractor` of ``inception_weights``)
+    ``extractor`` (default: ``feature_extractor`` of ``inception_weights``)
     must map uint8 (N,3,H,W) to ``(features, logits)`` and have an integer
     ``num_features`` (optional ``name``, ``comparable``, ``num_classes``).
     ``update_real`` / ``update_fake`` take uint8 (N,3,H,W) or float in [0, 1].
@@ -240,9 +240,9 @@ def set_scores(generated: Sequence[str | Path], gold: Sequence[str | Path], ince
     calculate_metrics(input1=generated, input2=gold, isc=True, isc_splits=10,
     fid=True, batch_size=32)`` on 512² photos).
 
-    With ``inception_weights`` (a local copy of :data:`INCEPTION_FILE`) the
+    With ``inception_weights`` (a local copy of ``INCEPTION_FILE``) the
     scores come from torch-fidelity itself and are ``comparable``; without, from
-    :class:`ImageMetrics` with the seeded stand-in network (not comparable).
+    ``ImageMetrics`` with the seeded stand-in network (not comparable).
     ``notes["generated" | "gold"]``: why that set is empty, for the reason.
 
     Returns ``fid, kid_mean, kid_std, is_mean, is_std`` (None when they cannot

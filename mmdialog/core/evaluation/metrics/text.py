@@ -1,13 +1,13 @@
 """Text metrics of the paper's Table 1 (Guo et al. 2024): BLEU-1, BLEU-2 (the
-paper's single-n-gram variant, :func:`bleu`) and ROUGE-L F1 (:func:`rouge_l`)
+paper's single-n-gram variant, ``bleu``) and ROUGE-L F1 (``rouge_l``)
 on replies with their ``[img] … [/img]`` spans removed; standard sacreBLEU
-(:func:`sacrebleu_score`) for comparability with other work; intent
-precision / recall / F1 (:func:`intent_prf`) and description scores on share
-turns (:func:`description_scores`).
+(``sacrebleu_score``) for comparability with other work; intent
+precision / recall / F1 (``intent_prf``) and description scores on share
+turns (``description_scores``).
 
 Two tokenisations. The headline numbers use the reference code's,
-:func:`reference_tokenize` (``str.split()``, case kept), so they can be put
-next to the paper's. The normalised variant (:func:`tokenize`, the default of
+``reference_tokenize`` (``str.split()``, case kept), so they can be put
+next to the paper's. The normalised variant (``tokenize``, the default of
 the functions below) is reported beside them, labelled: the text is lower-cased
 and split with the regular expression ``\\w+|[^\\w\\s]``, i.e. maximal runs of
 word characters (letters, digits, underscore, Unicode-aware) are tokens and
@@ -130,8 +130,8 @@ def bleu(hyps: Sequence[str], refs: References, n: int = 1, tokenizer: Tokenizer
     ``r``: summed closest reference lengths). Unlike standard BLEU-4 there is
     no geometric mean over orders 1..n: BLEU-2 uses bigram precision only, as
     in the photo-sharing dialogue literature (PhotoChat / Guo et al. 2024).
-    Texts are tokenised with ``tokenizer`` (:func:`tokenize`; the reference's is
-    :func:`reference_tokenize`). Returns 0 when the hypotheses contain no n-grams.
+    Texts are tokenised with ``tokenizer`` (``tokenize``; the reference's is
+    ``reference_tokenize``). Returns 0 when the hypotheses contain no n-grams.
     """
     if n < 1:
         raise ValueError("n must be >= 1")
@@ -149,9 +149,9 @@ def bleu_geometric(hyps: Sequence[str], refs: References, max_n: int = 4) -> flo
     """Standard corpus BLEU (Papineni et al. 2002) without smoothing, x100.
 
     ``100 * BP * exp(mean_{n=1..N} log p_n)``, built from the same statistics as
-    :func:`bleu`. It equals ``sacrebleu.corpus_bleu(..., tokenize="none",
-    smooth_method="none")`` on text pre-tokenised with :func:`tokenize` and
-    joined with spaces; it exists mainly to cross-check :func:`bleu`.
+    ``bleu``. It equals ``sacrebleu.corpus_bleu(..., tokenize="none",
+    smooth_method="none")`` on text pre-tokenised with ``tokenize`` and
+    joined with spaces; it exists mainly to cross-check ``bleu``.
     """
     if not hyps:
         return 0.0
@@ -230,10 +230,10 @@ def text_scores(
 ) -> dict[str, float]:
     """BLEU-1, BLEU-2 and ROUGE-L of replies, descriptions removed first.
 
-    With ``strip=True`` (the paper's protocol) :func:`markup.strip` is
+    With ``strip=True`` (the paper's protocol) ``markup.strip`` is
     applied to hypotheses and references. Returns ``{"bleu1", "bleu2",
     "rouge_l"}`` computed as the reference code computes them
-    (:func:`reference_tokenize`), and the same three with the normalised
+    (``reference_tokenize``), and the same three with the normalised
     tokenisation as ``bleu1_norm``, ``bleu2_norm``, ``rouge_l_norm``; all x100.
     """
     if strip:
