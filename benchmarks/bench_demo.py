@@ -65,8 +65,9 @@ def play(model, conversations: list[list[tuple[str, str | None]]], max_new_token
     out: list[list[dict]] = [[] for _ in conversations]
     for turn in range(max(len(c) for c in conversations)):
         live = [n for n, c in enumerate(conversations) if turn < len(c)]
-        begun = [(sessions[n], sessions[n].begin(conversations[n][turn][0], [], opts)) for n in live]
-        for n, reply in zip(live, reply_batch(begun, opts)):
+        for n in live:
+            sessions[n].begin(conversations[n][turn][0], [], opts)
+        for n, reply in zip(live, reply_batch([sessions[n] for n in live], opts)):
             text, want = conversations[n][turn]
             out[n].append({"position": turn + 1, "prompt": text, "wants": want, "reply": reply.plain,
                            "raw": reply.text, "shared": reply.shared,
