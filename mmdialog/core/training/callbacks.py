@@ -91,7 +91,12 @@ class StopOnSignal(L.Callback):
     def __init__(self, path: Path) -> None:
         self.path = path
         self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
+        # The handlers from before Lightning installed its own (made before the Trainer): what
+        # the process gets back. Lightning's, put back instead, kept the trainer and the whole
+        # model alive after ``train`` returned (a signal handler is held outside the heap's reach).
+        self._original: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            self._original = {s: h for s in self.SIGNALS if (h := signal.getsignal(s)) is not None}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signal is not None and signum == signal.SIGINT:
@@ -102,7 +107,8 @@ class StopOnSignal(L.Callback):
         # After Lightning installed its own SIGTERM handler (which would end the run at
         # the next batch, mid-accumulation and without a checkpoint): ours replaces it.
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            for s in self.SIGNALS:
+                signal.signal(s, self._handle)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.restore()
@@ -111,9 +117,8 @@ class StopOnSignal(L.Callback):
         self.restore()
 
     def restore(self) -> None:
-        for s, handler in self._previous.items():
+        for s, handler in self._original.items():
             signal.signal(s, handler)
-        self._previous = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.signal is not None and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
