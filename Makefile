@@ -30,8 +30,8 @@ $(STAMP): pyproject.toml Makefile
 
 # The tiny preset's recipe (100 steps on the embedded "when to share" dialogues), then a short
 # scripted chat with the trained run (worded unlike the training dialogues): a request that the
-# agent answers with a real photo, small talk that it answers with none, and a second request,
-# with the first photo in the context, that it answers with another.
+# agent answers with a real photo, small talk (which should get none: README "Five minutes" says
+# how often it does), and a second request, with the first photo in the context.
 DEMO_CHAT := -m "can I see a photo of your coffee?" -m "looks good! how was your day?" \
              -m "do you have a picture of a rocket?"
 

@@ -69,3 +69,19 @@ def cat_dialogue(cat_photo):
 def cat_dialogue_session(cat_photo):
     """The same dialogue for module-scoped fixtures (which must not change it)."""
     return _cat_dialogue(cat_photo)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _give_memory_back_after_each_module():
+    """One process runs every test: what a module built (models, servers' threads) is freed when
+    it ends, and the allocator's freed pages go back to the OS, so the suite's peak is the
+    largest module's, not the sum of all (glibc keeps freed heap pages otherwise)."""
+    yield
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
