@@ -39,6 +39,11 @@ def dialogues():
                             Turn("assistant", "an espresso, look", [Photo(description="a cup of espresso coffee",
                                                                           path=data / "coffee.png")])]),
         Dialogue("hi", [Turn("user", HELLO_PROMPT), Turn("assistant", "hi! how are you?")]),
+        # A greeting after a shared photo gets none: a photo in the context does not mean "share".
+        Dialogue("cat-hi", [Turn("user", CAT_PROMPT),
+                            Turn("assistant", "here she is", [Photo(description="my tabby cat",
+                                                                    path=data / "chelsea.png")]),
+                            Turn("user", HELLO_PROMPT), Turn("assistant", "hi! how are you?")]),
     ]
 
 

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 #: The loggers of the libraries mmdialog builds on (``py.warnings``: ``warnings.warn`` once captured).
 LIBRARY_LOGGERS = ("transformers", "diffusers", "lightning", "lightning.pytorch", "lightning.fabric",
-                   "pytorch_lightning", "py.warnings", "torchao", "bitsandbytes", "torch.utils._pytree")
+                   "pytorch_lightning", "py.warnings", "torchao", "bitsandbytes", "kernels", "torch.utils._pytree")
 
 _state: dict[str, Any] = {"verbose": None, "routed": False, "depth": 0}
 _lock = threading.RLock()
