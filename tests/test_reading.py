@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 
 from mmdialog import MMDialogError
 from mmdialog.core.config import config_from_yaml, dump_config, load_config
-from mmdialog.core.data.records import iter_records
+from mmdialog.core.data.loader import records_of
 from mmdialog.core.data.report import BAD_FILE, LoadReport
 from mmdialog.core.export import CONFIG, MANIFEST, TOKENS, read_folder_config, read_manifest, read_tokens
 from mmdialog.core.pretrained import weight_files
@@ -40,9 +41,18 @@ def deadline(seconds: int = 20):
         signal.signal(signal.SIGALRM, old)
 
 
+def _parquet() -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{"id": "d1", "turns": [{"speaker": "a", "text": "hi"}]}]), buf)
+    return buf.getvalue()
+
+
 def _read_records(path):
     report = LoadReport()
-    records = list(iter_records(path, report, path.parent))
+    records = list(records_of(path, report, path.parent))
     bad = [p for p in report.problems if p.kind == BAD_FILE]
     if bad:  # a dataset reader reports a bad file and goes on; here that is the refusal
         raise MMDialogError(f"{bad[0].file}: {bad[0].message}")
@@ -76,6 +86,7 @@ READERS = {
     "JSON records": ("train.json", json.dumps([{"id": "d1", "dialogue": [{"speaker": "a", "text": "hi"}]}]).encode(),
                      _read_records),
     "JSONL records": ("train.jsonl", b'{"id": "d1", "turns": [{"speaker": "a", "text": "hi"}]}\n', _read_records),
+    "Parquet records": ("train.parquet", _parquet(), _read_records),
     "library captions.json": ("captions.json", json.dumps({"cat.png": "my cat"}).encode(), _library),
     "weight index": ("model.safetensors.index.json", json.dumps({"weight_map": {"w": "model.safetensors"}}).encode(),
                      _weight_index),

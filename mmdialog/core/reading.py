@@ -24,7 +24,7 @@ import re
 import stat
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 
@@ -75,17 +75,29 @@ def _check_stat(st: os.stat_result, p: Path, what: str, max_bytes: int | None) -
                           "hold; refusing to read it")
 
 
-def read_bytes(path: str | os.PathLike, what: str, root: str | os.PathLike | None = None,
-               max_bytes: int = SMALL_JSON_BYTES) -> bytes:
-    """The bytes of a checked file, never more than ``max_bytes``."""
+def open_file(path: str | os.PathLike, what: str, root: str | os.PathLike | None = None,
+              max_bytes: int | None = None) -> BinaryIO:
+    """A checked file (``check_file``), opened for reading: for a reader that streams it."""
     p = check_file(path, what, root, max_bytes)
     try:
         # O_NONBLOCK: had the file been swapped for a FIFO since the check, open would block on it.
         fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         raise ConfigError(f"{what} '{p}' cannot be read: {e.strerror or e}") from None
-    with os.fdopen(fd, "rb") as f:
+    f = os.fdopen(fd, "rb")
+    try:
         _check_stat(os.fstat(f.fileno()), p, what, max_bytes)  # what was opened, not what was checked
+    except ConfigError:
+        f.close()
+        raise
+    return f
+
+
+def read_bytes(path: str | os.PathLike, what: str, root: str | os.PathLike | None = None,
+               max_bytes: int = SMALL_JSON_BYTES) -> bytes:
+    """The bytes of a checked file, never more than ``max_bytes``."""
+    p = Path(path)
+    with open_file(p, what, root, max_bytes) as f:
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise ConfigError(f"{what} '{p}' holds more than the {max_bytes:,} bytes such a file may hold")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from mmdialog.core.data.records import RawRecord, normalize_split
 from mmdialog.core.data.report import BAD_FILE, LoadReport
-from mmdialog.core.errors import DataError
+from mmdialog.core.errors import ConfigError, DataError
+from mmdialog.core.reading import open_file
 
 PREFIX = "hf:"
 
@@ -29,16 +30,23 @@ def _need(module: str):
                         "pip install 'mmdialog[hub]'") from None
 
 
-def parquet_records(path: Path, report: LoadReport) -> Iterator[RawRecord]:
-    """The rows of a Parquet file, a row group at a time (the file is never whole in memory)."""
+def parquet_records(path: Path, report: LoadReport, root: Path | None = None) -> Iterator[RawRecord]:
+    """The rows of a Parquet file of the dataset folder ``root``, a row group at a time (the
+    file is never whole in memory). Opened as every data file is (``reading.open_file``): a
+    regular file, through links that stay inside ``root``."""
     pq = _need("pyarrow.parquet")
     try:
-        table = pq.ParquetFile(path)
-        row = 0
-        for batch in table.iter_batches(batch_size=1024):
-            for value in batch.to_pylist():
-                yield RawRecord(f"row {row}", value)
-                row += 1
+        f = open_file(path, "data file", root)
+    except ConfigError as e:  # a link out of the folder, a FIFO, a device
+        report.add_problem(BAD_FILE, str(path), None, f"cannot read file: {e}")
+        return
+    try:
+        with f:
+            row = 0
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+                for value in batch.to_pylist():
+                    yield RawRecord(f"row {row}", value)
+                    row += 1
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
         report.add_problem(BAD_FILE, str(path), None, f"cannot read Parquet file: {e}")
 

@@ -52,16 +52,17 @@ def records_of(path: Path, report: LoadReport, root: Path | None = None):
     """The raw records of a data file of the dataset folder ``root``: JSON / JSON lines
     (read by the bounded reader), or Parquet (the Hub's layout)."""
     if path.name.lower().endswith(".parquet"):
-        return hub.parquet_records(path, report)
+        return hub.parquet_records(path, report, root)
     return iter_records(path, report, root)
 
 
 def detect_format(path: str | os.PathLike, sample: int = 20) -> str | None:
     """The format of a file (or of the first data file in a folder), by content."""
     files = collect_files(Path(path))
+    root = Path(path) if Path(path).is_dir() else None
     for f in files:
         probe = LoadReport()
-        for i, raw in enumerate(records_of(f, probe)):
+        for i, raw in enumerate(records_of(f, probe, root)):
             fmt = detect_record_format(raw.value)
             if fmt or i >= sample:
                 if fmt:
